@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create or reuse the project's virtual environment at ./.venv and install rsc_dist into it
+# (editable, with the test extra), pinned by constraints.txt. Idempotent: a stamp holding the
+# hash of pyproject.toml and constraints.txt skips the install when nothing changed.
+# Usage (from anywhere): bash launch/venv.sh [extra ...]   e.g. bash launch/venv.sh deepspeed
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+python_bin=${PYTHON:-python3}
+extras="test${1:+,$1}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[venv] creating .venv with $($python_bin --version)" >&2
+  "$python_bin" -m venv .venv
+fi
+stamp=.venv/.rsc_dist-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$extras
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[venv] installing rsc_dist[$extras] (torch is a large CUDA build: first time takes minutes)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$extras]"
+  echo "$want" > "$stamp"
+fi
