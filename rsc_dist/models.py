@@ -1,0 +1,174 @@
+"""Backbones split into ``features(x) -> z`` and ``head(z) -> logits``, and the RSC model.
+
+``RSCModel.forward(x, y)`` applies RSC when the module is training and labels are given; it is
+one forward with one backward per step, so DDP, DeepSpeed and gradient accumulation need
+nothing special. Per-step choices (the spatial/channel draw, p_batch) are forward arguments,
+never module state, so a resumed run repeats them exactly.
+
+    model = build_model("resnet18", num_classes=7, pretrained="torchvision")
+    logits = model(images, labels, mode="spatial", p_batch=1/3)  # training step
+    logits = model(images)                                         # evaluation: never masks
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from rsc_dist.rsc import STRATEGIES, PooledLinearHead, rsc_mask
+
+ARCHS = ("resnet18", "resnet50", "alexnet")
+
+# The torchvision weights each arch loads for pretrained="torchvision", and the key prefix of
+# the ImageNet classifier layer that is replaced by a fresh one for the task's classes.
+_TORCHVISION_WEIGHTS = {
+    "resnet18": ("ResNet18_Weights", "fc."),
+    "resnet50": ("ResNet50_Weights", "fc."),
+    "alexnet": ("AlexNet_Weights", "classifier.6."),
+}
+
+
+@dataclass(frozen=True)
+class RSCSettings:
+    """The static part of RSC; per-step parts (mode draw, p_batch) are forward arguments."""
+
+    enabled: bool = True
+    strategy: str = "top_gradient"
+    p_spatial: float = 1 / 3
+    p_channel: float = 1 / 3.2
+    # Global batch selection: a process group (or None for per-rank selection) and the largest
+    # local batch any rank can hold, so the all-gather needs no size agreement.
+    process_group: object | None = None
+    capacity: int | None = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"rsc.strategy must be one of {STRATEGIES}; got {self.strategy!r}")
+
+
+class RSCModel(nn.Module):
+    """A backbone's ``features`` and ``head`` with RSC applied between them in training."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, rsc: RSCSettings = RSCSettings()):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.rsc = rsc
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        mode: str = "spatial",
+        p_batch: float = 1 / 3,
+        generator: torch.Generator | None = None,
+        return_mask: bool = False,
+    ):
+        """Logits (N, K). With ``return_mask=True``: (logits, mask or None)."""
+        z = self.features(x)
+        mask = None
+        if self.training and y is not None and self.rsc.enabled:
+            mask = rsc_mask(
+                z,
+                self.head,
+                y,
+                mode=mode,
+                p_spatial=self.rsc.p_spatial,
+                p_channel=self.rsc.p_channel,
+                p_batch=p_batch,
+                strategy=self.rsc.strategy,
+                generator=generator,
+                process_group=self.rsc.process_group,
+                capacity=self.rsc.capacity,
+            )
+            # Step 5: the mask is a constant; gradients flow through z only.
+            z = z * mask
+        logits = self.head(z)
+        return (logits, mask) if return_mask else logits
+
+
+class AlexNetHead(nn.Module):
+    """AlexNet after pool5: adaptive pool to 6 x 6, flatten, the MLP classifier (non-linear)."""
+
+    def __init__(self, classifier: nn.Sequential):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = classifier
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.pool(z), 1))
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    *,
+    pretrained: str | os.PathLike | None = None,
+    rsc: RSCSettings = RSCSettings(),
+) -> RSCModel:
+    """A torchvision backbone split for RSC.
+
+    ``pretrained``: None (random init), "torchvision" (the ImageNet weights file in the
+    torchvision cache, never downloaded), or a path to a state-dict file. The ImageNet
+    classifier layer is always replaced by a fresh one with ``num_classes`` outputs.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch must be one of {ARCHS}; got {arch!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if pretrained not in (None, "", "none"):
+        load_imagenet_weights(net, arch, pretrained)
+    if arch == "alexnet":
+        net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
+        return RSCModel(net.features, AlexNetHead(net.classifier), rsc)
+    features = nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
+    return RSCModel(features, PooledLinearHead(net.fc.in_features, num_classes), rsc)
+
+
+def pretrained_path(arch: str, pretrained: str | os.PathLike) -> Path:
+    """Where the weights for ``pretrained`` live: a given path, or the torchvision cache."""
+    if str(pretrained) != "torchvision":
+        return Path(pretrained).expanduser()
+    weights_enum = getattr(torchvision.models, _TORCHVISION_WEIGHTS[arch][0])
+    filename = os.path.basename(weights_enum.DEFAULT.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def load_imagenet_weights(net: nn.Module, arch: str, pretrained: str | os.PathLike) -> None:
+    path = pretrained_path(arch, pretrained)
+    if not path.is_file():
+        where = (
+            f"the torchvision cache ({path}); copy the file there, or set TORCH_HOME, "
+            "or pass --model.pretrained=/path/to/weights.pth"
+            if str(pretrained) == "torchvision"
+            else str(path)
+        )
+        raise FileNotFoundError(
+            f"pretrained weights for {arch} not found in {where}. This tool never downloads "
+            "weights at run time; use --model.pretrained=none for random initialization."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise ValueError(f"cannot read pretrained weights from {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    classifier_prefix = _TORCHVISION_WEIGHTS[arch][1]
+    state = {k: v for k, v in state.items() if not k.startswith(classifier_prefix)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(classifier_prefix)]
+    if missing or unexpected:
+        raise ValueError(
+            f"pretrained weights in {path} do not fit {arch}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )

@@ -1,0 +1,387 @@
+"""RSC, the method, as pure tensor functions.
+
+Representation Self-Challenging (Huang et al., ECCV 2020): at every training step find the
+features the true-class logit depends on most, mute them, and learn from what is left.
+The reference for every formula here is ../shared/rsc-spec.md; comments cite its steps.
+
+No loop, no Accelerator, no config objects, no module state: everything is a function of its
+arguments, so a resumed or distributed run computes exactly what a single uninterrupted one
+does. The model adapter that calls this lives in ``rsc_dist.models``.
+
+    mask = rsc_mask(z, head, y, mode="spatial")            # one process
+    mask = rsc_mask(z, head, y, mode="channel",            # N ranks, global batch selection
+                    process_group=torch.distributed.group.WORLD)
+    logits = head(z * mask)
+
+Hot-path rules kept here: no ``.item()``/``nonzero()`` (no host-device sync), no
+``backward()``, no parameter ``.grad`` touched, no train/eval switch, one collective per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Mode = Literal["spatial", "channel"]
+Strategy = Literal["top_gradient", "top_activation", "random"]
+MODES = ("spatial", "channel")
+STEP_MODES = ("spatial", "channel", "spatial+channel")
+STRATEGIES = ("top_gradient", "top_activation", "random")
+
+# Step 4 of the spec: confidence drops below this margin count as "no change".
+CHANGE_MARGIN = 1e-4
+# Padding value of the all-gathered change vector: real changes are >= 0.
+_PAD = -1.0
+
+
+class PooledLinearHead(nn.Module):
+    """Global average pool + linear: ``h(z) = W . GAP(z) + b``.
+
+    rsc_mask recognizes this class and computes saliency in closed form (Step 1):
+    ``G[i, c, h, w] = W[y_i, c] / (H * W)``, so no backward pass is needed at all.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.fc(z.mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1: saliency
+
+
+def _closed_form_weight(head: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """The head's class-weight matrix when the closed form applies, else None.
+
+    Under DeepSpeed ZeRO-3 the weight is partitioned outside the head's own forward (an empty
+    tensor on this rank), so there the autograd path, which runs inside the head, is used.
+    """
+    if not isinstance(head, PooledLinearHead):
+        return None
+    weight = head.fc.weight
+    if weight.numel() == 0 or hasattr(weight, "ds_id"):
+        return None
+    return weight
+
+
+def saliency(features: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor) -> Tensor:
+    """``G = d(sum_i h(z)_{i, y_i}) / dz`` on a detached copy of ``z``, shape (N, C, H, W).
+
+    Closed form for ``PooledLinearHead``; ``torch.autograd.grad`` with ``inputs=z_copy`` for any
+    other head, which leaves every parameter's ``.grad`` alone and is DDP-safe.
+    """
+    weight = _closed_form_weight(head)
+    if weight is not None:
+        height, width = features.shape[-2:]
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        per_channel = weight.detach().to(dtype)[targets] / (height * width)  # (N, C)
+        return per_channel[:, :, None, None].expand(features.shape)
+    return _autograd_saliency(features, head, targets)
+
+
+def _autograd_saliency(features: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor) -> Tensor:
+    z_copy = features.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = head(z_copy)
+        true_class_sum = logits.gather(1, targets[:, None]).sum()
+        (grad,) = torch.autograd.grad(true_class_sum, inputs=z_copy)
+    return grad.to(torch.promote_types(grad.dtype, torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 2: scores
+
+
+def channel_and_spatial_scores(
+    features: Tensor,
+    head: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    *,
+    strategy: Strategy = "top_gradient",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-sample channel scores (N, C) and spatial scores (N, H, W).
+
+    Scores are computed in at least float32 (never in bf16/fp16, where near-ties collapse).
+    """
+    z = features.detach().to(torch.promote_types(features.dtype, torch.float32))
+    if strategy == "top_gradient":
+        weight = _closed_form_weight(head)
+        if weight is not None:  # mean_hw of the closed-form G, without materializing G
+            s_channel = weight.detach().to(z.dtype)[targets] / (z.shape[-2] * z.shape[-1])
+        else:
+            s_channel = saliency(features, head, targets).mean(dim=(2, 3)).to(z.dtype)
+        # Grad-CAM map, as the released code does: sum_c z * s_ch.
+        s_spatial = torch.einsum("nchw,nc->nhw", z, s_channel)
+        return s_channel, s_spatial
+    if strategy == "top_activation":
+        return z.mean(dim=(2, 3)), z.mean(dim=1)
+    if strategy == "random":
+        n, c, h, w = z.shape
+        gen_device = generator.device if generator is not None else z.device
+        s_channel = torch.rand((n, c), generator=generator, device=gen_device)
+        s_spatial = torch.rand((n, h, w), generator=generator, device=gen_device)
+        return s_channel.to(z.device), s_spatial.to(z.device)
+    raise ValueError(f"unknown RSC strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 3: feature mask
+
+
+def drop_count(num_scores: int, fraction: float) -> int:
+    """``k = ceil(n * p)`` clamped to ``n - 1`` (the index of the threshold in a descending sort)."""
+    return min(math.ceil(num_scores * fraction), num_scores - 1)
+
+
+def top_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
+    """1 everywhere except where a sample's score is strictly above its k-th largest (0-based).
+
+    ``scores`` is (N, ...); the threshold of sample i is the value at index
+    ``k = ceil(n * fraction)`` of its scores sorted in descending order. Ties at the threshold
+    are kept (strict ``>``), so ``fraction = 0`` drops nothing.
+    """
+    flat = scores.flatten(1)
+    k = drop_count(flat.shape[1], fraction)
+    # (k+1)-th largest == (n-k)-th smallest; kthvalue avoids a full sort.
+    threshold = flat.kthvalue(flat.shape[1] - k, dim=1, keepdim=True).values
+    return (flat <= threshold).reshape(scores.shape)
+
+
+def feature_mask(
+    s_channel: Tensor, s_spatial: Tensor, mode: Mode, *, p_spatial: float, p_channel: float
+) -> Tensor:
+    """Boolean keep-mask broadcastable to (N, C, H, W): (N, 1, H, W) or (N, C, 1, 1)."""
+    if mode == "spatial":
+        return top_fraction_mask(s_spatial, p_spatial)[:, None, :, :]
+    if mode == "channel":
+        return top_fraction_mask(s_channel, p_channel)[:, :, None, None]
+    raise ValueError(f"unknown RSC mode {mode!r}; expected one of {MODES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 4: batch percentage
+
+
+def true_class_probability(logits: Tensor, targets: Tensor) -> Tensor:
+    """``softmax(logits)_{i, y_i}`` in at least float32 (bf16 logits would create ties)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+
+
+def batch_threshold(change: Tensor, p_batch: float) -> Tensor:
+    """``tau = sorted_desc(change)[j]``, ``j = clamp(round(N * p), N - 1)``, over the rows >= 0.
+
+    Entries equal to ``_PAD`` (-1) are padding from the all-gather and are not counted in N.
+    Python's ``round`` and ``torch.round`` both round half to even. Everything stays on the
+    device: N is counted there, so this never synchronizes with the host.
+    """
+    valid = change >= 0
+    n_global = valid.sum().to(torch.float64)
+    j = torch.round(n_global * p_batch).clamp(max=n_global - 1).clamp(min=0).long()
+    ordered = change.sort(descending=True).values  # padding sorts last
+    return ordered.gather(0, j.reshape(1)).squeeze(0)
+
+
+def gather_changes(change: Tensor, process_group, capacity: int | None) -> Tensor:
+    """All-gather the per-sample confidence drops of every rank into one padded vector.
+
+    One collective. Ranks may hold different numbers of samples: every rank pads to the same
+    ``capacity`` (the largest local batch of any rank) with ``_PAD``. When ``capacity`` is not
+    given it is agreed on with an extra all-reduce (a second collective and a host sync);
+    the trainer always passes it.
+    """
+    n_local = change.shape[0]
+    if capacity is None:
+        size = torch.tensor([n_local], device=change.device, dtype=torch.long)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=process_group)
+        capacity = int(size.item())
+    if n_local > capacity:
+        raise ValueError(f"local batch of {n_local} exceeds the RSC gather capacity {capacity}")
+    padded = torch.full((capacity,), _PAD, dtype=change.dtype, device=change.device)
+    padded[:n_local] = change
+    world = dist.get_world_size(group=process_group)
+    gathered = torch.empty(world * capacity, dtype=change.dtype, device=change.device)
+    dist.all_gather_single(gathered, padded, group=process_group)
+    return gathered
+
+
+def select_samples(
+    before: Tensor,
+    after: Tensor,
+    p_batch: float,
+    *,
+    process_group=None,
+    capacity: int | None = None,
+) -> Tensor:
+    """Boolean (N,): which samples keep their feature mask (Step 4).
+
+    ``change_i = max(before_i - after_i - 1e-4, 0)``; sample i keeps its mask iff
+    ``change_i > tau``. With a process group, tau is computed over the GLOBAL batch.
+    """
+    change = (before.float() - after.float() - CHANGE_MARGIN).clamp(min=0)
+    pool = change if process_group is None else gather_changes(change, process_group, capacity)
+    return change > batch_threshold(pool, p_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything together
+
+
+def rsc_mask(
+    features: Tensor,
+    head: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    *,
+    mode: Mode,
+    p_spatial: float = 1 / 3,
+    p_channel: float = 1 / 3.2,
+    p_batch: float = 1 / 3,
+    strategy: Strategy = "top_gradient",
+    generator: torch.Generator | None = None,
+    process_group=None,
+    capacity: int | None = None,
+) -> Tensor:
+    """The RSC mask of one step: 0/1 in ``features.dtype``, broadcastable to (N, C, H, W).
+
+    Args:
+        features: the last convolutional feature map z, (N, C, H, W), any H x W.
+        head: any callable mapping z to logits (N, K). ``PooledLinearHead`` gets the
+            closed-form saliency; anything else goes through ``torch.autograd.grad``.
+        targets: ground-truth labels (N,), integers in [0, K).
+        mode: "spatial" or "channel" (resolve "spatial+channel" per step with ``draw_mode``).
+        p_spatial, p_channel: fraction of locations / channels muted per sample.
+        p_batch: fraction of the batch that keeps its mask (Step 4); 0 masks no sample.
+        strategy: "top_gradient" (the method), "top_activation" or "random" (ablations).
+        generator: source of the scores for strategy "random".
+        process_group: when given, the batch-percentage threshold is computed over the global
+            batch of all ranks in the group (one all-gather); None selects within this rank.
+        capacity: the largest local batch size of any rank; lets the all-gather skip a size
+            agreement. Required for the no-sync path when ranks hold different batch sizes.
+
+    The mask is a constant: no gradient flows through it (Step 5).
+    """
+    _check_inputs(features, targets, mode, strategy, (p_spatial, p_channel, p_batch))
+    targets = targets.long()
+    with torch.no_grad():
+        logits_full = head(features.detach())
+        _check_logits(logits_full, features.shape[0], targets)
+        s_channel, s_spatial = channel_and_spatial_scores(
+            features, head, targets, strategy=strategy, generator=generator
+        )
+        keep = feature_mask(s_channel, s_spatial, mode, p_spatial=p_spatial, p_channel=p_channel)
+        keep_value = keep.to(features.dtype)
+        logits_masked = head(features.detach() * keep_value)
+        selected = select_samples(
+            true_class_probability(logits_full, targets),
+            true_class_probability(logits_masked, targets),
+            p_batch,
+            process_group=process_group,
+            capacity=capacity,
+        )
+        # Step 4: unselected samples see their full features.
+        selected = selected.reshape(-1, 1, 1, 1)
+        return torch.where(selected, keep_value, torch.ones_like(keep_value))
+
+
+def masked_sample_fraction(mask: Tensor) -> Tensor:
+    """Fraction of samples whose mask mutes anything (a device scalar, for logging)."""
+    return (mask.flatten(1).amin(dim=1) < 1).float().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-step choices that must be identical on every rank and after a resume
+
+
+def draw_mode(mode: str, seed: int, step: int) -> Mode:
+    """Resolve the step's mode. "spatial+channel" draws spatial with probability 1/2.
+
+    The released code draws ``random.randint(0, 9) <= 4`` from unseeded global state; here the
+    draw comes from a generator seeded by (seed, step), so all ranks agree without
+    communicating and a resumed run repeats the draws of an uninterrupted one.
+    """
+    if mode in MODES:
+        return mode  # type: ignore[return-value]
+    if mode != "spatial+channel":
+        raise ValueError(f"unknown RSC mode {mode!r}; expected one of {STEP_MODES}")
+    generator = torch.Generator().manual_seed(_mix(seed, step))
+    return "spatial" if int(torch.randint(0, 10, (1,), generator=generator)) <= 4 else "channel"
+
+
+def _mix(seed: int, step: int) -> int:
+    # A fixed, platform-independent mixing of two integers into a 63-bit seed.
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (2**63)
+
+
+def released_p_batch(epoch: int, step: int = 0) -> float:
+    """The released code's schedule: ``0.3 + (epoch // 10) * 0.2``, clamped below 1.
+
+    The released code reaches 1.1 at epoch 40 and crashes with an index error; the threshold
+    index is clamped anyway, but a fraction above 1 has no meaning, so it stops at 0.9.
+    ``step`` is accepted so every schedule has the same (epoch, step) signature.
+    """
+    del step
+    return min(0.3 + (epoch // 10) * 0.2, 0.9)
+
+
+def constant_p_batch(value: float) -> Callable[[int, int], float]:
+    """A schedule that always returns ``value`` (the paper's tables use 1/3)."""
+    return lambda epoch, step: value
+
+
+def p_batch_schedule(name: str, value: float) -> Callable[[int, int], float]:
+    """Schedule by name: "constant" (uses ``value``) or "released"."""
+    if name == "constant":
+        return constant_p_batch(value)
+    if name == "released":
+        return released_p_batch
+    raise ValueError(f"unknown p_batch schedule {name!r}; expected 'constant' or 'released'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: clear messages instead of an index error deep inside a kernel
+
+
+def _check_inputs(features: Tensor, targets: Tensor, mode: str, strategy: str, fractions) -> None:
+    if features.dim() != 4:
+        raise ValueError(f"features must be (N, C, H, W); got shape {tuple(features.shape)}")
+    if targets.dim() != 1 or targets.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"targets must be (N,) with N = {features.shape[0]} matching features; "
+            f"got shape {tuple(targets.shape)}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be integer class indices; got dtype {targets.dtype}")
+    if mode not in MODES:
+        raise ValueError(
+            f"unknown RSC mode {mode!r}; expected one of {MODES} "
+            "(resolve 'spatial+channel' per step with draw_mode)"
+        )
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown RSC strategy {strategy!r}; expected one of {STRATEGIES}")
+    for name, value in zip(("p_spatial", "p_channel", "p_batch"), fractions):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]; got {value}")
+
+
+def _check_logits(logits: Tensor, n: int, targets: Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(f"head must return logits of shape (N={n}, K); got {tuple(logits.shape)}")
+    num_classes = logits.shape[1]
+    if targets.device.type == "cpu":
+        bad = targets[(targets < 0) | (targets >= num_classes)]
+        if bad.numel():
+            raise ValueError(f"labels out of range [0, {num_classes}): {bad.unique().tolist()}")
+    else:  # checked on the device, without waiting for it
+        torch._assert_async(
+            ((targets >= 0) & (targets < num_classes)).all(),
+            f"RSC: labels out of range [0, {num_classes})",
+        )

@@ -1,0 +1,55 @@
+"""Run a function on N gloo ranks in spawned processes, with a timeout and visible errors."""
+
+import datetime
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def _entry(fn, rank, world_size, init_file, error_dir, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        fn(rank, world_size, *args)
+        dist.destroy_process_group()
+    except BaseException:
+        Path(error_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def run_on_ranks(fn, world_size, *args, timeout=180):
+    """Call ``fn(rank, world_size, *args)`` on each rank; raise with the rank's traceback."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, world_size, init_file, tmp, args))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = {f.name: f.read_text() for f in sorted(Path(tmp).glob("rank*.txt"))}
+        if errors:
+            raise AssertionError("worker failed:\n" + "\n".join(f"{k}:\n{v}" for k, v in errors.items()))
+        if hung:
+            raise AssertionError(f"ranks {hung} did not finish within {timeout}s")
+        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise AssertionError(f"workers exited with codes {bad}")
