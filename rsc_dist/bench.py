@@ -1,0 +1,201 @@
+"""Training-step benchmark: ERM vs RSC (closed form, autograd path, released-code logic).
+
+    python -m rsc_dist.bench                                   # CPU-sized defaults
+    python -m rsc_dist.bench --arch resnet50 --resolution 224 --batch 256 --amp bf16 \
+        --channels-last --device cuda                          # the GPU anchor setting
+
+Synthetic inputs already on the device; every variant runs the same optimizer step. Variants
+are timed in interleaved rounds (ERM, RSC, ... , ERM, RSC, ...) so that drift in machine load
+hits all of them alike; the RSC/ERM ratio is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsc_dist.models import RSCModel, RSCSettings, build_model
+from rsc_dist.rsc import draw_mode
+
+VARIANTS = ("erm", "rsc_closed_form", "rsc_autograd", "rsc_released_logic")
+
+
+class OpaqueHead(nn.Module):
+    """Hides a PooledLinearHead from the closed form, forcing the autograd saliency path."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.inner = head
+
+    def forward(self, z):
+        return self.inner(z)
+
+
+class ReleasedLogicModel(nn.Module):
+    """The released code's forward, for cost comparison: a backward through the head into a
+    copy of the features, full sorts, and a ``nonzero()`` host sync, then the masked head."""
+
+    def __init__(self, base: RSCModel, p_spatial=1 / 3, p_channel=1 / 3.2):
+        super().__init__()
+        self.features, self.head = base.features, base.head
+        self.p_spatial, self.p_channel = p_spatial, p_channel
+
+    def forward(self, x, y, *, mode, p_batch):
+        z = self.features(x)
+        n, c, h, w = z.shape
+        probe = z.detach().clone().requires_grad_(True)
+        logits = self.head(probe)
+        with torch.enable_grad():
+            logits.gather(1, y[:, None]).sum().backward()  # what the released code does
+        for parameter in self.head.parameters():  # ...followed by its zero_grad()
+            parameter.grad = None
+        grad_channel = probe.grad.view(n, c, -1).mean(2)
+        probe = probe.detach()
+        if mode == "spatial":
+            scores = (probe * grad_channel.view(n, c, 1, 1)).sum(1).view(n, h * w)
+            k = min(math.ceil(h * w * self.p_spatial), h * w - 1)
+            thr = scores.sort(1, descending=True)[0][:, k : k + 1]
+            mask = (scores <= thr).to(z.dtype).view(n, 1, h, w)
+        else:
+            k = min(math.ceil(c * self.p_channel), c - 1)
+            thr = grad_channel.sort(1, descending=True)[0][:, k : k + 1]
+            mask = (grad_channel <= thr).to(z.dtype).view(n, c, 1, 1)
+        with torch.no_grad():
+            before = F.softmax(logits.detach().float(), 1).gather(1, y[:, None]).squeeze(1)
+            after = F.softmax(self.head(probe * mask).float(), 1).gather(1, y[:, None]).squeeze(1)
+        change = (before - after - 1e-4).clamp(min=0)
+        tau = change.sort(descending=True)[0][min(int(round(n * p_batch)), n - 1)]
+        unselected = (change <= tau).nonzero()[:, 0]  # host sync, as in the released code
+        mask = mask.expand(n, *mask.shape[1:]).clone()
+        mask[unselected] = 1
+        return self.head(z * mask)
+
+
+def make_variant(name: str, arch: str, num_classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    base = build_model(arch, num_classes, rsc=RSCSettings(enabled=name != "erm"))
+    if name == "rsc_autograd":
+        base.head = OpaqueHead(base.head)
+    if name == "rsc_released_logic":
+        return ReleasedLogicModel(base)
+    return base
+
+
+def train_steps(model, optimizer, x, y, steps, start_step, autocast) -> None:
+    for step in range(start_step, start_step + steps):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = model(x, y, mode=draw_mode("spatial+channel", 0, step), p_batch=1 / 3)
+            loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_arch(args, arch: str, device: torch.device) -> dict:
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = x.to(memory_format=memory_format)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext()
+    )
+    runs = {}
+    for name in args.variants:
+        model = make_variant(name, arch, args.num_classes).to(device, memory_format=memory_format)
+        model.train()
+        if args.compile:
+            model.features = torch.compile(model.features)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        train_steps(model, optimizer, x, y, args.warmup, 0, autocast)
+        runs[name] = (model, optimizer)
+    rates = {name: [] for name in args.variants}
+    for round_index in range(args.rounds):
+        for name, (model, optimizer) in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            train_steps(model, optimizer, x, y, args.steps, 1000 * (round_index + 1), autocast)
+            synchronize(device)
+            rates[name].append(args.batch * args.steps / (time.perf_counter() - start))
+    result = {"arch": arch, "batch": args.batch, "resolution": args.resolution, "variants": {}}
+    for name, per_round in rates.items():
+        ratios = [r / e for r, e in zip(per_round, rates["erm"])] if "erm" in rates else []
+        result["variants"][name] = {
+            "img_s": statistics.median(per_round),
+            "ratio_vs_erm": statistics.median(ratios) if ratios else None,
+            "per_round_img_s": per_round,
+        }
+    return result
+
+
+def format_table(results: list[dict], device_name: str) -> str:
+    lines = [
+        f"device: {device_name}",
+        "| model | res | batch | variant | img/s | x ERM |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for name, row in result["variants"].items():
+            ratio = "—" if row["ratio_vs_erm"] is None else f"{row['ratio_vs_erm']:.3f}"
+            lines.append(
+                f"| {result['arch']} | {result['resolution']} | {result['batch']} | {name} "
+                f"| {row['img_s']:.1f} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--arch", default="resnet18", help="comma-separated: resnet18,resnet50,alexnet")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--num-classes", type=int, default=7)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round and variant")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"cpu ({torch.get_num_threads()} threads)"
+    )
+    print(f"benchmarking {args.arch} at {args.resolution}px, batch {args.batch} on {device_name}; "
+          f"{args.rounds} rounds x {args.steps} steps per variant", flush=True)
+    results = [bench_arch(args, arch, device) for arch in args.arch.split(",")]
+    print(format_table(results, device_name))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": device_name, "torch": torch.__version__, "results": results}, handle, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

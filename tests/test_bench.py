@@ -1,0 +1,34 @@
+"""The benchmark's variants compute the same step; its CLI prints a table."""
+
+import torch
+
+from rsc_dist import bench
+
+
+def test_variants_compute_the_same_logits():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 64, 64)
+    y = torch.randint(0, 7, (6,))
+    outputs = {}
+    for name in bench.VARIANTS:
+        model = bench.make_variant(name, "resnet18", 7).double().train()
+        for module in model.modules():  # frozen BN: variants then see identical statistics
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+        outputs[name] = model(x.double(), y, mode="channel", p_batch=0.5)
+    rsc_variants = [v for v in bench.VARIANTS if v != "erm"]
+    for name in rsc_variants[1:]:
+        torch.testing.assert_close(outputs[name], outputs[rsc_variants[0]], msg=name)
+    assert not torch.allclose(outputs["erm"], outputs[rsc_variants[0]])  # RSC masked something
+
+
+def test_cli_prints_table(capsys, tmp_path):
+    results = bench.main(
+        ["--resolution", "32", "--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "0",
+         "--device", "cpu", "--json", str(tmp_path / "out.json")]
+    )
+    out = capsys.readouterr().out
+    assert "| resnet18 | 32 | 4 | rsc_closed_form |" in out
+    assert set(results[0]["variants"]) == set(bench.VARIANTS)
+    assert all(v["img_s"] > 0 for v in results[0]["variants"].values())
+    assert (tmp_path / "out.json").exists()
