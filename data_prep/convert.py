@@ -1,0 +1,201 @@
+"""The conversion pipeline: scan a source layout, plan shards, build them in parallel, then write
+the report and, last of all, the manifest.
+
+    python -m data_prep convert --format pacs --src /data/PACS --out /data/shards/pacs --workers 8
+
+Order matters for safety: an existing manifest is removed before any shard is touched and the new
+one is written (atomically) only after every shard is complete, so a manifest never lists a
+half-written or stale shard. Rerunning after an interruption reuses every complete shard whose
+inputs (paths, sizes, mtimes, keys, labels) are unchanged and builds the rest.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep import DATA_PREP_VERSION, SPLITS
+from data_prep.formats import FORMATS, ScanOptions
+from data_prep.keys import assign_keys
+from data_prep.parallel import unordered_map
+from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, load_manifest, write_json_atomic, write_manifest
+from data_prep.plan import PlannedSample, ShardJob, cut_into_shards, sample_order
+from data_prep.records import STRICT_ACTIONS, ConvertError, Layout, Problem
+from data_prep.shard_writer import STATE_DIR, ShardResult, reuse_or_build, state_path
+
+DEFAULT_SHARD_SAMPLES = 256  # small DG datasets still give enough shards for many ranks x workers
+DEFAULT_SHARD_BYTES = 256 * 2**20
+_SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    out: Path
+    num_samples: int
+    num_shards: int
+    reused_shards: int
+    skipped: int
+    reencoded: int
+    warnings: int
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    if not src.is_dir():
+        raise ConvertError(f"--src {src} is not a directory")
+    if out == src or src in out.parents:
+        raise ConvertError(f"--out {out} is inside --src {src}: a rerun would read its own shards as images")
+    if out.is_dir() and any(out.iterdir()) and not ((out / MANIFEST_NAME).exists() or (out / STATE_DIR).exists()):
+        raise ConvertError(f"--out {out} is not empty and holds no data_prep output; choose an empty folder")
+
+
+def _pin_classes(layout: Layout, pinned: tuple[str, ...], origin: Path) -> None:
+    """Re-index labels to a class order fixed elsewhere (--classes-from)."""
+    unknown = sorted(set(layout.classes) - set(pinned))
+    if unknown:
+        raise ConvertError(f"classes {unknown[:10]} are not in {origin / MANIFEST_NAME}")
+    index = {name: i for i, name in enumerate(pinned)}
+    layout.records = [replace(r, label=index[layout.classes[r.label]]) for r in layout.records]
+    layout.classes = list(pinned)
+
+
+def _drop_empty_domains(layout: Layout) -> None:
+    present = {r.domain for r in layout.records}
+    for domain in layout.domains:
+        if domain not in present:
+            layout.skip("empty_domain", domain, "no image of this domain remains; domain left out")
+    layout.domains = [d for d in layout.domains if d in present]
+    if not layout.domains:
+        raise ConvertError("no images found: every domain is empty (details above)"
+                           + "".join(f"\n  {p.kind} {p.file}: {p.detail}" for p in layout.problems[:20]))
+    for domain in layout.domains:
+        if not _DOMAIN_NAME.match(domain):
+            raise ConvertError(f"domain name {domain!r} is not usable as a folder name ([A-Za-z0-9_-])")
+
+
+def _planned_samples(layout: Layout, keys: dict[str, str]) -> tuple[list[PlannedSample], list[Problem]]:
+    samples, problems = [], []
+    domain_index = {d: i for i, d in enumerate(layout.domains)}
+    for record in layout.records:
+        try:
+            stat = record.path.stat()
+        except OSError as error:
+            problems.append(Problem("unreadable", "skipped", record.src, f"cannot stat: {error.strerror}"))
+            continue
+        samples.append(PlannedSample(record, keys[record.src], domain_index[record.domain], stat.st_size, stat.st_mtime_ns))
+    return samples, problems
+
+
+def _plan(samples: list[PlannedSample], layout: Layout, *, seed: int, shard_samples: int, shard_bytes: int) -> list[ShardJob]:
+    jobs = []
+    for domain in layout.domains:
+        for split in SPLITS:
+            group = [s for s in samples if s.record.domain == domain and s.record.split == split]
+            jobs += cut_into_shards(sample_order(group, seed=seed, domain=domain, split=split), domain=domain,
+                                    split=split, shard_samples=shard_samples, shard_bytes=shard_bytes)
+    return jobs
+
+
+def _raise_if_strict(problems: list[Problem], out: Path | None) -> None:
+    offending = [p for p in problems if p.action in STRICT_ACTIONS]
+    if offending:
+        where = f" (all in {out / REPORT_NAME})" if out else ""
+        lines = "".join(f"\n  {p.kind}: {p.file}: {p.detail}" for p in offending[:20])
+        raise ConvertError(f"--strict: {len(offending)} input problems{where}:{lines}")
+
+
+def _clear_previous_output(out: Path, jobs: list[ShardJob]) -> None:
+    """Unlist the old manifest first, then remove leftovers: temp files, shards and states not planned now."""
+    for name in (MANIFEST_NAME, REPORT_NAME):
+        (out / name).unlink(missing_ok=True)
+    planned = {job.file for job in jobs}
+    planned_states = {state_path(out, job) for job in jobs}
+    for directory in [d for d in out.iterdir() if d.is_dir() and d.name != STATE_DIR]:
+        for path in directory.iterdir():
+            stale_shard = _SHARD_FILE.match(path.name) and f"{directory.name}/{path.name}" not in planned
+            if stale_shard or (path.name.startswith(".") and path.name.endswith(".tmp")):
+                path.unlink()
+        if not any(directory.iterdir()):
+            directory.rmdir()
+    for state in (out / STATE_DIR).rglob("*.json") if (out / STATE_DIR).is_dir() else []:
+        if state not in planned_states:
+            state.unlink()
+
+
+def _run_jobs(out: Path, jobs: list[ShardJob], *, workers: int, progress: bool) -> list[ShardResult]:
+    sizes = {job.file: len(job.samples) for job in jobs}
+    results = []
+    with tqdm(total=sum(sizes.values()), unit="img", desc="convert", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar, unordered_map(workers, len(jobs)) as imap:
+        for result in imap(partial(reuse_or_build, out), jobs):
+            results.append(result)
+            bar.update(sizes[result.file])
+    return sorted(results, key=lambda r: r.file)
+
+
+def _manifest_payload(fmt: str, layout: Layout, results: list[ShardResult], args: dict, skipped: int) -> dict:
+    splits = {d: {s: {"num_samples": 0, "shards": []} for s in SPLITS} for d in layout.domains}
+    for result in results:
+        if not result.num_samples:
+            continue
+        domain, name = result.file.split("/")
+        entry = splits[domain][name.split("-")[0]]
+        entry["num_samples"] += result.num_samples
+        entry["shards"].append({"file": result.file, "num_samples": result.num_samples,
+                                "num_bytes": result.num_bytes, "sha256": result.sha256})
+    return {"format_version": FORMAT_VERSION, "dataset": fmt, "classes": layout.classes, "domains": layout.domains,
+            "splits": splits, "converter": {"format": fmt, "args": args, "data_prep_version": DATA_PREP_VERSION},
+            "skipped": skipped, "report": REPORT_NAME}
+
+
+def _report_payload(fmt: str, problems: list[Problem], num_samples: int) -> dict:
+    counts = {action: sum(p.action == action for p in problems) for action in ("skipped", "warning", "reencoded", "renamed")}
+    return {"format_version": FORMAT_VERSION, "dataset": fmt, "num_samples": num_samples, "counts": counts,
+            "problems": [p.as_dict() for p in problems]}
+
+
+def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_samples: int = DEFAULT_SHARD_SAMPLES,
+            shard_bytes: int = DEFAULT_SHARD_BYTES, workers: int | None = None, strict: bool = False,
+            val_fraction: float = 0.1, seed: int = 0, classes_from: str | os.PathLike | None = None,
+            progress: bool = True) -> ConvertSummary:
+    if fmt not in FORMATS:
+        raise ConvertError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
+    if shard_samples < 1 or shard_bytes < 1:
+        raise ConvertError("--shard-samples and --shard-bytes must be positive")
+    src, out = Path(src).absolute(), Path(out).absolute()
+    _check_paths(src, out)
+    layout = FORMATS[fmt](src, ScanOptions(val_fraction=val_fraction, seed=seed))
+    if classes_from is not None:
+        _pin_classes(layout, load_manifest(classes_from).classes, Path(classes_from))
+    _drop_empty_domains(layout)
+    keys, key_problems = assign_keys(layout.records)
+    samples, stat_problems = _planned_samples(layout, keys)
+    problems = layout.problems + key_problems + stat_problems
+    if strict:
+        _raise_if_strict(problems, None)  # before writing anything
+
+    jobs = _plan(samples, layout, seed=seed, shard_samples=shard_samples, shard_bytes=shard_bytes)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous_output(out, jobs)
+    results = _run_jobs(out, jobs, workers=workers or default_workers(), progress=progress)
+    problems = sorted(problems + [p for r in results for p in r.problems], key=lambda p: (p.action, p.kind, p.file))
+
+    num_samples = sum(r.num_samples for r in results)
+    write_json_atomic(out / REPORT_NAME, _report_payload(fmt, problems, num_samples))
+    if strict:
+        _raise_if_strict(problems, out)
+    args = {"src": str(src), "shard_samples": shard_samples, "shard_bytes": shard_bytes, "val_fraction": val_fraction,
+            "seed": seed, "strict": strict, "classes_from": None if classes_from is None else str(Path(classes_from).absolute())}
+    skipped = sum(p.action == "skipped" for p in problems)
+    write_manifest(out, _manifest_payload(fmt, layout, results, args, skipped))
+    return ConvertSummary(out, num_samples, sum(1 for r in results if r.num_samples), sum(r.reused for r in results),
+                          skipped, sum(p.action == "reencoded" for p in problems), sum(p.action == "warning" for p in problems))
