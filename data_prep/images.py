@@ -18,6 +18,7 @@ tests/test_data_prep_images.py keeps the claims honest):
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 # Extensions a shard may hold, named the way webdataset's decoders expect them.
@@ -56,7 +57,13 @@ def decode_rgb(data: bytes):
     import torch
     from torchvision.io import ImageReadMode, decode_image
 
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec on every call; the
+        # trainer uses this call, so this check must too. Silenced here only, not process-wide.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        # frombuffer refuses an empty buffer; an empty tensor makes decode_image raise like any bad image
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return decode_image(tensor, mode=ImageReadMode.RGB)
 
 
 def _first_line(error: Exception) -> str:
