@@ -1,0 +1,384 @@
+"""Collect the results.json files of many runs into the paper's tables.
+
+    python -m rsc_dist.results runs/pacs_resnet18-sweep            # prints Markdown, writes files
+    python -m rsc_dist.results runs/ --metric best --paper --out reports/ --wandb
+
+One table per dataset and metric: rows are methods (the algorithm, plus whatever else tells the
+runs apart: architecture, RSC mode or percentages, preset, ...), columns are the target domains
+and their average, cells are mean +- sample std over seeds in percent with the number of seeds.
+"best" is the step with the best source-validation accuracy (the paper's model selection),
+"last" the final step; both by default. The average column averages the per-target means; its
+std is over seeds that have every target. `--paper` adds the paper's reported numbers for the
+(dataset, architecture) pairs it knows. Writes OUT/results.md and OUT/results.csv (one tidy row
+per cell) and, with --wandb, logs each table as a wandb.Table when W&B is online (skipped
+quietly otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS = ("best", "last")
+
+# Keys that change what is being compared; other config keys (paths, logging, seeds, targets)
+# never split a row. rsc.* keys only label RSC runs.
+METHOD_KEYS = (
+    "preset", "model.arch", "model.pretrained", "rsc.mode", "rsc.strategy", "rsc.p_spatial",
+    "rsc.p_channel", "rsc.p_batch", "rsc.p_batch_schedule", "rsc.global_selection",
+    "data.sampling", "data.batch_size", "data.image_size", "optim.name", "optim.lr",
+    "train.epochs", "train.max_steps",
+)
+
+# Domain order as the paper prints it, per dataset (others sort alphabetically after these).
+DOMAIN_ORDER = {
+    "pacs": ["art_painting", "cartoon", "sketch", "photo"],
+    "vlcs": ["Caltech101", "LabelMe", "VOC2007", "SUN09"],
+    "officehome": ["Art", "Clipart", "Product", "Real_World"],
+}
+
+# The paper's reported accuracies (%), from ../shared/rsc-spec.md ("The paper's numbers").
+# {(dataset, arch): [(row label, {domain or "Avg": value}), ...]}; missing cells print "-".
+PAPER = {
+    ("pacs", "resnet18"): [
+        ("paper: ERM", {"art_painting": 78.96, "cartoon": 73.93, "sketch": 70.59, "photo": 96.28, "Avg": 79.94}),
+        ("paper: RSC", {"art_painting": 83.43, "cartoon": 80.31, "sketch": 80.85, "photo": 95.99, "Avg": 85.15}),
+    ],
+    ("pacs", "resnet50"): [
+        ("paper: ERM", {"Avg": 83.29}),
+        ("paper: RSC", {"art_painting": 87.89, "cartoon": 82.16, "sketch": 83.35, "photo": 97.92, "Avg": 87.83}),
+        ("DomainBed: ERM", {"Avg": 85.5}),
+        ("DomainBed: RSC", {"Avg": 85.2}),
+    ],
+    ("pacs", "alexnet"): [
+        ("paper: ERM", {"Avg": 71.52}),
+        ("paper: RSC", {"art_painting": 71.62, "cartoon": 75.11, "sketch": 66.62, "photo": 90.88, "Avg": 76.05}),
+    ],
+    ("vlcs", "alexnet"): [
+        ("paper: ERM", {"Avg": 72.76}),
+        ("paper: RSC", {"Caltech101": 97.61, "LabelMe": 61.86, "VOC2007": 73.93, "SUN09": 68.32, "Avg": 75.43}),
+    ],
+    ("officehome", "resnet18"): [
+        ("paper: ERM", {"Avg": 60.51}),
+        ("paper: RSC", {"Art": 58.42, "Clipart": 47.90, "Product": 71.63, "Real_World": 74.54, "Avg": 63.12}),
+    ],
+    # ImageNet -> ImageNet-Sketch, top-1 (top-5 in PAPER_TOP5).
+    ("imagenet", "alexnet"): [("paper: ERM", {"Avg": 12.04}), ("paper: RSC", {"Avg": 16.12})],
+}
+PAPER_TOP5 = {("imagenet", "alexnet"): [("paper: ERM", {"Avg": 24.80}), ("paper: RSC", {"Avg": 30.78})]}
+
+
+class ResultsError(ValueError):
+    """A results.json that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    dataset: str
+    arch: str
+    algorithm: str
+    seed: int
+    config: dict
+    # metric ("best"/"last", "+top5" variants) -> {target: accuracy fraction}
+    acc: dict[str, dict[str, float]]
+
+
+def dataset_key(name: str) -> str:
+    """'PACS', 'office_home', 'Office-Home' -> 'pacs', 'officehome' (for the paper lookup)."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def load_run(path: Path) -> Run:
+    """Parse and check one results.json (layout documented in launch/README.md)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: cannot read: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+
+    def need(key, kind, where=data, label=None):
+        label = label or key
+        if key not in where:
+            raise ResultsError(f"{path}: missing key {label!r}")
+        value = where[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise ResultsError(f"{path}: {label!r} must be {getattr(kind, '__name__', kind)}; got {value!r}")
+        return value
+
+    algorithm = need("algorithm", str)
+    dataset = need("dataset", str)
+    seed = need("seed", int)
+    targets = need("targets", list)
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise ResultsError(f"{path}: 'targets' must be a non-empty list of domain names; got {targets!r}")
+    config = data.get("config") or {}
+    if not isinstance(config, dict):
+        raise ResultsError(f"{path}: 'config' must be an object")
+    arch = data.get("arch") or _flatten(config).get("model.arch") or "?"
+    acc: dict[str, dict[str, float]] = {}
+    for metric in METRICS:
+        block = need(metric, dict)
+        for kind, suffix, required in (("target_acc", "", True), ("target_top5", "+top5", False)):
+            if kind not in block and not required:
+                continue
+            values = need(kind, dict, block, f"{metric}.{kind}")
+            for target in targets:
+                label = f"{metric}.{kind}.{target}"
+                value = need(target, (int, float), values, label)
+                if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                    raise ResultsError(f"{path}: {label!r} must be a fraction in [0, 1]; got {value!r}")
+            acc[metric + suffix] = {t: float(values[t]) for t in targets}
+    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc)
+
+
+def find_runs(root: Path) -> list[Run]:
+    paths = sorted(Path(root).rglob("results.json"))
+    if not paths:
+        raise ResultsError(f"no results.json under {root}")
+    return [load_run(p) for p in paths]
+
+
+def method_labels(runs: list[Run]) -> dict[Path, str]:
+    """Algorithm, plus `key=value` for each METHOD_KEY whose value differs between runs."""
+    flats = {r.path: {**_flatten(r.config), "model.arch": r.arch} for r in runs}
+    varying = [k for k in METHOD_KEYS if len({flats[r.path].get(k) for r in runs}) > 1]
+    labels = {}
+    for r in runs:
+        parts = []
+        for key in varying:
+            if key.startswith("rsc.") and r.algorithm != "rsc":
+                continue
+            value = flats[r.path].get(key)
+            if value is not None:
+                short = key.split(".", 1)[-1] if key in ("model.arch", "rsc.mode") else key
+                parts.append(f"{short}={value}")
+        labels[r.path] = r.algorithm.upper() + (f" ({', '.join(parts)})" if parts else "")
+    return labels
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float | None = None  # percent
+    std: float | None = None  # sample std over seeds; None with fewer than two
+    n: int = 0  # seeds
+    note: str = ""  # printed instead of n (e.g. why there is no std)
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Cell":
+        if not values:
+            return cls()
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "-"
+        std = f" ± {self.std:.2f}" if self.std is not None else ""
+        return f"{self.mean:.2f}{std} ({self.note or self.n})"
+
+
+def average_cell(per_target: dict[str, dict[int, float]]) -> Cell:
+    """The Avg column: mean over targets of the per-target means (the paper's layout); its std
+    is over seeds, of each seed's average over targets, when every target has the same seeds."""
+    if not per_target or not all(per_target.values()):
+        return Cell()
+    mean = statistics.fmean(statistics.fmean(v.values()) for v in per_target.values())
+    seed_sets = {frozenset(v) for v in per_target.values()}
+    if len(seed_sets) != 1:
+        return Cell(mean, None, 0, "seeds differ between targets")
+    seeds = sorted(next(iter(seed_sets)))
+    per_seed = [statistics.fmean(v[s] for v in per_target.values()) for s in seeds]
+    return Cell(mean, statistics.stdev(per_seed) if len(per_seed) > 1 else None, len(per_seed))
+
+
+@dataclass
+class Table:
+    dataset: str
+    metric: str  # best | last | best+top5 | last+top5
+    columns: list[str]  # targets, then "Avg"
+    rows: dict[str, dict[str, Cell]]  # method -> column -> cell
+    paper_rows: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        what = {"best": "best source-validation step", "last": "last step"}[self.metric.split("+")[0]]
+        top = "top-5" if self.metric.endswith("+top5") else "top-1"
+        return f"{self.dataset}: target accuracy (%), {top}, {what}; mean ± std over seeds (n)"
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| method | " + " | ".join(self.columns) + " |",
+                 "|---|" + "---|" * len(self.columns)]
+        for method, cells in self.rows.items():
+            lines.append(f"| {method} | " + " | ".join(cells[c].text() for c in self.columns) + " |")
+        for label, values in self.paper_rows:
+            lines.append(f"| {label} | " + " | ".join(
+                f"{values[c]:.2f}" if c in values else "-" for c in self.columns) + " |")
+        return "\n".join(lines) + "\n"
+
+    def records(self) -> list[dict]:
+        """Tidy rows: one per (method, column), ours and the paper's."""
+        out = []
+        for method, cells in self.rows.items():
+            for c in self.columns:
+                cell = cells[c]
+                out.append({"dataset": self.dataset, "metric": self.metric, "source": "runs",
+                            "method": method, "column": c,
+                            "mean": "" if cell.mean is None else round(cell.mean, 4),
+                            "std": "" if cell.std is None else round(cell.std, 4), "n": cell.n})
+        for label, values in self.paper_rows:
+            for c in self.columns:
+                if c in values:
+                    out.append({"dataset": self.dataset, "metric": self.metric, "source": "paper",
+                                "method": label, "column": c, "mean": values[c], "std": "", "n": ""})
+        return out
+
+
+def _ordered_targets(dataset: str, targets: set[str]) -> list[str]:
+    order = {d.lower(): i for i, d in enumerate(DOMAIN_ORDER.get(dataset_key(dataset), []))}
+    return sorted(targets, key=lambda t: (order.get(t.lower(), len(order)), t))
+
+
+def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False) -> list[Table]:
+    labels = {}
+    for dataset in {r.dataset for r in runs}:
+        labels.update(method_labels([r for r in runs if r.dataset == dataset]))
+    seen: dict[tuple, Path] = {}
+    for r in runs:
+        for t in r.acc["best"]:
+            key = (r.dataset, labels[r.path], t, r.seed)
+            if key in seen:
+                raise ResultsError(f"{r.path}: duplicates {seen[key]} (same dataset, method "
+                                   f"{labels[r.path]!r}, target {t!r}, seed {r.seed}); "
+                                   "point to a folder holding only one of them")
+            seen[key] = r.path
+    tables = []
+    for dataset in sorted({r.dataset for r in runs}):
+        ds_runs = [r for r in runs if r.dataset == dataset]
+        targets = _ordered_targets(dataset, {t for r in ds_runs for t in r.acc["best"]})
+        methods = sorted({labels[r.path] for r in ds_runs}, key=lambda m: (not m.startswith("ERM"), m))
+        archs = sorted({r.arch for r in ds_runs})
+        variants = [m for m in metrics] + [f"{m}+top5" for m in metrics
+                                          if any(f"{m}+top5" in r.acc for r in ds_runs)]
+        for metric in variants:
+            rows: dict[str, dict[str, Cell]] = {}
+            for method in methods:
+                # target -> seed -> accuracy (%)
+                per_target = {t: {r.seed: 100 * r.acc[metric][t] for r in ds_runs
+                                  if labels[r.path] == method and t in r.acc.get(metric, {})}
+                              for t in targets}
+                rows[method] = {t: Cell.of(list(v.values())) for t, v in per_target.items()}
+                rows[method]["Avg"] = average_cell(per_target)
+            paper_rows = []
+            if paper:
+                table = PAPER_TOP5 if metric.endswith("+top5") else PAPER
+                for arch in archs:
+                    for label, values in table.get((dataset_key(dataset), arch.lower()), []):
+                        lower = {k.lower(): v for k, v in values.items()}
+                        row = {c: lower[c.lower()] for c in targets + ["Avg"] if c.lower() in lower}
+                        paper_rows.append((label + (f" ({arch})" if len(archs) > 1 else ""), row))
+            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows))
+    return tables
+
+
+def write_outputs(tables: list[Table], out: Path, n_runs: int, root: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "results.md"
+    md.write_text(f"Results of {n_runs} run(s) under {root}\n\n" + "\n".join(t.markdown() for t in tables))
+    csv_path = out / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        fields = ["dataset", "metric", "source", "method", "column", "mean", "std", "n"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for t in tables:
+            writer.writerows(t.records())
+    return md, csv_path
+
+
+def wandb_online() -> bool:
+    """An API key is available and W&B is not switched off or offline."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return False
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def log_to_wandb(tables: list[Table], root: Path, project: str) -> bool:
+    """Log every table as a wandb.Table in one "results" run; False (quietly) when offline."""
+    if not wandb_online():
+        return False
+    try:
+        import wandb
+    except ImportError:
+        return False
+    run = wandb.init(project=project, job_type="results", name=f"results-{Path(root).resolve().name}",
+                     config={"runs_dir": str(root)})
+    for t in tables:
+        columns = ["method", "source"] + [f"{c} mean" for c in t.columns] + [f"{c} std" for c in t.columns] + ["n"]
+        data = []
+        for method, cells in t.rows.items():
+            data.append([method, "runs"] + [cells[c].mean for c in t.columns]
+                        + [cells[c].std for c in t.columns] + [cells["Avg"].n])
+        for label, values in t.paper_rows:
+            data.append([label, "paper"] + [values.get(c) for c in t.columns] + [None] * len(t.columns) + [None])
+        run.log({f"results/{t.dataset}/{t.metric}": wandb.Table(columns=columns, data=data)})
+    run.finish()
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rsc_dist.results", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs_dir", type=Path, help="folder searched recursively for results.json")
+    p.add_argument("--out", type=Path, help="where results.md / results.csv go (default: RUNS_DIR)")
+    p.add_argument("--metric", choices=("best", "last", "both"), default="both")
+    p.add_argument("--paper", action="store_true", help="add the paper's numbers where known")
+    p.add_argument("--wandb", action="store_true", help="log the tables to W&B when online")
+    p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "rsc_dist"))
+    args = p.parse_args(argv)
+    try:
+        runs = find_runs(args.runs_dir)
+        metrics = METRICS if args.metric == "both" else (args.metric,)
+        tables = build_tables(runs, metrics, paper=args.paper)
+    except ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    md, csv_path = write_outputs(tables, args.out or args.runs_dir, len(runs), args.runs_dir)
+    print(md.read_text())
+    print(f"wrote {md} and {csv_path}", file=sys.stderr)
+    if args.wandb and not log_to_wandb(tables, args.runs_dir, args.wandb_project):
+        print("W&B offline or not logged in: tables not logged", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""rsc_dist.results on runs written by the test: values, mean/std, Markdown/CSV, errors."""
+
+import csv
+import json
+import statistics
+import sys
+import types
+
+import pytest
+
+from rsc_dist import results
+
+
+def write_run(root, algorithm, target, seed, best, last, *, dataset="PACS", arch="resnet18",
+              mode="spatial+channel", top5=None, folder=None):
+    run_dir = root / (folder or f"{algorithm}/{target}/seed{seed}")
+    run_dir.mkdir(parents=True)
+    body = {
+        "config": {"algorithm": algorithm, "preset": "pacs_resnet18", "run": {"seed": seed},
+                   "model": {"arch": arch}, "rsc": {"mode": mode, "p_batch": 1 / 3},
+                   "data": {"target": [target], "root": f"/shards/{seed}"}},
+        "algorithm": algorithm, "dataset": dataset, "arch": arch, "targets": [target], "seed": seed,
+        "best": {"step": 100, "val_acc": 0.9, "target_acc": {target: best}},
+        "last": {"step": 200, "val_acc": 0.8, "target_acc": {target: last}},
+        "throughput_img_s": 123.0,
+    }
+    if top5 is not None:
+        body["best"]["target_top5"] = {target: top5}
+        body["last"]["target_top5"] = {target: top5}
+    (run_dir / "results.json").write_text(json.dumps(body))
+    return run_dir / "results.json"
+
+
+# target -> seed -> (best, last)
+RSC = {"art_painting": {0: (0.80, 0.78), 1: (0.84, 0.80), 2: (0.83, 0.79)},
+       "sketch": {0: (0.79, 0.75), 1: (0.81, 0.77), 2: (0.80, 0.74)}}
+ERM = {"art_painting": {0: (0.77, 0.76), 1: (0.79, 0.78)},
+       "sketch": {0: (0.70, 0.69), 1: (0.72, 0.70)}}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for algorithm, table in (("rsc", RSC), ("erm", ERM)):
+        for target, seeds in table.items():
+            for seed, (best, last) in seeds.items():
+                write_run(tmp_path, algorithm, target, seed, best, last)
+    return tmp_path
+
+
+def table(tables, metric, dataset="PACS"):
+    (t,) = [t for t in tables if t.metric == metric and t.dataset == dataset]
+    return t
+
+
+def test_cells_are_mean_and_sample_std_over_seeds_in_percent(runs):
+    tables = results.build_tables(results.find_runs(runs))
+    best = table(tables, "best")
+    assert best.columns == ["art_painting", "sketch", "Avg"]  # the paper's domain order
+    assert list(best.rows) == ["ERM", "RSC"]  # ERM (the baseline) first
+    cell = best.rows["RSC"]["art_painting"]
+    expected = [100 * RSC["art_painting"][s][0] for s in (0, 1, 2)]
+    assert cell.n == 3
+    assert cell.mean == pytest.approx(statistics.fmean(expected))
+    assert cell.std == pytest.approx(statistics.stdev(expected))
+    # Avg: the mean of the per-target means; std over the seeds' own averages.
+    avg = best.rows["RSC"]["Avg"]
+    per_seed = [100 * (RSC["art_painting"][s][0] + RSC["sketch"][s][0]) / 2 for s in (0, 1, 2)]
+    assert avg.mean == pytest.approx(statistics.fmean(per_seed))
+    assert avg.std == pytest.approx(statistics.stdev(per_seed))
+    assert avg.n == 3
+    last = table(tables, "last")
+    assert last.rows["ERM"]["sketch"].mean == pytest.approx(100 * (0.69 + 0.70) / 2)
+
+
+def test_markdown_and_csv_files(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    assert results.main([str(runs), "--out", str(out), "--paper"]) == 0
+    md = (out / "results.md").read_text()
+    rsc_art = [100 * RSC["art_painting"][s][0] for s in (0, 1, 2)]
+    expected = f"{statistics.fmean(rsc_art):.2f} ± {statistics.stdev(rsc_art):.2f} (3)"
+    assert "| method | art_painting | sketch | Avg |" in md
+    rsc_line = next(line for line in md.splitlines() if line.startswith("| RSC |"))
+    assert rsc_line.split(" | ")[1] == expected
+    assert "best source-validation step" in md and "last step" in md
+    # The paper's rows for PACS ResNet-18, only for the columns the runs have.
+    assert "| paper: RSC | 83.43 | 80.85 | 85.15 |" in md
+    assert "| paper: ERM | 78.96 | 70.59 | 79.94 |" in md
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["metric"] for r in rows} == {"best", "last"}
+    erm_sketch_last = [r for r in rows if (r["metric"], r["method"], r["column"]) == ("last", "ERM", "sketch")]
+    assert len(erm_sketch_last) == 1
+    assert float(erm_sketch_last[0]["mean"]) == pytest.approx(69.5)
+    assert float(erm_sketch_last[0]["std"]) == pytest.approx(statistics.stdev([69.0, 70.0]), abs=1e-4)
+    assert erm_sketch_last[0]["n"] == "2"
+    paper = [r for r in rows if r["source"] == "paper" and r["column"] == "Avg" and r["metric"] == "best"]
+    assert {r["method"]: float(r["mean"]) for r in paper} == {"paper: ERM": 79.94, "paper: RSC": 85.15}
+
+
+def test_metric_option_limits_the_tables(runs, tmp_path):
+    assert results.main([str(runs), "--metric", "last", "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "last step" in md and "best source-validation" not in md
+
+
+def test_rows_split_by_config_that_varies_but_not_by_paths_or_seeds(tmp_path):
+    write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.8, mode="spatial", folder="a")
+    write_run(tmp_path, "rsc", "sketch", 1, 0.7, 0.7, mode="spatial", folder="b")
+    write_run(tmp_path, "rsc", "sketch", 0, 0.6, 0.6, mode="channel", folder="c")
+    write_run(tmp_path, "erm", "sketch", 0, 0.5, 0.5, mode="channel", folder="d")
+    t = table(results.build_tables(results.find_runs(tmp_path)), "best")
+    # data.root differs per seed and does not split rows; rsc.mode does, and only for RSC.
+    assert list(t.rows) == ["ERM", "RSC (mode=channel)", "RSC (mode=spatial)"]
+    assert t.rows["RSC (mode=spatial)"]["sketch"].n == 2
+
+
+def test_avg_without_std_when_targets_have_different_seeds(tmp_path):
+    write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.8)
+    write_run(tmp_path, "rsc", "sketch", 1, 0.6, 0.6)
+    write_run(tmp_path, "rsc", "photo", 0, 0.9, 0.9)
+    avg = table(results.build_tables(results.find_runs(tmp_path)), "best").rows["RSC"]["Avg"]
+    assert avg.mean == pytest.approx((70.0 + 90.0) / 2)
+    assert avg.std is None and "seeds differ" in avg.text()
+
+
+def test_top5_tables_when_present(tmp_path):
+    write_run(tmp_path, "erm", "imagenet_sketch", 0, 0.12, 0.12, dataset="imagenet", arch="alexnet", top5=0.25)
+    tables = results.build_tables(results.find_runs(tmp_path), paper=True)
+    top5 = table(tables, "best+top5", "imagenet")
+    assert top5.rows["ERM"]["imagenet_sketch"].mean == pytest.approx(25.0)
+    assert ("paper: ERM", {"Avg": 24.80}) in top5.paper_rows
+    assert "top-5" in top5.markdown()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.pop("seed"), "missing key 'seed'"),
+    (lambda d: d["best"]["target_acc"].clear(), "missing key 'best.target_acc.sketch'"),
+    (lambda d: d["last"]["target_acc"].update(sketch=83.4), "'last.target_acc.sketch' must be a fraction"),
+    (lambda d: d.update(targets=[]), "'targets' must be a non-empty list"),
+    (lambda d: d.update(seed="0"), "'seed' must be int"),
+])
+def test_malformed_results_name_the_file_and_key(tmp_path, capsys, mutate, message):
+    good = write_run(tmp_path, "rsc", "photo", 0, 0.8, 0.8)
+    bad = write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.8)
+    data = json.loads(bad.read_text())
+    mutate(data)
+    bad.write_text(json.dumps(data))
+    with pytest.raises(results.ResultsError, match=message) as err:
+        results.find_runs(tmp_path)
+    assert str(bad) in str(err.value) and str(good) not in str(err.value)
+    assert results.main([str(tmp_path)]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_invalid_json_and_empty_folder(tmp_path):
+    with pytest.raises(results.ResultsError, match="no results.json under"):
+        results.find_runs(tmp_path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text("{not json")
+    with pytest.raises(results.ResultsError, match=r"x/results.json: not valid JSON"):
+        results.find_runs(tmp_path)
+
+
+def test_duplicate_seed_is_an_error_naming_both_files(tmp_path):
+    a = write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.8, folder="sweep1/run")
+    b = write_run(tmp_path, "rsc", "sketch", 0, 0.7, 0.7, folder="sweep2/run")
+    with pytest.raises(results.ResultsError, match="duplicates") as err:
+        results.build_tables(results.find_runs(tmp_path))
+    assert str(a) in str(err.value) and str(b) in str(err.value)
+
+
+def test_wandb_skipped_quietly_offline(runs, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importing it would fail: must not be tried
+    assert results.main([str(runs), "--wandb"]) == 0
+    assert "tables not logged" in capsys.readouterr().err
+
+
+def test_wandb_logs_one_table_per_dataset_and_metric(runs, monkeypatch):
+    logged, finished = {}, []
+
+    class FakeTable:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    class FakeRun:
+        def log(self, d):
+            logged.update(d)
+
+        def finish(self):
+            finished.append(True)
+
+    fake = types.SimpleNamespace(Table=FakeTable, init=lambda **kw: FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert results.main([str(runs), "--wandb", "--paper"]) == 0
+    assert sorted(logged) == ["results/PACS/best", "results/PACS/last"] and finished
+    t = logged["results/PACS/best"]
+    assert t.columns[:2] == ["method", "source"] and "Avg mean" in t.columns
+    rsc = next(row for row in t.data if row[0] == "RSC")
+    assert rsc[t.columns.index("art_painting mean")] == pytest.approx(
+        statistics.fmean(100 * RSC["art_painting"][s][0] for s in (0, 1, 2)))
+    assert any(row[:2] == ["paper: RSC", "paper"] for row in t.data)
