@@ -1,0 +1,264 @@
+"""The pieces of the training loop: optimizer and schedule, one train step, evaluation,
+checkpoints, and the stop agreement between ranks. ``rsc_dist.train`` wires them together."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsc_dist.config import Config
+from rsc_dist.data import normalize_on_device
+from rsc_dist.rsc import draw_mode, masked_sample_fraction, p_batch_schedule
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly after saving; resume me
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+
+def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    opt = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+                               weight_decay=opt.weight_decay)
+    return torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+
+
+def lr_factor(config: Config, optimizer_step: int, total_optimizer_steps: int) -> float:
+    """Multiplier of the base learning rate at an optimizer step (a pure function)."""
+    sched = config.schedule
+    if sched.warmup_steps and optimizer_step < sched.warmup_steps:
+        return (optimizer_step + 1) / sched.warmup_steps
+    if sched.name == "constant":
+        return 1.0
+    if sched.name == "step":
+        passed = sum(optimizer_step >= round(m * total_optimizer_steps) for m in sched.milestones)
+        return sched.gamma**passed
+    span = max(1, total_optimizer_steps - sched.warmup_steps)
+    progress = min(1.0, (optimizer_step - sched.warmup_steps) / span)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(config: Config, optimizer, total_optimizer_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config, step, total_optimizer_steps)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress that a checkpoint carries
+
+
+@dataclass
+class TrainState:
+    """Everything about a run's progress that is not a tensor of the model or optimizer."""
+
+    step: int = 0  # batches trained on (the data-stream position derives from it)
+    best: dict = field(default_factory=dict)  # evaluation at the best source-validation step
+    last: dict = field(default_factory=dict)  # the most recent evaluation
+    history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best": self.best, "last": self.last, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best, self.last = state["step"], state["best"], state["last"]
+        self.history = state["history"]
+
+    def record_evaluation(self, evaluation: dict) -> bool:
+        """Store an evaluation; True when it is the new best by source validation."""
+        self.last = evaluation
+        self.history.append(evaluation)
+        val = evaluation.get("val_acc")
+        if not self.best or (val is not None and val > self.best.get("val_acc", -1.0)):
+            self.best = evaluation
+            return True
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    images: torch.Tensor  # normalized float, on the device
+    labels: torch.Tensor
+    mode: str  # this step's spatial/channel draw
+    p_batch: float
+
+
+def prepare_batch(config: Config, batch: dict, device, step: int, steps_per_epoch: int) -> StepInputs:
+    """Device transfer, normalization, the released recipe's flip doubling, per-step RSC draws."""
+    images = batch["image"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    if config.data.flip_double:
+        images = torch.cat([images, images.flip(-1)])
+        labels = torch.cat([labels, labels])
+    images = normalize_on_device(images, config.data.mean, config.data.std,
+                                 channels_last=config.model.channels_last)
+    epoch = step // steps_per_epoch
+    schedule = p_batch_schedule(config.rsc.p_batch_schedule, config.rsc.p_batch)
+    return StepInputs(images, labels, draw_mode(config.rsc.mode, config.run.seed, step),
+                      schedule(epoch, step))
+
+
+def train_step(accelerator, model, optimizer, scheduler, inputs: StepInputs, generator=None) -> dict:
+    """Forward (RSC inside the model), one backward, optimizer and schedule step.
+
+    Returns device tensors only (no host sync): loss, correct count, masked fraction.
+    """
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            logits, mask = model(inputs.images, inputs.labels, mode=inputs.mode,
+                                 p_batch=inputs.p_batch, generator=generator, return_mask=True)
+            loss = F.cross_entropy(logits.float(), inputs.labels)
+        accelerator.backward(loss)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    masked = masked_sample_fraction(mask) if mask is not None else torch.zeros((), device=loss.device)
+    correct = (logits.detach().argmax(1) == inputs.labels).sum()
+    return {"loss": loss.detach(), "correct": correct, "masked": masked, "mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: every sample counted once across ranks
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int) -> dict:
+    """Per-domain top-1/top-5 correct and total counts, summed over ranks.
+
+    ``loaders`` maps a role ("val" or "target") to a loader of that role's samples. The
+    unwrapped module is used: evaluation runs no backward, so DDP's hooks are not involved.
+    """
+    module = accelerator.unwrap_model(model)
+    was_training = module.training
+    module.eval()
+    device = accelerator.device
+    counts = {role: torch.zeros(3, num_domains, device=device, dtype=torch.float64) for role in loaders}
+    for role, loader in loaders.items():
+        for batch in loader:
+            images = normalize_on_device(batch["image"].to(device, non_blocking=True),
+                                         config.data.mean, config.data.std,
+                                         channels_last=config.model.channels_last)
+            labels = batch["label"].to(device, non_blocking=True)
+            domains = batch["domain"].to(device, non_blocking=True)
+            with accelerator.autocast():
+                logits = module(images)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit1 = (top[:, 0] == labels).double()
+            hit5 = (top == labels[:, None]).any(dim=1).double()
+            counts[role][0].index_add_(0, domains, hit1)
+            counts[role][1].index_add_(0, domains, hit5)
+            counts[role][2].index_add_(0, domains, torch.ones_like(hit1))
+    module.train(was_training)
+    return {role: accelerator.reduce(c, reduction="sum").cpu() for role, c in counts.items()}
+
+
+def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int) -> dict:
+    """Accuracies from summed counts: pooled source validation, per target domain."""
+    result = {"step": step, "val_acc": None, "val_per_domain": {}, "target_acc": {}, "target_top5": {},
+              "num_samples": {}}
+    if "val" in counts:
+        top1, _, total = counts["val"]
+        if total.sum() > 0:
+            result["val_acc"] = float(top1.sum() / total.sum())
+        result["val_per_domain"] = {d: float(top1[i] / total[i]) for i, d in enumerate(domains) if total[i] > 0}
+        result["num_samples"]["val"] = int(total.sum())
+    if "target" in counts:
+        top1, top5, total = counts["target"]
+        for i, domain in enumerate(domains):
+            if total[i] > 0:
+                result["target_acc"][domain] = float(top1[i] / total[i])
+                result["target_top5"][domain] = float(top5[i] / total[i])
+                result["num_samples"][domain] = int(total[i])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """``save_state`` into a temporary folder, renamed when every rank is done; keep the last K."""
+    root = run_dir / "checkpoints"
+    final = root / f"checkpoint_{step:08d}"
+    temporary = root / f".tmp_checkpoint_{step:08d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: signals and non-finite losses, agreed on by all ranks at a step boundary
+
+
+class StopFlags:
+    """SIGTERM/SIGUSR1 only set a flag; ``agree`` all-reduces it (MAX) with the NaN flag."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device):
+        self.signalled = ""  # why a stop was requested on this rank
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.bool)
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        self.signalled = reason
+
+    def track_loss(self, loss: torch.Tensor) -> None:
+        self.nonfinite |= ~torch.isfinite(loss)
+
+    def agree(self, accelerator) -> tuple[bool, bool]:
+        """(stop requested on any rank, non-finite loss on any rank). One collective."""
+        flags = torch.stack([
+            torch.tensor(float(bool(self.signalled)), device=self.nonfinite.device),
+            self.nonfinite.float(),
+        ])
+        if accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop, nonfinite = flags.tolist()
+        return stop > 0, nonfinite > 0

@@ -1,0 +1,70 @@
+"""Tiny shards and a tiny training config for the trainer's tests, made once per session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """The demo styles at 32 px, 8 images per class and domain, small uneven shards."""
+    from data_prep.convert import convert
+    from data_prep.synth import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    src = write_demo_dataset(root / "src", image_size=32, images_per_class=8, seed=0)
+    convert("pacs", src, root / "shards", shard_samples=13, workers=1, progress=False)
+    return root / "shards"
+
+
+def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
+    """A YAML preset on top of demo: 48 px, batch 8, 2 epochs, no image grids, 1 worker."""
+    values = {
+        "base": "demo",
+        "data": {"root": str(shards), "image_size": 64, "batch_size": 8, "workers": 1,
+                 "shuffle_buffer": 16, "eval_batch_size": 32},
+        "train": {"epochs": 2, "log_every_steps": 2, "image_log_every_steps": 0,
+                  "agree_every_steps": 2},
+        "schedule": {"warmup_steps": 2},
+        "wandb": {"mode": "disabled"},
+    }
+    for section, update in sections.items():
+        if isinstance(update, dict):
+            values.setdefault(section, {}).update(update)
+        else:
+            values[section] = update
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def launch(args: list[str], *, processes: int = 1, timeout: int = 300, env: dict | None = None,
+           cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the trainer as users do (accelerate launch), in a subprocess with a timeout."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        command += ["--main_process_port", str(_free_port())]
+    command += [str(REPO / "rsc_dist" / "train.py"), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
+                            cwd=cwd or REPO)
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
