@@ -171,6 +171,8 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
         raise ConvertError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
     if shard_samples < 1 or shard_bytes < 1:
         raise ConvertError("--shard-samples and --shard-bytes must be positive")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConvertError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     src, out = Path(src).absolute(), Path(out).absolute()
     _check_paths(src, out)
     layout = FORMATS[fmt](src, ScanOptions(val_fraction=val_fraction, seed=seed))

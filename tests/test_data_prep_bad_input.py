@@ -187,3 +187,25 @@ def test_out_inside_src_or_unrelated_nonempty_out_is_refused(tree, tmp_path):
     write(tmp_path / "busy/notes.txt", b"mine")
     with pytest.raises(ConvertError, match="not empty and holds no data_prep output"):
         _convert("imagefolder", tree, tmp_path / "busy")
+
+
+def test_files_no_list_names_and_stray_files_are_reported(tmp_path):
+    make_pacs(tmp_path / "PACS")
+    write(tmp_path / "PACS/kfold/photo/dog/extra.jpg", image_bytes(seed=5))
+    write(tmp_path / "PACS/kfold/cartoon/dog/c.jpg", image_bytes(seed=6))  # a domain without split files
+    _convert("pacs", tmp_path / "PACS", tmp_path / "out")
+    problems = _problems(tmp_path / "out")
+    assert problems["kfold/photo"]["kind"] == "unlisted_files" and "extra.jpg" in problems["kfold/photo"]["detail"]
+    assert problems["kfold/cartoon"]["kind"] == "unlisted_files"
+    assert load_manifest(tmp_path / "out").domains == ("art_painting", "photo")
+    make_class_tree(tmp_path / "tree", ["photo"], ["dog"], 1)
+    write(tmp_path / "tree/photo/loose.jpg", image_bytes())
+    _convert("imagefolder", tmp_path / "tree", tmp_path / "out2")
+    assert _problems(tmp_path / "out2")["photo/loose.jpg"]["kind"] == "outside_class_folder"
+
+
+def test_bad_options_are_errors(tree, tmp_path):
+    with pytest.raises(ConvertError, match="--val-fraction must be in"):
+        _convert("imagefolder", tree, tmp_path / "out", val_fraction=1.0)
+    with pytest.raises(ConvertError, match="unknown format"):
+        _convert("pacs2", tree, tmp_path / "out")

@@ -82,3 +82,18 @@ def test_changed_source_rebuilds_only_its_shard_and_stale_shards_go(pacs, tmp_pa
     assert not (out / "photo/train-000005.tar").exists()  # planned before, not now: removed
     _convert(pacs, tmp_path / "fresh", shard_samples=4)
     assert tree_bytes(out) == tree_bytes(tmp_path / "fresh")
+
+
+def test_shards_close_at_the_sample_or_byte_limit():
+    from data_prep.plan import PlannedSample, cut_into_shards
+    from data_prep.records import SourceRecord
+    from data_prep.tarshard import estimated_sample_bytes
+
+    samples = [PlannedSample(SourceRecord(Path(f"/x/{i}.jpg"), f"{i}.jpg", "d", 0, "train", str(i)), str(i), 0,
+                             size, 0) for i, size in enumerate([100, 5000, 100, 100, 20000, 100])]
+    by_count = cut_into_shards(samples, domain="d", split="train", shard_samples=4, shard_bytes=10**9)
+    assert [len(job.samples) for job in by_count] == [4, 2]
+    limit = 10240 + estimated_sample_bytes(5000, "1.jpg") + 2 * estimated_sample_bytes(100, "0.jpg")
+    by_bytes = cut_into_shards(samples, domain="d", split="train", shard_samples=100, shard_bytes=limit)
+    assert [len(job.samples) for job in by_bytes] == [3, 1, 1, 1]  # 20000 alone exceeds the limit: own shard
+    assert [job.file for job in by_bytes][-1] == "d/train-000003.tar"

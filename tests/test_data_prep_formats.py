@@ -131,10 +131,10 @@ def test_imagenet_train_val_folders_and_sketch(tmp_path):
     _convert("imagenet", src, tmp_path / "out")
     samples = _check_round_trip(tmp_path / "out", files, _class_folder)
     manifest = load_manifest(tmp_path / "out")
-    assert manifest.classes == tuple(synsets) and manifest.domains == ("imagenet", "sketch")
+    assert manifest.classes == tuple(synsets) and manifest.domains == ("imagenet", "imagenet_sketch")
     assert all(s["split"] == {"train": "train", "val": "val", "sketch": "test"}[src_path.split("/")[0]]
                for src_path, s in samples.items())
-    assert manifest.num_samples("sketch", "test") == 4
+    assert manifest.num_samples("imagenet_sketch", "test") == 4
     report = (tmp_path / "out" / "_report.json").read_text()
     assert "class_missing" in report  # n01484850 has no sketch
 

@@ -8,13 +8,13 @@ imagenet:
         src/LOC_val_solution.csv                      Kaggle: "ImageId,PredictionString" (first synset)
         src/val_labels.txt                            "<file name> <synset>" per line
         src/imagenet_2012_validation_synset_labels.txt  one synset per line, in sorted file order
-    src/sketch/nXXXXXXXX/*.JPEG (optional)        -> domain "sketch", split "test" (ImageNet-Sketch),
+    src/sketch/nXXXXXXXX/*.JPEG (optional)        -> domain "imagenet_sketch", split "test",
                                                     so one shard root serves the train-on-ImageNet,
                                                     test-on-Sketch protocol
     The Kaggle tree src/ILSVRC/Data/CLS-LOC/{train,val} is found too. The devkit's numeric
     ILSVRC2012_validation_ground_truth.txt is not read (its ids need meta.mat): use one of the above.
 imagenet_sketch:
-    src/sketch/nXXXXXXXX/*.JPEG or src/nXXXXXXXX/*.JPEG  -> domain "sketch", split "test"
+    src/sketch/nXXXXXXXX/*.JPEG or src/nXXXXXXXX/*.JPEG  -> domain "imagenet_sketch", split "test"
 
 Class names are the synset ids (n01440764 ...). No maintained package here ships the synset list
 with words without a download (nltk's WordNet needs its corpus); when exactly the 1000 ILSVRC
@@ -32,6 +32,7 @@ from data_prep.records import ConvertError, Layout, SourceRecord
 from data_prep.tree import list_files_here, list_files_recursive, list_subdirs, relative_posix, stem_path
 
 SYNSET = re.compile(r"^n\d{8}$")
+SKETCH_DOMAIN = "imagenet_sketch"  # not "sketch": PACS, DomainNet and the demo have a sketch domain too
 
 
 def _imagenet_base(src: Path) -> Path:
@@ -140,8 +141,8 @@ def scan_imagenet(src: Path, options) -> Layout:
         raise ConvertError(f"{base}: no ImageNet train/ or val/ folder with images")
     domains.append("imagenet")
     if (src / "sketch").is_dir():
-        found += _synset_tree(src, src / "sketch", "sketch", "test", layout)
-        domains.append("sketch")
+        found += _synset_tree(src, src / "sketch", SKETCH_DOMAIN, "test", layout)
+        domains.append(SKETCH_DOMAIN)
     return _finish(found, domains, layout)
 
 
@@ -150,4 +151,4 @@ def scan_imagenet_sketch(src: Path, options) -> Layout:
     if root is None:
         raise ConvertError(f"{src}: no sketch/ folder and no synset (nXXXXXXXX) folders")
     layout = Layout(classes=[], domains=[], records=[])
-    return _finish(_synset_tree(src, root, "sketch", "test", layout), ["sketch"], layout)
+    return _finish(_synset_tree(src, root, SKETCH_DOMAIN, "test", layout), [SKETCH_DOMAIN], layout)

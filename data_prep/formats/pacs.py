@@ -20,7 +20,7 @@ from data_prep.formats.listed import (records_for, require_disjoint, unique_entr
                                       warn_unlisted)
 from data_prep.listfiles import class_names_from_entries, read_list_file
 from data_prep.records import ConvertError, Layout
-from data_prep.tree import list_files_recursive, list_subdirs
+from data_prep.tree import list_files_recursive, list_subdirs, relative_posix
 
 SPLIT_FILE = re.compile(r"^(?P<domain>.+)_(?P<role>train|crossval|test)_kfold\.txt$")
 
@@ -74,5 +74,8 @@ def scan_pacs(src: Path, options) -> Layout:
         layout.records += records_for(extra_test, split="test", **common)
         warn_unlisted(src=src, image_root=image_root, domain=domain,
                       listed=listed | {e.path for e in extra_test}, layout=layout)
+    for folder in list_subdirs(image_root):
+        if folder.name not in split_files:
+            layout.warn("unlisted_files", relative_posix(folder, src), "folder has no split files; left out")
     warn_missing_classes(layout)
     return layout
