@@ -75,7 +75,7 @@ def _drop_empty_domains(layout: Layout) -> None:
             layout.skip("empty_domain", domain, "no image of this domain remains; domain left out")
     layout.domains = [d for d in layout.domains if d in present]
     if not layout.domains:
-        raise ConvertError("no images found: every domain is empty (details above)"
+        raise ConvertError("no images found: every domain is empty; problems found:"
                            + "".join(f"\n  {p.kind} {p.file}: {p.detail}" for p in layout.problems[:20]))
     for domain in layout.domains:
         if not _DOMAIN_NAME.match(domain):
@@ -87,6 +87,11 @@ def _planned_samples(layout: Layout, keys: dict[str, str]) -> tuple[list[Planned
     domain_index = {d: i for i, d in enumerate(layout.domains)}
     for record in layout.records:
         try:
+            record.src.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not valid UTF-8: `src` could not hold it
+            problems.append(Problem("bad_file_name", "skipped", ascii(record.src), "file name is not valid UTF-8"))
+            continue
+        try:
             stat = record.path.stat()
         except OSError as error:
             problems.append(Problem("unreadable", "skipped", record.src, f"cannot stat: {error.strerror}"))
@@ -96,12 +101,15 @@ def _planned_samples(layout: Layout, keys: dict[str, str]) -> tuple[list[Planned
 
 
 def _plan(samples: list[PlannedSample], layout: Layout, *, seed: int, shard_samples: int, shard_bytes: int) -> list[ShardJob]:
+    groups: dict[tuple[str, str], list[PlannedSample]] = {}
+    for sample in samples:
+        groups.setdefault((sample.record.domain, sample.record.split), []).append(sample)
     jobs = []
     for domain in layout.domains:
         for split in SPLITS:
-            group = [s for s in samples if s.record.domain == domain and s.record.split == split]
-            jobs += cut_into_shards(sample_order(group, seed=seed, domain=domain, split=split), domain=domain,
-                                    split=split, shard_samples=shard_samples, shard_bytes=shard_bytes)
+            ordered = sample_order(groups.get((domain, split), []), seed=seed, domain=domain, split=split)
+            jobs += cut_into_shards(ordered, domain=domain, split=split, shard_samples=shard_samples,
+                                    shard_bytes=shard_bytes)
     return jobs
 
 
@@ -189,7 +197,11 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous_output(out, jobs)
     results = _run_jobs(out, jobs, workers=workers or default_workers(), progress=progress)
-    problems = sorted(problems + [p for r in results for p in r.problems], key=lambda p: (p.action, p.kind, p.file))
+    problems += [p for r in results for p in r.problems]
+    filled = {r.file.split("/")[0] for r in results if r.num_samples}
+    problems += [Problem("empty_domain", "warning", d, "every image of this domain was skipped; it has no samples")
+                 for d in layout.domains if d not in filled]
+    problems.sort(key=lambda p: (p.action, p.kind, p.file))
 
     num_samples = sum(r.num_samples for r in results)
     write_json_atomic(out / REPORT_NAME, _report_payload(fmt, problems, num_samples))

@@ -97,7 +97,8 @@ class Manifest:
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write, flush to disk, then rename: readers see the old file or the whole new one."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
+    # backslashreplace: a report may quote a file name that is not valid UTF-8
+    with open(temporary, "w", encoding="utf-8", errors="backslashreplace") as handle:
         json.dump(payload, handle, indent=1, ensure_ascii=False)
         handle.write("\n")
         handle.flush()

@@ -209,3 +209,14 @@ def test_bad_options_are_errors(tree, tmp_path):
         _convert("imagefolder", tree, tmp_path / "out", val_fraction=1.0)
     with pytest.raises(ConvertError, match="unknown format"):
         _convert("pacs2", tree, tmp_path / "out")
+
+
+def test_file_name_that_is_not_utf8_is_skipped(tree, tmp_path):
+    import os
+
+    os.makedirs(tree / "photo/dog", exist_ok=True)
+    with open(os.path.join(os.fsencode(tree / "photo/dog"), b"caf\xe9.jpg"), "wb") as handle:
+        handle.write(image_bytes())
+    _convert("imagefolder", tree, tmp_path / "out")
+    problem = next(p for p in _problems(tmp_path / "out").values() if p["kind"] == "bad_file_name")
+    assert "caf" in problem["file"] and load_manifest(tmp_path / "out").num_samples("photo") == 4
