@@ -8,10 +8,10 @@ runs apart: architecture, RSC mode or percentages, preset, ...), columns are the
 and their average, cells are mean +- sample std over seeds in percent with the number of seeds.
 "best" is the step with the best source-validation accuracy (the paper's model selection),
 "last" the final step; both by default. The average column averages the per-target means; its
-std is over seeds that have every target. `--paper` adds the paper's reported numbers for the
-(dataset, architecture) pairs it knows. Writes OUT/results.md and OUT/results.csv (one tidy row
-per cell) and, with --wandb, logs each table as a wandb.Table when W&B is online (skipped
-quietly otherwise).
+std is over each seed's average, when every target has the same seeds. `--paper` adds the paper's reported numbers for the
+(dataset, architecture) pairs it knows; `--top5` adds top-5 tables. Writes OUT/results.md and
+OUT/results.csv (one tidy row per cell) and, with --wandb, logs each table as a wandb.Table
+when W&B is online (skipped quietly otherwise).
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def _ordered_targets(dataset: str, targets: set[str]) -> list[str]:
     return sorted(targets, key=lambda t: (order.get(t.lower(), len(order)), t))
 
 
-def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False) -> list[Table]:
+def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False, top5: bool = False) -> list[Table]:
     labels = {}
     for dataset in {r.dataset for r in runs}:
         labels.update(method_labels([r for r in runs if r.dataset == dataset]))
@@ -278,8 +278,8 @@ def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False) -> list[
         targets = _ordered_targets(dataset, {t for r in ds_runs for t in r.acc["best"]})
         methods = sorted({labels[r.path] for r in ds_runs}, key=lambda m: (not m.startswith("ERM"), m))
         archs = sorted({r.arch for r in ds_runs})
-        variants = [m for m in metrics] + [f"{m}+top5" for m in metrics
-                                          if any(f"{m}+top5" in r.acc for r in ds_runs)]
+        variants = list(metrics) + [f"{m}+top5" for m in metrics
+                                    if top5 and any(f"{m}+top5" in r.acc for r in ds_runs)]
         for metric in variants:
             rows: dict[str, dict[str, Cell]] = {}
             for method in methods:
@@ -362,13 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="where results.md / results.csv go (default: RUNS_DIR)")
     p.add_argument("--metric", choices=("best", "last", "both"), default="both")
     p.add_argument("--paper", action="store_true", help="add the paper's numbers where known")
+    p.add_argument("--top5", action="store_true",
+                   help="also top-5 tables (runs that report target_top5; the ImageNet-Sketch table)")
     p.add_argument("--wandb", action="store_true", help="log the tables to W&B when online")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "rsc_dist"))
     args = p.parse_args(argv)
     try:
         runs = find_runs(args.runs_dir)
         metrics = METRICS if args.metric == "both" else (args.metric,)
-        tables = build_tables(runs, metrics, paper=args.paper)
+        tables = build_tables(runs, metrics, paper=args.paper, top5=args.top5)
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

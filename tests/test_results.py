@@ -123,9 +123,11 @@ def test_avg_without_std_when_targets_have_different_seeds(tmp_path):
     assert avg.std is None and "seeds differ" in avg.text()
 
 
-def test_top5_tables_when_present(tmp_path):
+def test_top5_tables_on_request(tmp_path):
     write_run(tmp_path, "erm", "imagenet_sketch", 0, 0.12, 0.12, dataset="imagenet", arch="alexnet", top5=0.25)
-    tables = results.build_tables(results.find_runs(tmp_path), paper=True)
+    runs = results.find_runs(tmp_path)
+    assert [t.metric for t in results.build_tables(runs)] == ["best", "last"]  # top-5 on request
+    tables = results.build_tables(runs, paper=True, top5=True)
     top5 = table(tables, "best+top5", "imagenet")
     assert top5.rows["ERM"]["imagenet_sketch"].mean == pytest.approx(25.0)
     assert ("paper: ERM", {"Avg": 24.80}) in top5.paper_rows
