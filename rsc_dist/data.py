@@ -18,6 +18,7 @@ Design rules (../shared/design.md, "Distributed rules"):
 from __future__ import annotations
 
 import random
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,11 +229,19 @@ def _collate(decoded, transform) -> dict:
     }
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Schedulers signal every process of a job; a worker killed by SIGTERM/SIGUSR1 would abort
+    # the step. The main process handles the signal and shuts its workers down itself.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,

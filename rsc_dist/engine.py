@@ -3,6 +3,7 @@ checkpoints, and the stop agreement between ranks. ``rsc_dist.train`` wires them
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -23,6 +24,8 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly after saving; resume me
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
+# Launchers turn a rank's exit code 75 into their own 1; this file says "resume me" anyway.
+PREEMPTED_MARKER = "preempted.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +227,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def mark_preempted(accelerator, run_dir: Path, step: int, reason: str) -> None:
+    if accelerator.is_main_process:
+        (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "reason": reason}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,6 +223,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
 
+    if accelerator.is_main_process:  # this run continues whatever a preemption left behind
+        (run_dir / engine.PREEMPTED_MARKER).unlink(missing_ok=True)
     tracking = observe.start_tracking(accelerator, config, run_dir, plan)
     stop = engine.StopFlags(accelerator.device)
     stop.install()
@@ -288,7 +290,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
                     engine.save_checkpoint(accelerator, run_dir, state.step, config.train.keep_checkpoints)
                 meter.exclude(time.perf_counter() - pause_start)
                 if signalled:
-                    accelerator.print(f"stop signal: saved step {state.step}; resume with --resume auto")
+                    engine.mark_preempted(accelerator, run_dir, state.step, stop.signalled)
+                    accelerator.print(f"stop requested: saved step {state.step}; resume with --resume auto")
                     exit_code = engine.EXIT_PREEMPTED
                     break
             if state.step >= plan.total_steps or end_of_epoch:

@@ -1,0 +1,65 @@
+"""Presets, dotted overrides, and config errors that name the key at fault."""
+
+import pytest
+
+from rsc_dist.config import ConfigError, list_presets, load_config, parse_overrides
+
+PRESETS = ["demo", "pacs_resnet18", "pacs_resnet50", "pacs_alexnet", "vlcs_alexnet",
+           "officehome_resnet18", "domainbed_pacs_resnet50", "imagenet_resnet50"]
+
+
+def test_every_preset_loads_with_both_algorithms():
+    assert set(PRESETS) <= set(list_presets())
+    for name in PRESETS:
+        for algorithm in ("rsc", "erm"):
+            config = load_config(name, [f"--algorithm={algorithm}"])
+            assert config.algorithm == algorithm and config.data.target
+
+
+def test_released_recipe_values():
+    config = load_config("pacs_resnet50")
+    assert config.model.arch == "resnet50" and config.data.flip_double
+    assert config.optim.lr == 0.01 and config.optim.weight_decay == 5e-4 and config.train.epochs == 30
+    assert config.rsc.p_channel == pytest.approx(1 / 3.2) and config.rsc.p_batch_schedule == "released"
+    domainbed = load_config("domainbed_pacs_resnet50")
+    assert domainbed.data.sampling == "balanced" and domainbed.optim.name == "adam"
+    assert domainbed.rsc.mode == "channel" and domainbed.train.max_steps == 5000
+
+
+def test_overrides_are_typed():
+    config = load_config("demo", ["--rsc.p_batch=0.25", "--data.target", "photo,cartoon",
+                                  "--train.max_steps=7", "--model.pretrained=null", "--data.flip_double=true"])
+    assert config.rsc.p_batch == 0.25 and config.data.target == ("photo", "cartoon")
+    assert config.train.max_steps == 7 and config.model.pretrained is None and config.data.flip_double
+    assert parse_overrides(["--a.b=1", "--a.c", "x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--rsc.p_bach=0.2"], "unknown config key 'rsc.p_bach'; did you mean rsc.p_batch"),
+    (["--nosuch.key=1"], "unknown config key 'nosuch'"),
+    (["--data.batch_size=abc"], "data.batch_size must be an integer"),
+    (["--data.flip_double=maybe"], "data.flip_double must be true or false"),
+    (["--rsc.p_batch=1.5"], r"rsc.p_batch must be in \[0, 1\]"),
+    (["--rsc.mode=both"], "rsc.mode must be one of"),
+    (["--algorithm=dro"], "algorithm must be one of"),
+    (["--data.random_resized_crop_scale=[0.5]"], "needs 2 values"),
+    (["--data.target=sketch", "--data.sources=sketch"], "overlaps"),
+    (["stray"], "unexpected argument"),
+    (["--rsc.p_batch"], "needs a value"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides)
+
+
+def test_preset_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  image_sise: 5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'data.image_sise'"):
+        load_config(str(bad))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(str(loop))

@@ -1,0 +1,169 @@
+"""The trainer end to end, launched as users launch it (accelerate launch, subprocesses)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_prep.manifest import load_manifest
+from rsc_dist import train
+from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
+from wandb_records import summarize
+
+pytestmark = pytest.mark.slow
+
+
+def _final_weights(run_dir: Path) -> dict:
+    newest = sorted((run_dir / "checkpoints").glob("checkpoint_*"))[-1]
+    return load_file(newest / "model.safetensors")
+
+
+def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
+    config = tiny_config(tmp_path, tiny_shards, wandb={"mode": "offline"},
+                         train={"epochs": 1, "image_log_every_steps": 2, "log_every_steps": 2})
+    run_dir = tmp_path / "run"
+    result = launch(["--config", str(config), "--output_dir", str(run_dir)], processes=2,
+                    env={"WANDB_API_KEY": "", "WANDB_MODE": ""})
+    assert result.returncode == 0, explain(result)
+    assert "starting 2 CPU ranks" in result.stderr and "2 process(es)" in result.stdout
+
+    results = json.loads((run_dir / "results.json").read_text())
+    manifest = load_manifest(tiny_shards)
+    last = results["last"]
+    # Every evaluation sample counted exactly once across the 2 ranks.
+    assert results["history"][-1]["num_samples"] == {
+        "val": sum(manifest.num_samples(d, "val") for d in ("cartoon", "painting", "photo")),
+        "sketch": manifest.num_samples("sketch"),
+    }
+    assert set(last["target_acc"]) == {"sketch"} and 0 <= last["target_acc"]["sketch"] <= 1
+    assert results["algorithm"] == "rsc" and results["throughput_img_s"] > 0
+
+    wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_files) == 1, "exactly one W&B run (main process only)"
+    logged = summarize(wandb_files[0])
+    for key in ("train/loss", "train/acc", "train/lr", "train/masked_fraction", "perf/img_s",
+                "perf/data_wait_fraction", "val/acc", "target/acc_sketch", "rsc/masks/path"):
+        assert key in logged["history_keys"], key
+    assert {"rsc", "data", "optim", "algorithm"} <= set(logged["config"])
+    assert logged["run"]["name"] == "rsc-sketch-seed0" and logged["run"]["group"] == "demo"
+    assert list(wandb_files[0].parent.glob("files/media/images/rsc/masks_*.png"))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, tiny_shards, processes):
+    config = tiny_config(tmp_path, tiny_shards, train={"epochs": 2, "agree_every_steps": 3})
+    common = ["--config", str(config)]
+    whole = launch(common + ["--output_dir", str(tmp_path / "whole")], processes=processes)
+    assert whole.returncode == 0, explain(whole)
+
+    cut = tmp_path / "cut"
+    first = launch(common + ["--output_dir", str(cut), "--train.stop_at_step=5"], processes=processes)
+    assert first.returncode != 0 and (cut / "preempted.json").exists(), explain(first)
+    assert json.loads((cut / "preempted.json").read_text())["step"] == 5
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["checkpoint_00000005"]
+    second = launch(common + ["--output_dir", str(cut), "--resume", "auto"], processes=processes)
+    assert second.returncode == 0, explain(second)
+    assert "resumed from" in second.stdout and not (cut / "preempted.json").exists()
+
+    expected, got = _final_weights(tmp_path / "whole"), _final_weights(cut)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    history = lambda d: [(h["step"], h["val_acc"], h["target_acc"]) for h in
+                         json.loads((d / "results.json").read_text())["history"]]
+    assert history(cut) == history(tmp_path / "whole")
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_shards):
+    config = tiny_config(tmp_path, tiny_shards, train={"epochs": 30, "agree_every_steps": 1})
+    run_dir = tmp_path / "run"
+    command = launch_command(["--config", str(config), "--output_dir", str(run_dir)], processes=2)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "config.yaml").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(8)  # into the training loop
+        # As SLURM or Kubernetes do: the whole process group. (accelerate's single-process
+        # launcher forwards nothing, torchrun forwards SIGTERM but not SIGUSR1.)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    marker = run_dir / "preempted.json"
+    assert marker.exists(), f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
+    assert json.loads(marker.read_text())["reason"] == "SIGTERM"
+    step = json.loads(marker.read_text())["step"]
+    assert (run_dir / "checkpoints" / f"checkpoint_{step:08d}").is_dir()
+    resumed = launch(["--config", str(config), "--output_dir", str(run_dir), "--train.max_steps",
+                      str(step + 2)], processes=2)
+    assert resumed.returncode == 0, explain(resumed)
+    assert f"at step {step}" in resumed.stdout
+
+
+def launch_command(args, processes):
+    from trainer_fixtures import REPO, _free_port
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), str(REPO / "rsc_dist" / "train.py"), *args]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shards, capsys):
+    config = tiny_config(tmp_path, tiny_shards, optim={"lr": 1.0e30},
+                         train={"checkpoint_every_steps": 1, "agree_every_steps": 1, "max_steps": 6})
+    code = train.main(["--config", str(config), "--output_dir", str(tmp_path / "run")])
+    assert code == 3
+    assert "non-finite loss" in capsys.readouterr().out
+    kept = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert kept and all(int(name.split("_")[1]) < 6 for name in kept)
+    weights = _final_weights(tmp_path / "run")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def _broken_copy(tmp_path, shards, what):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    if what == "missing_shard":
+        next(copy.glob("photo/train-*.tar")).unlink()
+    if what == "no_manifest":
+        (copy / "_info.json").unlink()
+    return copy
+
+
+@pytest.mark.parametrize("what, overrides, message", [
+    ("missing_shard", [], "shard(s) listed in"),
+    ("no_manifest", [], "_info.json"),
+    (None, ["--data.target=quickdraw"], "domains ['quickdraw'] (data.target/data.sources) are not in"),
+    (None, ["--data.sources=photo", "--data.target=photo"], "overlaps"),
+    (None, ["--data.batch_size=100000"], "cannot fill one global batch"),
+    (None, ["--rsc.strategy=best"], "rsc.strategy must be one of"),
+    (None, ["--resume", "/nonexistent/ckpt"], "no such checkpoint folder"),
+])
+def test_config_and_data_errors(tmp_path, tiny_shards, capsys, what, overrides, message):
+    shards = _broken_copy(tmp_path, tiny_shards, what) if what else tiny_shards
+    config = tiny_config(tmp_path, shards)
+    code = train.main(["--config", str(config), "--output_dir", str(tmp_path / "run"), *overrides])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_erm_and_pretrained_missing_is_clear(tmp_path, tiny_shards, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    config = tiny_config(tmp_path, tiny_shards)
+    code = train.main(["--config", str(config), "--output_dir", str(tmp_path / "run"),
+                       "--model.pretrained=torchvision"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pretrained weights for resnet18 not found" in err and "never downloads" in err
