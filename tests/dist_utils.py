@@ -10,30 +10,40 @@ from pathlib import Path
 import torch.distributed as dist
 
 
-def _entry(fn, rank, world_size, init_file, error_dir, args):
+def _entry(fn, rank, world_size, init_file, error_dir, args, port):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=60),
-        )
+        if port is None:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"file://{init_file}",
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=60),
+            )
+        else:  # leave the process group to the code under test (e.g. Accelerate)
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                              LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                              LOCAL_WORLD_SIZE=str(world_size))
         fn(rank, world_size, *args)
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except BaseException:
         Path(error_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
         raise
 
 
-def run_on_ranks(fn, world_size, *args, timeout=180):
-    """Call ``fn(rank, world_size, *args)`` on each rank; raise with the rank's traceback."""
+def run_on_ranks(fn, world_size, *args, timeout=180, env_init=False):
+    """Call ``fn(rank, world_size, *args)`` on each rank; raise with the rank's traceback.
+
+    ``env_init``: set the torchrun environment variables instead of initializing the group.
+    """
     ctx = mp.get_context("spawn")
+    port = _free_port() if env_init else None
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [
-            ctx.Process(target=_entry, args=(fn, r, world_size, init_file, tmp, args))
+            ctx.Process(target=_entry, args=(fn, r, world_size, init_file, tmp, args, port))
             for r in range(world_size)
         ]
         for p in procs:
@@ -53,3 +63,11 @@ def run_on_ranks(fn, world_size, *args, timeout=180):
         bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
         if bad:
             raise AssertionError(f"workers exited with codes {bad}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,78 @@
+"""Through the trainer's own step code: 2 gloo ranks and 1 process, fed the same global
+batches, reach the same weights (BatchNorm statistics frozen; SyncBatchNorm is the route to
+exact equivalence with batch statistics on GPUs)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from dist_utils import run_on_ranks
+from rsc_dist import engine
+from rsc_dist.config import load_config
+from rsc_dist.train import build_training_model
+
+GLOBAL_BATCH, STEPS, CLASSES = 8, 3, 5
+
+
+def _global_batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    images = torch.randint(0, 256, (GLOBAL_BATCH, 3, 64, 64), generator=g, dtype=torch.uint8)
+    return images, torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
+
+
+def _train(rank, world_size, out_dir, algorithm):
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == world_size
+    config = load_config("demo", [f"--algorithm={algorithm}", "--rsc.mode=spatial+channel",
+                                  "--rsc.p_batch=0.5", "--optim.lr=0.05", "--schedule.warmup_steps=0"])
+    local = GLOBAL_BATCH // world_size
+    torch.manual_seed(0)
+    model = build_training_model(config, CLASSES, accelerator, capacity=local)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    optimizer = engine.build_optimizer(config, model)
+    scheduler = engine.build_scheduler(config, optimizer, STEPS)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    masked = []
+    for step in range(STEPS):
+        images, labels = _global_batch(step)
+        part = slice(rank * local, (rank + 1) * local)
+        inputs = engine.prepare_batch(config, {"image": images[part], "label": labels[part]},
+                                      accelerator.device, step, steps_per_epoch=100)
+        out = engine.train_step(accelerator, model, optimizer, scheduler, inputs)
+        masked.append(out["mask"])
+    if rank == 0:
+        state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        torch.save(state, Path(out_dir, f"world{world_size}.pt"))
+    torch.save(masked, Path(out_dir, f"masks_world{world_size}_rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("algorithm", ["rsc", "erm"])
+def test_two_ranks_reach_the_weights_of_one_process(tmp_path, algorithm):
+    run_on_ranks(_train, 1, str(tmp_path), algorithm, env_init=True)
+    run_on_ranks(_train, 2, str(tmp_path), algorithm, env_init=True)
+    single, double = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
+    moved = 0
+    for name, value in single.items():
+        torch.testing.assert_close(double[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    initial = _initial_state()
+    moved = sum(not torch.allclose(initial[k], v) for k, v in single.items() if v.is_floating_point())
+    assert moved > 10, "training must change the weights for the comparison to mean anything"
+    if algorithm == "rsc":
+        one = torch.load(tmp_path / "masks_world1_rank0.pt")
+        two = [torch.load(tmp_path / f"masks_world2_rank{r}.pt") for r in range(2)]
+        for step in range(STEPS):
+            assert torch.equal(torch.cat([two[0][step], two[1][step]]), one[step]), step
+        assert any((m == 0).any() for m in one)
+
+
+def _initial_state():
+    torch.manual_seed(0)
+    from rsc_dist.models import build_model
+
+    return build_model("resnet18", CLASSES).state_dict()
