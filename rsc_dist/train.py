@@ -155,6 +155,11 @@ def data_root(config: Config, accelerator: Accelerator) -> Path:
 def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
     # Without CUDA, `accelerate launch --num_processes N` must not become N independent
     # single-process trainings: cpu=True makes Accelerate form a gloo group from WORLD_SIZE.
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local_ranks > torch.cuda.device_count():
+        raise ConfigError(f"{local_ranks} processes were started on this node but it has "
+                          f"{torch.cuda.device_count()} GPU(s); pass --num_processes "
+                          f"{torch.cuda.device_count()} (per node) to accelerate launch")
     timeout = datetime.timedelta(seconds=int(os.environ.get("RSC_DIST_TIMEOUT_S", "1800")))
     precision = None if config.train.mixed_precision == "auto" else config.train.mixed_precision
     return Accelerator(
