@@ -15,7 +15,8 @@
 #
 # Exit status: the launcher's, except that a run stopped by a signal reports 75 whatever the
 # launcher says: torchrun turns a rank's 75 into its own 1, so the launcher cannot tell a clean
-# stop from a crash. train.sbatch requeues only after a stop it asked for.
+# stop from a crash. train.sbatch requeues after a stop it asked for or one the trainer reports
+# (OUTPUT_DIR/preempted.json), never after a crash.
 set -uo pipefail
 
 : "${SLURM_NODEID:?node_launch.sh runs under srun (SLURM_NODEID unset)}"
@@ -30,7 +31,7 @@ stopped_by=""
 # shellcheck disable=SC2317  # only reached through the traps below
 forward() {
   stopped_by=$1
-  echo "[node_launch $(hostname -s) rank $SLURM_NODEID] SIG$1: forwarding to the trainer ranks" >&2
+  echo "[node_launch $(hostname -s) node $SLURM_NODEID] SIG$1: forwarding to the trainer ranks" >&2
   pkill "-$1" -P "$launcher" || true
 }
 trap 'forward USR1' USR1
@@ -45,7 +46,7 @@ while kill -0 "$launcher" 2>/dev/null; do
 done
 
 if [ "$rc" -ne 0 ] && [ -n "$stopped_by" ]; then
-  echo "[node_launch $(hostname -s) rank $SLURM_NODEID] launcher exited $rc after SIG$stopped_by: reporting 75 (stopped, resume me)" >&2
+  echo "[node_launch $(hostname -s) node $SLURM_NODEID] launcher exited $rc after SIG$stopped_by: reporting 75 (stopped, resume me)" >&2
   rc=75
 fi
 exit "$rc"

@@ -152,6 +152,7 @@ cmd=(sbatch --parsable "--job-name=$name" "--array=0-$((n - 1))${max_parallel:+%
   "$root/launch/slurm/train.sbatch" --config "$preset" "${trainer_extra[@]}")
 
 if [ "$dry_run" = 1 ]; then
+  echo "# --dry-run: nothing written or submitted; the task file would hold the task lines below"
   printf 'RSC_TASK_FILE=%q RSC_ROOT=%q ' "$task_file" "$root"
   printf '%q ' "${cmd[@]}"
   echo
