@@ -316,20 +316,12 @@ def write_outputs(tables: list[Table], out: Path, n_runs: int, root: Path) -> tu
 
 
 def wandb_online() -> bool:
-    """An API key is available and W&B is not switched off or offline."""
+    """W&B is not switched off or offline, and an API key is configured (the trainer's test)."""
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return False
-    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
-        return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
+    from rsc_dist.observe import wandb_api_key_configured  # imports torch: only when asked
 
-        host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+    return wandb_api_key_configured()
 
 
 def log_to_wandb(tables: list[Table], root: Path, project: str) -> bool:
