@@ -2,6 +2,8 @@
 
 import torch
 
+from trainer_fixtures import tiny_shards  # noqa: F401  (fixture)
+
 from rsc_dist import bench
 
 
@@ -32,3 +34,13 @@ def test_cli_prints_table(capsys, tmp_path):
     assert set(results[0]["variants"]) == set(bench.VARIANTS)
     assert all(v["img_s"] > 0 for v in results[0]["variants"].values())
     assert (tmp_path / "out.json").exists()
+
+
+def test_input_benchmark_runs_on_shards(capsys, tiny_shards):
+    from rsc_dist import bench_input
+
+    out = bench_input.main(["--shards", str(tiny_shards), "--steps", "2", "--workers", "1",
+                            "--data.batch_size=4", "--data.image_size=32"])
+    assert set(out["rates"]) == {"loader only", "train, from shards", "train, synthetic in memory"}
+    assert all(rate > 0 for rate in out["rates"].values()) and out["fed_fraction"] > 0
+    assert "fed fraction" in capsys.readouterr().out
