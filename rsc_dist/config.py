@@ -39,6 +39,7 @@ class RunConfig:
 class DataConfig:
     root: str = "demo"  # shard folder holding _info.json; "demo" = the built-in demo set
     dataset: str = ""  # informational; read from the manifest when empty
+    classes: tuple[str, ...] = ()  # when set, the manifest's class list must equal it
     target: tuple[str, ...] = ()  # held-out domain(s)
     sources: tuple[str, ...] = ()  # empty: every domain that is not a target
     image_size: int = 222

@@ -77,6 +77,9 @@ class DataPlan:
             raise ConfigError(f"data.root={root}: {exc}") from exc
         domains = self.manifest.domains
         self.domains = tuple(domains)
+        if config.data.classes and tuple(config.data.classes) != tuple(self.manifest.classes):
+            raise ConfigError(f"data.classes {list(config.data.classes)} does not match the classes of "
+                              f"{root}/_info.json: {list(self.manifest.classes)} (wrong data.root?)")
         unknown = [d for d in config.data.target + config.data.sources if d not in domains]
         if unknown:
             raise ConfigError(f"domains {unknown} (data.target/data.sources) are not in "
@@ -175,6 +178,8 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
 
 def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, capacity: int):
     distributed = accelerator.num_processes > 1
+    if config.model.sync_bn and distributed and accelerator.device.type != "cuda":
+        raise ConfigError("model.sync_bn=true needs GPUs (torch's SyncBatchNorm has no CPU kernel)")
     settings = RSCSettings(
         enabled=config.algorithm == "rsc",
         strategy=config.rsc.strategy,
