@@ -17,6 +17,7 @@ Design rules (../shared/design.md, "Distributed rules"):
 
 from __future__ import annotations
 
+import functools
 import random
 import signal
 import warnings
@@ -248,10 +249,17 @@ def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> Dat
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _scaled_mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building them every step would be a blocking host-to-device copy.
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(device)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(device)
+    return mean_t, std_t
+
+
 def normalize_on_device(images: torch.Tensor, mean, std, *, channels_last: bool) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> normalized float32, on whatever device ``images`` is."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    mean_t, std_t = _scaled_mean_std(tuple(mean), tuple(std), images.device)
     images = (images.float() - mean_t) / std_t
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 

@@ -166,9 +166,10 @@ class Meter:
 
     def update(self, out: dict, inputs) -> None:
         n = inputs.labels.shape[0]
+        # torch.full is a fill kernel; torch.tensor(n, device=cuda) would be a blocking copy.
+        count = torch.full((), float(n), device=self.sums.device, dtype=torch.float64)
         self.sums += torch.stack([out["loss"].double() * n, out["correct"].double(),
-                                  out["masked"].double() * n,
-                                  torch.tensor(float(n), device=self.sums.device, dtype=torch.float64)])
+                                  out["masked"].double() * n, count])
         self.steps += 1
 
     @staticmethod

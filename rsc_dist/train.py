@@ -264,7 +264,9 @@ def run(config: Config, args: argparse.Namespace) -> int:
             inputs = engine.prepare_batch(config, batch, accelerator.device, step, plan.steps_per_epoch)
             generator = None
             if config.rsc.strategy == "random":
-                generator = torch.Generator().manual_seed(mix_seed(config.run.seed, step, rank))
+                # On the device: CPU-drawn scores would need a blocking copy every step.
+                generator = torch.Generator(device=accelerator.device).manual_seed(
+                    mix_seed(config.run.seed, step, rank))
             out = engine.train_step(accelerator, model, optimizer, scheduler, inputs, generator)
             stop.track_loss(out["loss"])
             meter.update(out, inputs)
