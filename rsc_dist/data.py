@@ -243,6 +243,9 @@ def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> Dat
         batch_size=None,
         num_workers=workers,
         worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        # Its own generator: drawing worker seeds from the global RNG would shift the training
+        # RNG (dropout) after a mid-epoch resume. Worker randomness is seeded per sample anyway.
+        generator=torch.Generator().manual_seed(0),
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,

@@ -71,16 +71,19 @@ class TrainState:
     """Everything about a run's progress that is not a tensor of the model or optimizer."""
 
     step: int = 0  # batches trained on (the data-stream position derives from it)
+    stream_layout: dict = field(default_factory=dict)  # world size, workers, batch at save time
     best: dict = field(default_factory=dict)  # evaluation at the best source-validation step
     last: dict = field(default_factory=dict)  # the most recent evaluation
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "best": self.best, "last": self.last, "history": self.history}
+        return {"step": self.step, "best": self.best, "last": self.last, "history": self.history,
+                "stream_layout": self.stream_layout}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best, self.last = state["step"], state["best"], state["last"]
         self.history = state["history"]
+        self.stream_layout = state.get("stream_layout", {})
 
     def record_evaluation(self, evaluation: dict) -> bool:
         """Store an evaluation; True when it is the new best by source validation."""
@@ -152,6 +155,11 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
     unwrapped module is used: evaluation runs no backward, so DDP's hooks are not involved.
     """
     module = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1:
+        # DDP broadcasts rank 0's BatchNorm statistics before each forward, then every rank
+        # updates its copy with its own batch: evaluate rank 0's (the checkpointed) model.
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     was_training = module.training
     module.eval()
     device = accelerator.device

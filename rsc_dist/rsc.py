@@ -19,6 +19,7 @@ Hot-path rules kept here: no ``.item()``/``nonzero()`` (no host-device sync), no
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Literal
 
@@ -271,14 +272,17 @@ def rsc_mask(
     """
     _check_inputs(features, targets, mode, strategy, (p_spatial, p_channel, p_batch))
     targets = targets.long()
-    with torch.no_grad():
+    with torch.no_grad(), same_randomness_per_call(head, features.device) as reset:
+        reset()
         logits_full = head(features.detach())
         _check_logits(logits_full, features.shape[0], targets)
+        reset()
         s_channel, s_spatial = channel_and_spatial_scores(
             features, head, targets, strategy=strategy, generator=generator
         )
         keep = feature_mask(s_channel, s_spatial, mode, p_spatial=p_spatial, p_channel=p_channel)
         keep_value = keep.to(features.dtype)
+        reset()
         logits_masked = head(features.detach() * keep_value)
         selected = select_samples(
             true_class_probability(logits_full, targets),
@@ -290,6 +294,34 @@ def rsc_mask(
         # Step 4: unselected samples see their full features.
         selected = selected.reshape(-1, 1, 1, 1)
         return torch.where(selected, keep_value, torch.ones_like(keep_value))
+
+
+@contextlib.contextmanager
+def same_randomness_per_call(head, device: torch.device):
+    """Give every scoring pass of a stochastic head (AlexNet's dropout) the same random draw.
+
+    Otherwise ``change_i = before_i - after_i`` would mostly measure two different dropout
+    masks, not the feature mask. The RNG state is restored on exit, so the training forward
+    that follows draws exactly what it would have drawn without RSC (the same dropout mask the
+    scoring passes used). Deterministic heads skip this entirely.
+    """
+    stochastic = isinstance(head, nn.Module) and any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in head.modules()
+    )
+    if not stochastic:
+        yield lambda: None
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        cpu_state = torch.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state(device) if devices else None
+
+        def reset() -> None:
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, device)
+
+        yield reset
 
 
 def masked_sample_fraction(mask: Tensor) -> Tensor:

@@ -105,11 +105,22 @@ class DataPlan:
         self.loader_batch = per_rank
         train_samples = sum(self.manifest.num_samples(d, "train") for d in self.sources)
         global_batch = per_rank * world_size
-        self.steps_per_epoch = config.train.steps_per_epoch or train_samples // global_batch
+        accumulation = config.train.grad_accum
+        # Every checkpoint must fall on the end of an accumulation window: pending gradients
+        # are not part of a checkpoint. Derived epochs are rounded down to whole windows.
+        self.steps_per_epoch = config.train.steps_per_epoch or (
+            train_samples // global_batch // accumulation * accumulation)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"{train_samples} training samples cannot fill one global batch of "
                               f"{global_batch}; lower data.batch_size or set train.steps_per_epoch")
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
+        for key, value in (("train.steps_per_epoch", self.steps_per_epoch), ("train.max_steps", self.total_steps),
+                           ("train.checkpoint_every_steps", config.train.checkpoint_every_steps),
+                           ("train.agree_every_steps", config.train.agree_every_steps),
+                           ("train.stop_at_step", config.train.stop_at_step)):
+            if value and value % accumulation:
+                raise ConfigError(f"{key}={value} must be a multiple of train.grad_accum={accumulation} "
+                                  "(checkpoints and stops happen between accumulation windows)")
 
     def _paths(self, domain: str, splits: tuple[str, ...]) -> list[str]:
         present = self.manifest.splits[domain]
@@ -198,6 +209,34 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
     return model
 
 
+def configure_deepspeed(accelerator: Accelerator, config: Config, plan: DataPlan) -> None:
+    """Fill the DeepSpeed values Accelerate would otherwise guess ("auto").
+
+    Without a prepared DataLoader Accelerate cannot infer the micro-batch; its "auto" gradient
+    clipping would silently clip at 1.0 (DDP runs do not clip); and a config file's
+    accumulation steps would override train.grad_accum after the schedule was built.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3 and accelerator.num_processes > 1:
+        raise ConfigError("DeepSpeed ZeRO-3 with several ranks is not supported: evaluation runs the "
+                          "unwrapped model, whose partitioned weights need collectives that ranks with "
+                          "different evaluation lengths do not reach together. Use ZeRO-1/2.")
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = plan.batch_per_rank
+    plugin.deepspeed_config["gradient_accumulation_steps"] = config.train.grad_accum
+    plugin.deepspeed_config["train_batch_size"] = (
+        plan.batch_per_rank * config.train.grad_accum * accelerator.num_processes)
+    plugin.deepspeed_config["gradient_clipping"] = 0.0
+
+
+def stream_layout(config: Config, plan: DataPlan, world: int) -> dict:
+    """What decides which samples each step reads; a resume with another layout is not exact."""
+    return {"world_size": world, "workers": config.data.workers, "batch_per_rank": plan.loader_batch,
+            "steps_per_epoch": plan.steps_per_epoch}
+
+
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
     if resume == "none":
         return None
@@ -224,14 +263,21 @@ def run(config: Config, args: argparse.Namespace) -> int:
     optimizer = engine.build_optimizer(config, model)
     total_optimizer_steps = math.ceil(plan.total_steps / config.train.grad_accum)
     scheduler = engine.build_scheduler(config, optimizer, total_optimizer_steps)
+    configure_deepspeed(accelerator, config, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = engine.TrainState()
+    state = engine.TrainState(stream_layout=stream_layout(config, plan, world))
     accelerator.register_for_checkpointing(scheduler, state)
 
     checkpoint = find_resume_checkpoint(args.resume, run_dir)
     if checkpoint is not None:
+        expected_layout = state.stream_layout
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        if state.stream_layout != expected_layout:
+            accelerator.print(f"WARNING: the checkpoint was written with {state.stream_layout}, this run "
+                              f"has {expected_layout}: training continues, but the data order (and so "
+                              "the result) will differ from an uninterrupted run")
+            state.stream_layout = expected_layout
 
     if accelerator.is_main_process:  # this run continues whatever a preemption left behind
         (run_dir / engine.PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -276,11 +322,12 @@ def run(config: Config, args: argparse.Namespace) -> int:
                 stop.request(f"train.stop_at_step={state.step}")
 
             end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps
-            evaluate_now = _due(state.step, config.train.eval_every_steps, end_of_epoch)
-            checkpoint_now = _due(state.step, config.train.checkpoint_every_steps, end_of_epoch)
+            last_step = state.step == plan.total_steps
+            evaluate_now = last_step or _due(state.step, config.train.eval_every_steps, end_of_epoch)
+            checkpoint_now = last_step or _due(state.step, config.train.checkpoint_every_steps, end_of_epoch)
             if meter.due(state.step, config.train.log_every_steps):
                 tracking.log(meter.flush(optimizer, progress), state.step)
-            if config.train.image_log_every_steps and state.step % config.train.image_log_every_steps == 1:
+            if config.train.image_log_every_steps and (step % config.train.image_log_every_steps) == 0:
                 tracking.log_masks(batch["image"], out["mask"], inputs.mode, state.step)
             # Every rank takes this branch at the same steps (a pure function of the step), so
             # the collective inside never waits for a rank that skipped it.

@@ -236,3 +236,36 @@ def test_masked_fraction():
     mask = torch.ones(4, 1, 7, 7)
     mask[1, 0, 2, 2] = 0
     assert rsc.masked_sample_fraction(mask).item() == pytest.approx(0.25)
+
+
+class DropoutHead(nn.Module):
+    """AlexNet-like: dropout in a non-linear head, active in training."""
+
+    def __init__(self, c, k):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(c * 49, 32), nn.ReLU(),
+                                 nn.Dropout(0.5), nn.Linear(32, k))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def test_dropout_head_scoring_uses_one_random_draw():
+    """Before/after confidences see the same dropout mask, so an all-ones feature mask changes
+    nothing; and the RNG is left as it was (the training pass draws what ERM would)."""
+    z, y = _inputs(16, 8, 7, 7, dtype=torch.float32)
+    torch.manual_seed(0)
+    head = DropoutHead(8, 5).train()
+    y = y % 5
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = rsc_mask(z, head, y, mode="spatial", p_batch=1.0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, rsc_mask(z, head, y, mode="spatial", p_batch=1.0))
+    # The same input twice under one shared draw: identical confidences (change exactly 0).
+    with rsc.same_randomness_per_call(head, z.device) as reset:
+        reset()
+        before = rsc.true_class_probability(head(z), y)
+        reset()
+        after = rsc.true_class_probability(head(z), y)
+    assert torch.equal(before, after)

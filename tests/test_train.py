@@ -55,18 +55,20 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
     assert list(wandb_files[0].parent.glob("files/media/images/rsc/masks_*.png"))
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path, tiny_shards, processes):
-    config = tiny_config(tmp_path, tiny_shards, train={"epochs": 2, "agree_every_steps": 3})
+@pytest.mark.parametrize("processes, grad_accum", [(1, 1), (2, 1), (1, 2)])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, tiny_shards, processes, grad_accum):
+    config = tiny_config(tmp_path, tiny_shards, train={"epochs": 2, "agree_every_steps": 2,
+                                                        "grad_accum": grad_accum})
     common = ["--config", str(config)]
+    stop = 4 if grad_accum == 2 else 5
     whole = launch(common + ["--output_dir", str(tmp_path / "whole")], processes=processes)
     assert whole.returncode == 0, explain(whole)
 
     cut = tmp_path / "cut"
-    first = launch(common + ["--output_dir", str(cut), "--train.stop_at_step=5"], processes=processes)
+    first = launch(common + ["--output_dir", str(cut), f"--train.stop_at_step={stop}"], processes=processes)
     assert first.returncode != 0 and (cut / "preempted.json").exists(), explain(first)
-    assert json.loads((cut / "preempted.json").read_text())["step"] == 5
-    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["checkpoint_00000005"]
+    assert json.loads((cut / "preempted.json").read_text())["step"] == stop
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == [f"checkpoint_{stop:08d}"]
     second = launch(common + ["--output_dir", str(cut), "--resume", "auto"], processes=processes)
     assert second.returncode == 0, explain(second)
     assert "resumed from" in second.stdout and not (cut / "preempted.json").exists()
@@ -150,6 +152,7 @@ def _broken_copy(tmp_path, shards, what):
     (None, ["--data.batch_size=100000"], "cannot fill one global batch"),
     (None, ["--rsc.strategy=best"], "rsc.strategy must be one of"),
     (None, ["--data.classes=[dog,cat]"], "does not match the classes of"),
+    (None, ["--train.grad_accum=2", "--train.agree_every_steps=3"], "must be a multiple of train.grad_accum"),
     (None, ["--model.sync_bn=true", "--train.max_steps=1"], None),
     (None, ["--resume", "/nonexistent/ckpt"], "no such checkpoint folder"),
 ])
@@ -172,3 +175,12 @@ def test_erm_and_pretrained_missing_is_clear(tmp_path, tiny_shards, capsys, monk
     assert code == 2
     err = capsys.readouterr().err
     assert "pretrained weights for resnet18 not found" in err and "never downloads" in err
+
+
+def test_last_step_is_evaluated_and_saved_off_cadence(tmp_path, tiny_shards):
+    config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 5, "eval_every_steps": 3,
+                                                        "checkpoint_every_steps": 3})
+    assert train.main(["--config", str(config), "--output_dir", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [h["step"] for h in results["history"]] == [3, 5] and results["last"]["step"] == 5
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_00000005").is_dir()
