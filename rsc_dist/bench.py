@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsc_dist.models import RSCModel, RSCSettings, build_model
-from rsc_dist.rsc import draw_mode
+from rsc_dist.rsc import draw_mode, rsc_mask
 
 VARIANTS = ("erm", "rsc_closed_form", "rsc_autograd", "rsc_released_logic")
 
@@ -129,7 +129,8 @@ def bench_arch(args, arch: str, device: torch.device) -> dict:
             train_steps(model, optimizer, x, y, args.steps, 1000 * (round_index + 1), autocast)
             synchronize(device)
             rates[name].append(args.batch * args.steps / (time.perf_counter() - start))
-    result = {"arch": arch, "batch": args.batch, "resolution": args.resolution, "variants": {}}
+    result = {"arch": arch, "batch": args.batch, "resolution": args.resolution, "variants": {},
+              "mask_overhead": mask_overhead(args, runs, x, y, device, rates)}
     for name, per_round in rates.items():
         ratios = [r / e for r, e in zip(per_round, rates["erm"])] if "erm" in rates else []
         result["variants"][name] = {
@@ -138,6 +139,28 @@ def bench_arch(args, arch: str, device: torch.device) -> dict:
             "per_round_img_s": per_round,
         }
     return result
+
+
+def mask_overhead(args, runs, x, y, device, rates) -> dict:
+    """Time of the RSC mask computation alone (on this batch's features), as a fraction of an
+    ERM step. Whole-step ratios on a shared CPU wobble by a few percent; this does not."""
+    out = {}
+    for name in ("rsc_closed_form", "rsc_autograd"):
+        if name not in runs or "erm" not in rates:
+            continue
+        model = runs[name][0]
+        with torch.no_grad():
+            z = model.features(x)
+        calls = args.rounds * args.steps
+        synchronize(device)
+        start = time.perf_counter()
+        for step in range(calls):
+            rsc_mask(z, model.head, y, mode=draw_mode("spatial+channel", 0, step), p_batch=1 / 3)
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / calls
+        erm_step = args.batch / statistics.median(rates["erm"])
+        out[name] = {"ms_per_step": 1000 * seconds, "fraction_of_erm_step": seconds / erm_step}
+    return out
 
 
 def format_table(results: list[dict], device_name: str) -> str:
@@ -153,6 +176,10 @@ def format_table(results: list[dict], device_name: str) -> str:
                 f"| {result['arch']} | {result['resolution']} | {result['batch']} | {name} "
                 f"| {row['img_s']:.1f} | {ratio} |"
             )
+    for result in results:
+        for name, row in result["mask_overhead"].items():
+            lines.append(f"{result['arch']}: {name} mask alone {row['ms_per_step']:.2f} ms/step = "
+                         f"{100 * row['fraction_of_erm_step']:.2f} % of an ERM step")
     return "\n".join(lines)
 
 
