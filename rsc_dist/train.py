@@ -297,6 +297,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     )
 
     exit_code = engine.EXIT_OK
+    first_step = state.step
     while state.step < plan.total_steps and exit_code == engine.EXIT_OK:
         epoch, in_epoch = divmod(state.step, plan.steps_per_epoch)
         stream.set_position(epoch, in_epoch)
@@ -360,10 +361,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
     progress.close()
 
     if exit_code == engine.EXIT_OK and accelerator.is_main_process:
-        results = observe.results_document(config, plan, state, meter)
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        results_path = run_dir / "results.json"
+        if state.step == first_step and results_path.exists():
+            accelerator.print(f"{run_dir} was already complete at step {state.step}; results.json kept")
+        else:
+            results = observe.results_document(config, plan, state, meter)
+            results_path.write_text(json.dumps(results, indent=2))
+            tracking.log_summary(results)
         accelerator.print(observe.format_accuracy_table(plan, state))
-        tracking.log_summary(results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code

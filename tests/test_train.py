@@ -184,3 +184,13 @@ def test_last_step_is_evaluated_and_saved_off_cadence(tmp_path, tiny_shards):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [h["step"] for h in results["history"]] == [3, 5] and results["last"]["step"] == 5
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_00000005").is_dir()
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path, tiny_shards, capsys):
+    config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 2})
+    args = ["--config", str(config), "--output_dir", str(tmp_path / "run")]
+    assert train.main(args) == 0
+    before = (tmp_path / "run" / "results.json").read_text()
+    assert train.main(args) == 0
+    assert "already complete at step 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "results.json").read_text() == before
