@@ -66,6 +66,12 @@ def needs_cpu_ranks(env=os.environ) -> int:
         return 1
     if env.get("RSC_DIST_CPU_RANK"):  # we are one of the ranks started below
         return 1
+    if not Path(f"/proc/{os.getppid()}/cmdline").exists():
+        print("rsc_dist: started by a launcher that sets MASTER_ADDR but not WORLD_SIZE and its "
+              "arguments cannot be read here (no /proc): running ONE process. For several CPU ranks "
+              "use `accelerate launch --multi_gpu --num_processes N` or "
+              "--config_file launch/accelerate/cpu_2proc.yaml", file=sys.stderr)
+        return 1
     return requested_processes()
 
 
