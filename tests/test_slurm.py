@@ -100,8 +100,24 @@ def requeue_now(cluster, jobid: str) -> dict:
     info = cluster.wait(jobid, lambda i: i.get("Restarts") == "1" and i.get("JobState") in ("PENDING", "RUNNING"),
                         90, "requeued (Restarts=1)")
     if info["JobState"] == "PENDING":
+        # Lift the hold only once the previous start's step daemons are gone: started earlier,
+        # slurmd kills the new start ("Job credential revoked") or its ranks find the
+        # rendezvous port still taken (both seen on CI). On a cluster the ~120 s hold does this.
+        wait_steps_gone(info["JobId"])
         cluster.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"])
     return info
+
+
+def wait_steps_gone(raw_jobid: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    marker = f"[{raw_jobid}."
+    while time.monotonic() < deadline:
+        titles = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        if not any(line.startswith("slurmstepd") and marker in line for line in titles.splitlines()):
+            time.sleep(1)  # let slurmd finish its own bookkeeping of the ended steps
+            return
+        time.sleep(0.25)
+    raise TimeoutError(f"steps of job {raw_jobid} still running after {timeout:.0f} s")
 
 
 def events(run_dir: Path) -> list[dict]:
