@@ -117,7 +117,7 @@ def bench_arch(args, arch: str, device: torch.device) -> dict:
         model = make_variant(name, arch, args.num_classes).to(device, memory_format=memory_format)
         model.train()
         if args.compile:
-            model.features = torch.compile(model.features)
+            model.features.compile()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         train_steps(model, optimizer, x, y, args.warmup, 0, autocast)
         runs[name] = (model, optimizer)

@@ -205,7 +205,9 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.model.compile:
-        model.features = torch.compile(model.features)  # RSC itself stays eager
+        # In place (Module.compile): state-dict keys stay the same, so checkpoints load
+        # with or without compile. RSC itself stays eager.
+        model.features.compile()
     return model
 
 
