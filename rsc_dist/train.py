@@ -254,6 +254,10 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
 def run(config: Config, args: argparse.Namespace) -> int:
     run_dir = config.resolved_output_dir().resolve()
     accelerator = make_accelerator(config, run_dir)
+    # Installed first: a stop requested during setup is honoured at the first agreement step
+    # instead of killing the process with the default action.
+    stop = engine.StopFlags(accelerator.device)
+    stop.install()
     set_seed(config.run.seed)
     plan = DataPlan(config, data_root(config, accelerator), accelerator.num_processes)
     if accelerator.is_main_process:
@@ -284,8 +288,6 @@ def run(config: Config, args: argparse.Namespace) -> int:
     if accelerator.is_main_process:  # this run continues whatever a preemption left behind
         (run_dir / engine.PREEMPTED_MARKER).unlink(missing_ok=True)
     tracking = observe.start_tracking(accelerator, config, run_dir, plan)
-    stop = engine.StopFlags(accelerator.device)
-    stop.install()
     pin = accelerator.device.type == "cuda"
     eval_loaders = plan.eval_loaders(config, rank, world, pin)
     stream = plan.train_stream(config, rank, world)
