@@ -134,19 +134,16 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     preset: str = ""  # the preset this config came from (set by load_config)
 
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return self.data.target
+    def _target_label(self) -> str:
+        return "+".join(self.data.target) or "none"
 
     def run_label(self) -> str:
-        target = "+".join(self.data.target) or "none"
-        return f"{self.algorithm}-{target}-seed{self.run.seed}"
+        return f"{self.algorithm}-{self._target_label()}-seed{self.run.seed}"
 
     def resolved_output_dir(self) -> Path:
         if self.run.output_dir:
             return Path(self.run.output_dir).expanduser()
-        target = "+".join(self.data.target) or "none"
-        return Path("runs") / self.run.experiment / self.algorithm / target / f"seed{self.run.seed}"
+        return Path("runs") / self.run.experiment / self.algorithm / self._target_label() / f"seed{self.run.seed}"
 
 
 CHOICES = {

@@ -22,7 +22,6 @@ import random
 import signal
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -265,7 +264,3 @@ def normalize_on_device(images: torch.Tensor, mean, std, *, channels_last: bool)
     mean_t, std_t = _scaled_mean_std(tuple(mean), tuple(std), images.device)
     images = (images.float() - mean_t) / std_t
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-def shard_urls(paths: list[Path]) -> list[str]:
-    return [str(p) for p in paths]

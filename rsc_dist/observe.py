@@ -143,12 +143,10 @@ def mask_overlay_grid(images: torch.Tensor, mask: torch.Tensor, count: int = 8) 
 
 
 class Meter:
-    def __init__(self, accelerator, global_batch: int):
+    def __init__(self, accelerator):
         self.accelerator = accelerator
-        self.global_batch = global_batch
         device = accelerator.device
         self.sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct, masked, samples
-        self.steps = 0
         self.wait_seconds = 0.0
         self.window_start = time.perf_counter()
         self.train_seconds = 0.0
@@ -170,7 +168,6 @@ class Meter:
         count = torch.full((), float(n), device=self.sums.device, dtype=torch.float64)
         self.sums += torch.stack([out["loss"].double() * n, out["correct"].double(),
                                   out["masked"].double() * n, count])
-        self.steps += 1
 
     @staticmethod
     def due(step: int, every: int) -> bool:
@@ -194,7 +191,6 @@ class Meter:
             progress.set_postfix(loss=f"{values['train/loss']:.3f}", img_s=f"{values['perf/img_s']:.0f}",
                                  wait=f"{values['perf/data_wait_fraction']:.0%}")
         self.sums.zero_()
-        self.steps = 0
         self.wait_seconds = 0.0
         self.excluded_seconds = 0.0
         self.window_start = time.perf_counter()

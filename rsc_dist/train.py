@@ -291,7 +291,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     pin = accelerator.device.type == "cuda"
     eval_loaders = plan.eval_loaders(config, rank, world, pin)
     stream = plan.train_stream(config, rank, world)
-    meter = observe.Meter(accelerator, plan.batch_per_rank * world)
+    meter = observe.Meter(accelerator)
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=f"{config.algorithm} {'+'.join(plan.targets)}", dynamic_ncols=True)
     accelerator.print(
