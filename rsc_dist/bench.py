@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsc_dist.models import RSCModel, RSCSettings, build_model
-from rsc_dist.rsc import draw_mode, rsc_mask
+from rsc_dist.released import released_mask
+from rsc_dist.rsc import DEFAULT_P_BATCH, draw_mode, rsc_mask
 
 VARIANTS = ("erm", "rsc_closed_form", "rsc_autograd", "rsc_released_logic")
 
@@ -40,42 +40,20 @@ class OpaqueHead(nn.Module):
 
 
 class ReleasedLogicModel(nn.Module):
-    """The released code's forward, for cost comparison: a backward through the head into a
-    copy of the features, full sorts, and a ``nonzero()`` host sync, then the masked head."""
+    """The released code's forward, for cost comparison: ``rsc_dist.released.released_mask`` (a
+    backward through the head into a copy of the features, full sorts, a ``nonzero()`` host
+    sync), the head gradients it leaves cleared as the released ``zero_grad`` does, then the
+    masked head."""
 
-    def __init__(self, base: RSCModel, p_spatial=1 / 3, p_channel=1 / 3.2):
+    def __init__(self, base: RSCModel):
         super().__init__()
         self.features, self.head = base.features, base.head
-        self.p_spatial, self.p_channel = p_spatial, p_channel
 
     def forward(self, x, y, *, mode, p_batch):
         z = self.features(x)
-        n, c, h, w = z.shape
-        probe = z.detach().clone().requires_grad_(True)
-        logits = self.head(probe)
-        with torch.enable_grad():
-            logits.gather(1, y[:, None]).sum().backward()  # what the released code does
-        for parameter in self.head.parameters():  # ...followed by its zero_grad()
+        mask = released_mask(z, self.head, y, mode, p_batch=p_batch)
+        for parameter in self.head.parameters():
             parameter.grad = None
-        grad_channel = probe.grad.view(n, c, -1).mean(2)
-        probe = probe.detach()
-        if mode == "spatial":
-            scores = (probe * grad_channel.view(n, c, 1, 1)).sum(1).view(n, h * w)
-            k = min(math.ceil(h * w * self.p_spatial), h * w - 1)
-            thr = scores.sort(1, descending=True)[0][:, k : k + 1]
-            mask = (scores <= thr).to(z.dtype).view(n, 1, h, w)
-        else:
-            k = min(math.ceil(c * self.p_channel), c - 1)
-            thr = grad_channel.sort(1, descending=True)[0][:, k : k + 1]
-            mask = (grad_channel <= thr).to(z.dtype).view(n, c, 1, 1)
-        with torch.no_grad():
-            before = F.softmax(logits.detach().float(), 1).gather(1, y[:, None]).squeeze(1)
-            after = F.softmax(self.head(probe * mask).float(), 1).gather(1, y[:, None]).squeeze(1)
-        change = (before - after - 1e-4).clamp(min=0)
-        tau = change.sort(descending=True)[0][min(int(round(n * p_batch)), n - 1)]
-        unselected = (change <= tau).nonzero()[:, 0]  # host sync, as in the released code
-        mask = mask.expand(n, *mask.shape[1:]).clone()
-        mask[unselected] = 1
         return self.head(z * mask)
 
 
@@ -93,7 +71,7 @@ def train_steps(model, optimizer, x, y, steps, start_step, autocast) -> None:
     for step in range(start_step, start_step + steps):
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            logits = model(x, y, mode=draw_mode("spatial+channel", 0, step), p_batch=1 / 3)
+            logits = model(x, y, mode=draw_mode("spatial+channel", 0, step), p_batch=DEFAULT_P_BATCH)
             loss = F.cross_entropy(logits, y)
         loss.backward()
         optimizer.step()
@@ -155,7 +133,7 @@ def mask_overhead(args, runs, x, y, device, rates) -> dict:
         synchronize(device)
         start = time.perf_counter()
         for step in range(calls):
-            rsc_mask(z, model.head, y, mode=draw_mode("spatial+channel", 0, step), p_batch=1 / 3)
+            rsc_mask(z, model.head, y, mode=draw_mode("spatial+channel", 0, step), p_batch=DEFAULT_P_BATCH)
         synchronize(device)
         seconds = (time.perf_counter() - start) / calls
         erm_step = args.batch / statistics.median(rates["erm"])

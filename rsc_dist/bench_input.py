@@ -20,7 +20,8 @@ from accelerate import Accelerator
 from rsc_dist import engine
 from rsc_dist.config import load_config
 from rsc_dist.data import make_loader
-from rsc_dist.train import DEFAULT_CACHE, DataPlan, build_training_model
+from rsc_dist.build import build_training_model
+from rsc_dist.plan import DataPlan, data_root
 
 
 def loader_rate(stream, workers: int, steps: int) -> float:
@@ -63,16 +64,11 @@ def main(argv=None) -> dict:
         overrides.append(f"--data.workers={args.workers}")
     config = load_config(args.config, overrides)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    root = config.data.root
-    if root == "demo":
-        from data_prep.demo import ensure_demo_shards
-
-        root = ensure_demo_shards(DEFAULT_CACHE / "demo")
-    plan = DataPlan(config, root, world_size=1)
-    stream = plan.train_stream(config, rank=0, world_size=1)
+    plan = DataPlan(config, data_root(config, accelerator.main_process_first), world_size=1)
+    stream = plan.train_stream(rank=0)
     rates = {"loader only": loader_rate(stream, config.data.workers, args.steps)}
 
-    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.batch_per_rank)
+    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch)
     optimizer = engine.build_optimizer(config, model)
     scheduler = engine.build_scheduler(config, optimizer, 10**9)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -87,7 +83,7 @@ def main(argv=None) -> dict:
     fed = rates["train, from shards"] / rates["train, synthetic in memory"]
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else (
         f"cpu ({torch.get_num_threads()} threads)")
-    print(f"{config.model.arch} {config.algorithm} at {config.data.image_size}px, batch {plan.batch_per_rank}, "
+    print(f"{config.model.arch} {config.algorithm} at {config.data.image_size}px, batch {plan.local_forward_batch}, "
           f"{config.data.workers} loader worker(s), {args.steps} steps, device {device}")
     print("| measurement | img/s |\n|---|---|")
     for name, rate in rates.items():

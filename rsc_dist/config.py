@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+from rsc_dist.rsc import DEFAULT_P_BATCH, DEFAULT_P_CHANNEL, DEFAULT_P_SPATIAL
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -27,141 +32,219 @@ class ConfigError(ValueError):
     """A config problem, with the key (and file) at fault in the message."""
 
 
+def setting(default, doc: str, *, check: str | None = None):
+    """A config field: its default, one line of documentation, and an optional range check.
+
+    ``check``: "fraction" (0 <= x <= 1), "positive" (x >= 1) or "nonnegative" (x >= 0); choices
+    come from the field's ``Literal`` type. ``--help`` prints every field from these.
+    """
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def section(cls):
+    return field(default_factory=cls)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    experiment: str = "default"  # W&B group of a sweep; part of the default output folder
-    name: str | None = None  # run name; default "{algorithm}-{target}-seed{seed}"
-    output_dir: str | None = None  # default runs/{experiment}/{algorithm}/{target}/seed{seed}
-    seed: int = 0
+    experiment: str = setting("default", "W&B group of a sweep; part of the default output folder")
+    name: str | None = setting(None, "W&B run name (default ALGORITHM-TARGET-seedS)")
+    output_dir: str | None = setting(
+        None, "run folder (default runs/EXPERIMENT/ALGORITHM/TARGET/seedS-FINGERPRINT)")
+    seed: int = setting(0, "seeds the model init, the sample order, augmentation and RSC draws")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "demo"  # shard folder holding _info.json; "demo" = the built-in demo set
-    dataset: str = ""  # informational; read from the manifest when empty
-    classes: tuple[str, ...] = ()  # when set, the manifest's class list must equal it
-    target: tuple[str, ...] = ()  # held-out domain(s)
-    sources: tuple[str, ...] = ()  # empty: every domain that is not a target
-    image_size: int = 222
-    batch_size: int = 64  # per process; per process AND source domain when sampling=balanced
-    sampling: str = "merged"  # merged (released code) | balanced (DomainBed)
-    flip_double: bool = False  # released recipe: each batch doubled with its mirror image
-    random_resized_crop_scale: tuple[float, float] = (0.8, 1.0)
-    hflip: bool = True
-    color_jitter: float = 0.4
-    grayscale: float = 0.1
-    workers: int = 4
-    shuffle_buffer: int = 1000
-    eval_batch_size: int = 128
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    root: str = setting("demo", 'shard folder holding _info.json; "demo" = the built-in demo set')
+    dataset: str = setting("", "dataset name for reports (default: the manifest's)")
+    classes: tuple[str, ...] = setting((), "when set, the manifest's class list must equal it")
+    target: tuple[str, ...] = setting((), "held-out domain(s), evaluated but never trained on")
+    sources: tuple[str, ...] = setting((), "training domains (default: every domain not a target)")
+    image_size: int = setting(222, "side of the square training/evaluation input", check="positive")
+    batch_size: int = setting(
+        64, "samples per process and step (x source domains with sampling=balanced)", check="positive")
+    sampling: Literal["merged", "balanced"] = setting(
+        "merged", "merged: sources pooled (released code); balanced: batch_size from each (DomainBed)")
+    flip_double: bool = setting(False, "released recipe: each batch doubled with its mirror image")
+    random_resized_crop_scale: tuple[float, float] = setting((0.8, 1.0), "RandomResizedCrop scale range")
+    hflip: bool = setting(True, "random horizontal flip")
+    color_jitter: float = setting(0.4, "ColorJitter strength (brightness, contrast, saturation, hue)",
+                                  check="nonnegative")
+    grayscale: float = setting(0.1, "RandomGrayscale probability", check="fraction")
+    workers: int = setting(4, "loader worker processes per rank (0: load in the training process)",
+                           check="nonnegative")
+    shuffle_buffer: int = setting(1000, "samples held by each stream's shuffle buffer", check="nonnegative")
+    eval_batch_size: int = setting(128, "samples per evaluation batch", check="positive")
+    mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "normalization mean (RGB, 0-1)")
+    std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalization std (RGB, 0-1)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "resnet18"
-    pretrained: str | None = None  # None | "torchvision" (local cache) | path to weights
-    sync_bn: bool = False
-    channels_last: bool = True
-    compile: bool = False
+    arch: Literal["resnet18", "resnet50", "alexnet"] = setting("resnet18", "backbone")
+    pretrained: str | None = setting(
+        None, 'None (random init), "torchvision" (local torchvision cache) or a weights file')
+    sync_bn: bool = setting(False, "SyncBatchNorm across ranks (GPUs only)")
+    channels_last: bool = setting(True, "channels_last memory format (faster convolutions on GPUs)")
+    compile: bool = setting(False, "torch.compile the backbone (RSC itself stays eager)")
 
 
 @dataclass(frozen=True)
 class RSCConfig:
-    mode: str = "spatial+channel"  # spatial | channel | spatial+channel (per-step draw)
-    strategy: str = "top_gradient"  # top_gradient | top_activation | random
-    p_spatial: float = 1 / 3
-    p_channel: float = 1 / 3.2
-    p_batch: float = 1 / 3
-    p_batch_schedule: str = "constant"  # constant | released
-    global_selection: bool = True  # batch percentage over the global batch of all ranks
+    mode: Literal["spatial", "channel", "spatial+channel"] = setting(
+        "spatial+channel", "what is muted; spatial+channel draws one of the two per step")
+    strategy: Literal["top_gradient", "top_activation", "random"] = setting(
+        "top_gradient", "how features are scored (top_gradient is the method; others are ablations)")
+    p_spatial: float = setting(DEFAULT_P_SPATIAL, "fraction of locations muted per sample", check="fraction")
+    p_channel: float = setting(DEFAULT_P_CHANNEL, "fraction of channels muted per sample", check="fraction")
+    p_batch: float = setting(DEFAULT_P_BATCH, "fraction of the batch that trains on masked features",
+                             check="fraction")
+    p_batch_schedule: Literal["constant", "released"] = setting(
+        "constant", "constant: p_batch; released: 0.3 + 0.2 per 10 epochs, clamped at 0.9")
+    global_selection: bool = setting(True, "batch percentage over the global batch of all ranks")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
+    name: Literal["sgd", "adam"] = setting("sgd", "optimizer")
+    lr: float = setting(0.01, "base learning rate")
+    momentum: float = setting(0.9, "SGD momentum", check="nonnegative")
+    nesterov: bool = setting(False, "SGD Nesterov momentum")
+    weight_decay: float = setting(5e-4, "L2 weight decay", check="nonnegative")
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: str = "step"  # step | cosine | constant
-    warmup_steps: int = 0
-    milestones: tuple[float, ...] = (0.8,)  # step decay points, as fractions of all steps
-    gamma: float = 0.1
+    name: Literal["step", "cosine", "constant"] = setting("step", "learning-rate schedule after warmup")
+    warmup_steps: int = setting(0, "linear warmup, in optimizer steps", check="nonnegative")
+    milestones: tuple[float, ...] = setting((0.8,), "step decay points, as fractions of all steps")
+    gamma: float = setting(0.1, "step decay factor")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
-    steps_per_epoch: int | None = None  # default: source training samples // global batch
-    max_steps: int | None = None  # when set, replaces epochs * steps_per_epoch
-    grad_accum: int = 1
-    mixed_precision: str = "auto"  # auto (from accelerate launch) | no | bf16 | fp16
-    eval_every_steps: int | None = None  # default: at the end of every epoch
-    checkpoint_every_steps: int | None = None  # default: at the end of every epoch
-    keep_checkpoints: int = 2
-    log_every_steps: int = 10
-    image_log_every_steps: int = 200  # input grid with RSC masks; 0 disables
-    agree_every_steps: int = 10  # ranks agree on stop signals and non-finite loss this often
-    stop_at_step: int | None = None  # act as if preempted after this step (tests resume paths)
+    epochs: int = setting(30, "epochs (ignored when max_steps is set)", check="positive")
+    steps_per_epoch: int | None = setting(None, "default: source training samples // global batch")
+    max_steps: int | None = setting(None, "when set, replaces epochs x steps_per_epoch")
+    grad_accum: int = setting(1, "gradient accumulation steps per optimizer step", check="positive")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = setting(
+        "auto", "auto: what accelerate launch says; no | bf16 | fp16 autocast")
+    eval_every_steps: int | None = setting(None, "default: at the end of every epoch")
+    checkpoint_every_steps: int | None = setting(None, "default: at the end of every epoch")
+    keep_checkpoints: int = setting(2, "how many recent checkpoints to keep", check="positive")
+    log_every_steps: int = setting(10, "metrics logging period", check="positive")
+    image_log_every_steps: int = setting(200, "input grid with RSC masks; 0 disables", check="nonnegative")
+    agree_every_steps: int = setting(
+        10, "ranks agree on stop signals and non-finite loss this often", check="positive")
+    stop_at_step: int | None = setting(None, "act as if preempted after this step (tests resume paths)")
+    tracker: Literal["wandb", "tensorboard", "none"] = setting("wandb", "where metrics go besides the console")
 
 
 @dataclass(frozen=True)
 class WandbConfig:
-    project: str = "rsc_dist"
-    entity: str | None = None
-    group: str | None = None  # default: run.experiment
-    job_type: str | None = None  # default: algorithm
-    mode: str = "auto"  # auto (offline without an API key) | online | offline | disabled
-    tags: tuple[str, ...] = ()
+    project: str = setting("rsc_dist", "W&B project")
+    entity: str | None = setting(None, "W&B entity (team or user)")
+    group: str | None = setting(None, "W&B group (default: run.experiment)")
+    job_type: str | None = setting(None, "W&B job type (default: the algorithm)")
+    mode: Literal["auto", "online", "offline", "disabled"] = setting(
+        "auto", "auto: online with an API key, else offline (WANDB_MODE wins)")
+    tags: tuple[str, ...] = setting((), "extra W&B tags")
+    log_model: Literal["off", "best"] = setting("off", "best: log the best checkpoint as a model artifact")
 
 
 @dataclass(frozen=True)
 class Config:
-    algorithm: str = "rsc"  # rsc | erm
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    rsc: RSCConfig = field(default_factory=RSCConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    preset: str = ""  # the preset this config came from (set by load_config)
+    algorithm: Literal["rsc", "erm"] = setting("rsc", "rsc, or erm (the same run without masks)")
+    run: RunConfig = section(RunConfig)
+    data: DataConfig = section(DataConfig)
+    model: ModelConfig = section(ModelConfig)
+    rsc: RSCConfig = section(RSCConfig)
+    optim: OptimConfig = section(OptimConfig)
+    schedule: ScheduleConfig = section(ScheduleConfig)
+    train: TrainConfig = section(TrainConfig)
+    wandb: WandbConfig = section(WandbConfig)
+    preset: str = setting("", "the preset this config came from (set by load_config)")
 
-    def _target_label(self) -> str:
+    def target_label(self) -> str:
         return "+".join(self.data.target) or "none"
 
     def run_label(self) -> str:
-        return f"{self.algorithm}-{self._target_label()}-seed{self.run.seed}"
+        return f"{self.algorithm}-{self.target_label()}-seed{self.run.seed}"
 
     def resolved_output_dir(self) -> Path:
+        """The run folder. The default carries the settings' fingerprint, so changing a setting
+        that changes the trajectory starts a new run instead of resuming an unrelated one."""
         if self.run.output_dir:
             return Path(self.run.output_dir).expanduser()
-        return Path("runs") / self.run.experiment / self.algorithm / self._target_label() / f"seed{self.run.seed}"
+        return (Path("runs") / self.run.experiment / self.algorithm / self.target_label()
+                / f"seed{self.run.seed}-{trajectory_fingerprint(self)[:8]}")
 
 
-CHOICES = {
-    "algorithm": ("rsc", "erm"),
-    "data.sampling": ("merged", "balanced"),
-    "model.arch": ("resnet18", "resnet50", "alexnet"),
-    "rsc.mode": ("spatial", "channel", "spatial+channel"),
-    "rsc.strategy": ("top_gradient", "top_activation", "random"),
-    "rsc.p_batch_schedule": ("constant", "released"),
-    "optim.name": ("sgd", "adam"),
-    "schedule.name": ("step", "cosine", "constant"),
-    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "wandb.mode": ("auto", "online", "offline", "disabled"),
-}
-FRACTIONS = ("rsc.p_spatial", "rsc.p_channel", "rsc.p_batch", "data.grayscale")
-POSITIVE = ("data.image_size", "data.batch_size", "data.eval_batch_size", "train.epochs",
-            "train.grad_accum", "train.log_every_steps", "train.agree_every_steps",
-            "train.keep_checkpoints")
+# Settings that do not change which weights a run reaches (where it writes, how it logs, how
+# fast it goes, how often it looks): excluded from the trajectory fingerprint, so they may
+# change when a run is resumed. Keys are dotted; a section name excludes the whole section.
+NOT_TRAJECTORY = (
+    "preset", "run.experiment", "run.name", "run.output_dir", "data.root", "data.workers",
+    "data.eval_batch_size", "model.compile", "model.channels_last", "train.eval_every_steps",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
+    "train.image_log_every_steps", "train.agree_every_steps", "train.stop_at_step", "train.tracker",
+    "wandb",
+)
+
+
+def trajectory_settings(config: "Config") -> dict:
+    """Flat {dotted key: value} of the settings that define the run's trajectory."""
+    flat = _flatten(to_dict(config))
+    return {key: value for key, value in flat.items()
+            if not any(key == skip or key.startswith(skip + ".") for skip in NOT_TRAJECTORY)}
+
+
+def trajectory_fingerprint(config: "Config") -> str:
+    text = json.dumps(trajectory_settings(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def describe_fields(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(``--section.key``, type and default, doc) for every config field, for ``--help``."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            rows += describe_fields(annotation, f"{prefix}{f.name}.")
+            continue
+        if f.name == "preset":
+            continue
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        rows.append((f"--{prefix}{f.name}", f"{_type_name(annotation)} = {shown!s}", f.metadata.get("doc", "")))
+    return rows
+
+
+def _type_name(annotation) -> str:
+    kind = typing.get_origin(annotation)
+    if kind is Literal:
+        return "{" + "|".join(map(str, typing.get_args(annotation))) + "}"
+    if kind in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None)) + " | null"
+    if kind is tuple:
+        args = typing.get_args(annotation)
+        return f"list of {_type_name(args[0])}" if len(args) == 2 and args[1] is Ellipsis else (
+            f"{len(args)} x {_type_name(args[0])}")
+    return getattr(annotation, "__name__", str(annotation))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +254,11 @@ POSITIVE = ("data.image_size", "data.batch_size", "data.eval_batch_size", "train
 def _coerce(value, annotation, key: str, origin: str):
     """``value`` converted to ``annotation``, or a ConfigError naming ``key``."""
     kind = typing.get_origin(annotation)
+    if kind is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{origin}: {key} must be one of {allowed}; got {value!r}")
+        return value
     if kind in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -332,19 +420,8 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) 
 
 
 def validate(config: Config) -> None:
-    flat = to_dict(config)
-    for key, allowed in CHOICES.items():
-        value = _lookup(flat, key)
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}; got {value!r}")
-    for key in FRACTIONS:
-        value = _lookup(flat, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key} must be in [0, 1]; got {value}")
-    for key in POSITIVE:
-        value = _lookup(flat, key)
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1; got {value}")
+    """Range checks declared on the fields (``setting(check=...)``), then cross-field rules."""
+    _check_ranges(config, "")
     if not 0 < config.data.random_resized_crop_scale[0] <= config.data.random_resized_crop_scale[1] <= 1:
         raise ConfigError(f"data.random_resized_crop_scale must satisfy 0 < lo <= hi <= 1; "
                           f"got {config.data.random_resized_crop_scale}")
@@ -352,11 +429,21 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.target {config.data.target} overlaps data.sources {config.data.sources}")
 
 
-def _lookup(flat: dict, dotted: str):
-    node = flat
-    for part in dotted.split("."):
-        node = node[part]
-    return node
+_RANGES = {"fraction": (0.0, 1.0, "in [0, 1]"), "positive": (1, None, ">= 1"), "nonnegative": (0, None, ">= 0")}
+
+
+def _check_ranges(node, prefix: str) -> None:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{prefix}{f.name}.")
+            continue
+        check = f.metadata.get("check")
+        if check is None or value is None:
+            continue
+        low, high, words = _RANGES[check]
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"{prefix}{f.name} must be {words}; got {value}")
 
 
 def to_dict(config: Config) -> dict:

@@ -17,62 +17,83 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-def _launcher_argv() -> list[str]:
+class LaunchError(RuntimeError):
+    """The CPU launch request cannot be carried out as asked; the message says what to do."""
+
+
+def _launcher_argv() -> list[str] | None:
     try:
         raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
     except OSError:
-        return []
+        return None
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def _flag(argv: list[str], *names: str) -> str | None:
-    for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                return argv[i + 1]
-            if arg.startswith(name + "="):
-                return arg.split("=", 1)[1]
+def _launch_arguments(argv: list[str]) -> list[str] | None:
+    """The arguments after ``accelerate launch`` (or ``-m accelerate.commands.launch``), or None."""
+    for i, part in enumerate(argv[:4]):
+        if part == "accelerate.commands.launch":
+            return argv[i + 1:]
+        if Path(part).name in ("accelerate", "accelerate-launch"):
+            rest = argv[i + 1:]
+            if Path(part).name == "accelerate":
+                return rest[1:] if rest[:1] == ["launch"] else None
+            return rest
     return None
 
 
-def requested_processes(argv: list[str] | None = None) -> int:
-    """The process count an ``accelerate launch`` parent asked for (flag, then config file)."""
-    argv = _launcher_argv() if argv is None else argv
-    if not any("accelerate" in part for part in argv[:3]):
-        return 1
-    value = _flag(argv, "--num_processes", "--num-processes")
-    if value is None:
-        config_file = _flag(argv, "--config_file", "--config-file")
-        default = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "accelerate" / "default_config.yaml"
-        path = Path(config_file) if config_file else default
-        if path.is_file():
-            value = (yaml.safe_load(path.read_text()) or {}).get("num_processes")
-    try:
-        return max(1, int(value)) if value is not None else 1
-    except ValueError:
-        return 1
+def requested_layout(argv: list[str]) -> tuple[int, int] | None:
+    """(num_processes, num_machines) an ``accelerate launch`` command line asks for, read with
+    Accelerate's own argument parser and config-file loader; None if argv is not one."""
+    from accelerate.commands.config import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    arguments = _launch_arguments(argv)
+    if arguments is None:
+        return None
+    args, _ = launch_command_parser().parse_known_args(arguments)
+    processes, machines = args.num_processes, args.num_machines
+    config_file = args.config_file or (default_config_file if Path(default_config_file).is_file() else None)
+    if config_file and (processes is None or machines is None):
+        config = load_config_from_file(config_file)
+        processes = config.num_processes if processes is None else processes
+        machines = config.num_machines if machines is None else machines
+    return max(1, int(processes or 1)), max(1, int(machines or 1))
 
 
 def needs_cpu_ranks(env=os.environ) -> int:
-    """How many ranks to start here: > 1 only in the single-process CPU fallback case."""
+    """How many ranks to start here: > 1 only in the single-process CPU fallback case.
+
+    Raises LaunchError when the launcher asked for several processes and this cannot be done
+    (or cannot be known): the trainer never silently runs a different number of ranks.
+    """
     import torch
 
     if torch.cuda.is_available() or "WORLD_SIZE" in env or "MASTER_ADDR" not in env:
         return 1
     if env.get("RSC_DIST_CPU_RANK"):  # we are one of the ranks started below
         return 1
-    if not Path(f"/proc/{os.getppid()}/cmdline").exists():
-        print("rsc_dist: started by a launcher that sets MASTER_ADDR but not WORLD_SIZE and its "
-              "arguments cannot be read here (no /proc): running ONE process. For several CPU ranks "
-              "use `accelerate launch --multi_gpu --num_processes N` or "
-              "--config_file launch/accelerate/cpu_2proc.yaml", file=sys.stderr)
+    # Accelerate's simple launcher sets MASTER_ADDR only when it was asked for several
+    # processes or machines, and passes the count nowhere but its own command line.
+    argv = _launcher_argv()
+    if argv is None:
+        raise LaunchError(
+            "started by a launcher that set MASTER_ADDR but not WORLD_SIZE, and its command line "
+            "cannot be read here, so the number of ranks asked for is unknown. For several CPU ranks "
+            "use `accelerate launch --config_file launch/accelerate/cpu_2proc.yaml ...` (torchrun)")
+    layout = requested_layout(argv)
+    if layout is None:  # not started by accelerate launch: nobody asked for more ranks
         return 1
-    return requested_processes()
+    processes, machines = layout
+    if machines > 1:
+        raise LaunchError(
+            f"--num_machines {machines} on CPU-only machines: accelerate's simple launcher cannot start "
+            "ranks on other machines. Use the torchrun route on every machine: accelerate launch "
+            "--config_file launch/accelerate/multinode_cpu.yaml --num_machines N --machine_rank R ...")
+    return processes
 
 
 def run_cpu_ranks(num_ranks: int, script: str, args: list[str]) -> int:

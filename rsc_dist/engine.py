@@ -1,15 +1,11 @@
-"""The pieces of the training loop: optimizer and schedule, one train step, evaluation,
-checkpoints, and the stop agreement between ranks. ``rsc_dist.train`` wires them together."""
+"""The pieces of the training loop: optimizer and schedule, one train step, evaluation, and the
+stop agreement between ranks. ``rsc_dist.loop`` wires them together."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
-import shutil
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +15,6 @@ from rsc_dist.config import Config
 from rsc_dist.data import normalize_on_device
 from rsc_dist.rsc import draw_mode, masked_sample_fraction, p_batch_schedule
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly after saving; resume me
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
-# Launchers turn a rank's exit code 75 into their own 1; this file says "resume me" anyway.
-PREEMPTED_MARKER = "preempted.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,45 +190,6 @@ def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int) -> d
                 result["target_top5"][domain] = float(top5[i] / total[i])
                 result["num_samples"][domain] = int(total[i])
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders are ignored)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
-
-
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    """``save_state`` into a temporary folder, renamed when every rank is done; keep the last K."""
-    root = run_dir / "checkpoints"
-    final = root / f"checkpoint_{step:08d}"
-    temporary = root / f".tmp_checkpoint_{step:08d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        temporary.rename(final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def mark_preempted(accelerator, run_dir: Path, step: int, reason: str) -> None:
-    if accelerator.is_main_process:
-        (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "reason": reason}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from rsc_dist.rsc import STRATEGIES, PooledLinearHead, rsc_mask
+from rsc_dist.rsc import DEFAULT_P_BATCH, DEFAULT_P_CHANNEL, DEFAULT_P_SPATIAL, PooledLinearHead, rsc_mask
 
 ARCHS = ("resnet18", "resnet50", "alexnet")
 
@@ -39,16 +39,12 @@ class RSCSettings:
 
     enabled: bool = True
     strategy: str = "top_gradient"
-    p_spatial: float = 1 / 3
-    p_channel: float = 1 / 3.2
+    p_spatial: float = DEFAULT_P_SPATIAL
+    p_channel: float = DEFAULT_P_CHANNEL
     # Global batch selection: a process group (or None for per-rank selection) and the largest
     # local batch any rank can hold, so the all-gather needs no size agreement.
     process_group: object | None = None
     capacity: int | None = None
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"rsc.strategy must be one of {STRATEGIES}; got {self.strategy!r}")
 
 
 class RSCModel(nn.Module):
@@ -66,7 +62,7 @@ class RSCModel(nn.Module):
         y: Tensor | None = None,
         *,
         mode: str = "spatial",
-        p_batch: float = 1 / 3,
+        p_batch: float = DEFAULT_P_BATCH,
         generator: torch.Generator | None = None,
         return_mask: bool = False,
     ):
@@ -87,7 +83,7 @@ class RSCModel(nn.Module):
                 process_group=self.rsc.process_group,
                 capacity=self.rsc.capacity,
             )
-            # Step 5: the mask is a constant; gradients flow through z only.
+            # Step 5 (docs/method.md): the mask is a constant; gradients flow through z only.
             z = z * mask
         logits = self.head(z)
         return (logits, mask) if return_mask else logits

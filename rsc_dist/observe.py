@@ -116,7 +116,7 @@ def start_tracking(accelerator, config: Config, run_dir: Path, plan) -> Tracking
     values = to_dict(config)
     values["derived"] = {"world_size": accelerator.num_processes, "steps_per_epoch": plan.steps_per_epoch,
                          "total_steps": plan.total_steps, "sources": list(plan.sources),
-                         "global_batch": plan.batch_per_rank * accelerator.num_processes}
+                         "global_batch": plan.global_forward_batch}
     accelerator.init_trackers(config.wandb.project, config=values, init_kwargs={"wandb": init})
     return Tracking(accelerator, enabled=True)
 

@@ -2,7 +2,7 @@
 
 Representation Self-Challenging (Huang et al., ECCV 2020): at every training step find the
 features the true-class logit depends on most, mute them, and learn from what is left.
-The reference for every formula here is ../shared/rsc-spec.md; comments cite its steps.
+The reference for every formula here is docs/method.md; comments cite its steps.
 
 No loop, no Accelerator, no config objects, no module state: everything is a function of its
 arguments, so a resumed or distributed run computes exactly what a single uninterrupted one
@@ -34,7 +34,13 @@ MODES = ("spatial", "channel")
 STEP_MODES = ("spatial", "channel", "spatial+channel")
 STRATEGIES = ("top_gradient", "top_activation", "random")
 
-# Step 4 of the spec: confidence drops below this margin count as "no change".
+# The method's default fractions (docs/method.md): the paper's 1/3 for locations and batch, the
+# released code's 1/3.2 for channels. The config's defaults are these constants.
+DEFAULT_P_SPATIAL = 1 / 3
+DEFAULT_P_CHANNEL = 1 / 3.2
+DEFAULT_P_BATCH = 1 / 3
+
+# Step 4 (docs/method.md): confidence drops below this margin count as "no change".
 CHANGE_MARGIN = 1e-4
 # Padding value of the all-gathered change vector: real changes are >= 0.
 _PAD = -1.0
@@ -243,9 +249,9 @@ def rsc_mask(
     targets: Tensor,
     *,
     mode: Mode,
-    p_spatial: float = 1 / 3,
-    p_channel: float = 1 / 3.2,
-    p_batch: float = 1 / 3,
+    p_spatial: float = DEFAULT_P_SPATIAL,
+    p_channel: float = DEFAULT_P_CHANNEL,
+    p_batch: float = DEFAULT_P_BATCH,
     strategy: Strategy = "top_gradient",
     generator: torch.Generator | None = None,
     process_group=None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from released_port import released_mask
+from rsc_dist.released import released_mask
 from rsc_dist import rsc
 from rsc_dist.rsc import PooledLinearHead, draw_mode, rsc_mask
 

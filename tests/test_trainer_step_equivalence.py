@@ -12,7 +12,7 @@ from torch import nn
 from dist_utils import run_on_ranks
 from rsc_dist import engine
 from rsc_dist.config import load_config
-from rsc_dist.train import build_training_model
+from rsc_dist.build import build_training_model
 
 GLOBAL_BATCH, STEPS, CLASSES = 8, 3, 5
 

@@ -1,8 +1,12 @@
-"""An independent port of the released RSC code's mask logic, written from rsc-spec.md.
+"""The released RSC code's mask logic, ported line by line (docs/method.md, "Where the released
+code differs").
 
-It shares no code with rsc_dist on purpose: tests compare rsc_dist.rsc against it. It follows
-the released forward line by line (backward on a copy of the features, sorts, ``nonzero``),
-except for the index clamps the spec adds (the released code crashes there).
+A reference, not the method: it shares no code with ``rsc_dist.rsc`` on purpose. The tests
+compare ``rsc_mask`` against it, and ``rsc_dist.bench`` times it to show what the released
+forward costs. Like the released forward it runs a backward pass through the head into a copy
+of the features (leaving gradients on the head's parameters: callers clear them, as the
+released code's ``zero_grad`` does), full sorts, and a ``nonzero()`` host sync. Only the index
+clamps are added (the released code crashes there).
 """
 
 import math

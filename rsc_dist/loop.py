@@ -1,0 +1,127 @@
+"""The training loop: steps, periodic evaluation and checkpoints, and the stop agreement.
+
+Everything that decides what a step computes is a pure function of the step number (data
+position, RSC draws, p_batch, learning rate), so a resumed loop repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rsc_dist import checkpoints, engine, observe
+from rsc_dist.config import Config
+from rsc_dist.contracts import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
+from rsc_dist.data import make_loader, mix_seed
+from rsc_dist.plan import DataPlan
+
+
+@dataclass
+class Run:
+    """What the loop works with (assembled by rsc_dist.train)."""
+
+    config: Config
+    plan: DataPlan
+    run_dir: Path
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: engine.TrainState
+    stop: engine.StopFlags
+    tracking: observe.Tracking
+
+
+def train(run: Run) -> tuple[int, observe.Meter]:
+    """Train from ``run.state.step`` to the plan's last step; the exit code and the meter."""
+    config, plan, state, accelerator = run.config, run.plan, run.state, run.accelerator
+    rank = accelerator.process_index
+    pin = accelerator.device.type == "cuda"
+    eval_loaders = plan.eval_loaders(rank, pin)
+    stream = plan.train_stream(rank)
+    meter = observe.Meter(accelerator)
+    progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
+                    desc=f"{config.algorithm} {'+'.join(plan.targets)}", dynamic_ncols=True)
+    exit_code = EXIT_OK
+    while state.step < plan.total_steps and exit_code == EXIT_OK:
+        epoch, in_epoch = divmod(state.step, plan.steps_per_epoch)
+        stream.set_position(epoch, in_epoch)
+        loader = make_loader(stream, config.data.workers, pin)
+        meter.start_wait()
+        for batch in loader:
+            meter.end_wait()
+            step = state.step
+            if batch["step"] != step - epoch * plan.steps_per_epoch:  # a broken stream, not user error
+                raise RuntimeError(f"data stream out of order: batch {batch['step']} at step {step}")
+            out, inputs = _train_step(run, batch, step)
+            meter.update(out, inputs)
+            state.step += 1
+            progress.update(1)
+            if state.step == config.train.stop_at_step:
+                run.stop.request(f"train.stop_at_step={state.step}")
+            if meter.due(state.step, config.train.log_every_steps):
+                run.tracking.log(meter.flush(run.optimizer, progress), state.step)
+            if config.train.image_log_every_steps and step % config.train.image_log_every_steps == 0:
+                run.tracking.log_masks(batch["image"], out["mask"], inputs.mode, state.step)
+            exit_code = _between_steps(run, meter, eval_loaders)
+            end_of_epoch = state.step % plan.steps_per_epoch == 0
+            if exit_code != EXIT_OK or state.step >= plan.total_steps or end_of_epoch:
+                break
+            meter.start_wait()
+        del loader
+    progress.close()
+    return exit_code, meter
+
+
+def _train_step(run: Run, batch: dict, step: int):
+    config, accelerator = run.config, run.accelerator
+    inputs = engine.prepare_batch(config, batch, accelerator.device, step, run.plan.steps_per_epoch)
+    generator = None
+    if config.rsc.strategy == "random":
+        # On the device: CPU-drawn scores would need a blocking copy every step.
+        generator = torch.Generator(device=accelerator.device).manual_seed(
+            mix_seed(config.run.seed, step, accelerator.process_index))
+    out = engine.train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs, generator)
+    run.stop.track_loss(out["loss"])
+    return out, inputs
+
+
+def _between_steps(run: Run, meter: observe.Meter, eval_loaders: dict) -> int:
+    """Evaluate, checkpoint and agree on stopping when due; the exit code so far."""
+    config, plan, state, accelerator = run.config, run.plan, run.state, run.accelerator
+    end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps
+    last_step = state.step == plan.total_steps
+    evaluate_now = last_step or _due(state.step, config.train.eval_every_steps, end_of_epoch)
+    checkpoint_now = last_step or _due(state.step, config.train.checkpoint_every_steps, end_of_epoch)
+    # Every rank takes this branch at the same steps (a pure function of the step), so the
+    # collectives inside never wait for a rank that skipped them.
+    if not (evaluate_now or checkpoint_now or state.step == config.train.stop_at_step
+            or state.step % config.train.agree_every_steps == 0):
+        return EXIT_OK
+    pause_start = time.perf_counter()
+    signalled, nonfinite = run.stop.agree(accelerator)
+    if nonfinite:
+        accelerator.print(f"non-finite loss before step {state.step}: stopping; the last good "
+                          f"checkpoint in {run.run_dir / 'checkpoints'} is kept")
+        return EXIT_NONFINITE
+    if evaluate_now:
+        counts = engine.evaluate(accelerator, run.model, eval_loaders, config, len(plan.domains))
+        evaluation = engine.summarize_evaluation(counts, plan.domains, state.step)
+        state.record_evaluation(evaluation)
+        run.tracking.log_evaluation(evaluation, state.step)
+    if checkpoint_now or signalled:
+        checkpoints.save_checkpoint(accelerator, run.run_dir, state.step, config.train.keep_checkpoints)
+    meter.exclude(time.perf_counter() - pause_start)
+    if signalled:
+        checkpoints.mark_preempted(accelerator, run.run_dir, state.step, run.stop.signalled)
+        accelerator.print(f"stop requested: saved step {state.step}; resume with --resume auto")
+        return EXIT_PREEMPTED
+    return EXIT_OK
+
+
+def _due(step: int, every: int | None, end_of_epoch: bool) -> bool:
+    return step % every == 0 if every else end_of_epoch

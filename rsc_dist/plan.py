@@ -1,0 +1,157 @@
+"""What a run reads and how much of it per step: the manifest, the domains, the batch sizes and
+the step counts, all derived once from the config and the number of ranks.
+
+The batch quantities have one name each, used everywhere (streams, checkpoints, reports):
+
+    local_batch_per_group  samples one rank takes from each sampling group per step (the
+                           config's data.batch_size; a group is a source domain with
+                           sampling=balanced, the pooled sources with sampling=merged)
+    local_batch            samples one rank reads per step (x groups)
+    global_batch           samples all ranks read per step (x ranks)
+    forward_copies         2 with data.flip_double (each image and its mirror image), else 1
+    local_forward_batch    images in one rank's forward pass (local_batch x forward_copies); the
+                           RSC all-gather's capacity
+    global_forward_batch   images in one step's forward passes, all ranks
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rsc_dist.config import Config, ConfigError
+from rsc_dist.data import Augment, EvalStream, TrainStream, make_loader
+
+DEFAULT_CACHE = Path(os.environ.get("RSC_DIST_CACHE", Path.home() / ".cache" / "rsc_dist"))
+
+
+class DataPlan:
+    def __init__(self, config: Config, root: Path, world_size: int):
+        from data_prep.manifest import ManifestError, load_manifest
+
+        try:
+            self.manifest = load_manifest(root)
+        except ManifestError as exc:
+            raise ConfigError(f"data.root={root}: {exc}") from exc
+        self.config = config
+        self.world_size = world_size
+        domains = self.manifest.domains
+        self.domains = tuple(domains)
+        if config.data.classes and tuple(config.data.classes) != tuple(self.manifest.classes):
+            raise ConfigError(f"data.classes {list(config.data.classes)} does not match the classes of "
+                              f"{root}/_info.json: {list(self.manifest.classes)} (wrong data.root?)")
+        unknown = [d for d in config.data.target + config.data.sources if d not in domains]
+        if unknown:
+            raise ConfigError(f"domains {unknown} (data.target/data.sources) are not in "
+                              f"{root}/_info.json, which has {list(domains)}")
+        if not config.data.target:
+            raise ConfigError(f"data.target is empty; choose held-out domain(s) from {list(domains)}")
+        self.targets = config.data.target
+        self.sources = config.data.sources or tuple(d for d in domains if d not in self.targets)
+        if not self.sources:
+            raise ConfigError("no source domain left: every domain is a target")
+        self.train_urls = {d: self._paths(d, ("train",)) for d in self.sources}
+        empty = [d for d, urls in self.train_urls.items() if not urls]
+        if empty:
+            raise ConfigError(f"source domains {empty} have no 'train' shards in {root}/_info.json")
+        self.val_urls = [u for d in self.sources for u in self._paths(d, ("val",))]
+        self.target_urls = [u for d in self.targets for u in self._paths(d, ("train", "val", "test"))]
+        missing = [u for u in self._all_urls() if not Path(u).is_file()]
+        if missing:
+            raise ConfigError(f"{len(missing)} shard(s) listed in {root}/_info.json are missing, "
+                              f"e.g. {missing[0]}; rerun data_prep convert or check data.root")
+
+        train_samples = sum(self.manifest.num_samples(d, "train") for d in self.sources)
+        accumulation = config.train.grad_accum
+        # Every checkpoint must fall on the end of an accumulation window: pending gradients
+        # are not part of a checkpoint. Derived epochs are rounded down to whole windows.
+        self.steps_per_epoch = config.train.steps_per_epoch or (
+            train_samples // self.global_batch // accumulation * accumulation)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"{train_samples} training samples cannot fill one global batch of "
+                              f"{self.global_batch}; lower data.batch_size or set train.steps_per_epoch")
+        self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
+        for key, value in (("train.steps_per_epoch", self.steps_per_epoch), ("train.max_steps", self.total_steps),
+                           ("train.checkpoint_every_steps", config.train.checkpoint_every_steps),
+                           ("train.agree_every_steps", config.train.agree_every_steps),
+                           ("train.stop_at_step", config.train.stop_at_step)):
+            if value and value % accumulation:
+                raise ConfigError(f"{key}={value} must be a multiple of train.grad_accum={accumulation} "
+                                  "(checkpoints and stops happen between accumulation windows)")
+
+    # -- batch quantities (see the module docstring) ----------------------------------------
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Sampling group -> its training shards."""
+        if self.config.data.sampling == "balanced":
+            return dict(self.train_urls)
+        return {"merged": [u for urls in self.train_urls.values() for u in urls]}
+
+    @property
+    def local_batch_per_group(self) -> int:
+        return self.config.data.batch_size
+
+    @property
+    def local_batch(self) -> int:
+        return self.local_batch_per_group * len(self.groups)
+
+    @property
+    def global_batch(self) -> int:
+        return self.local_batch * self.world_size
+
+    @property
+    def forward_copies(self) -> int:
+        return 2 if self.config.data.flip_double else 1
+
+    @property
+    def local_forward_batch(self) -> int:
+        return self.local_batch * self.forward_copies
+
+    @property
+    def global_forward_batch(self) -> int:
+        return self.global_batch * self.forward_copies
+
+    def stream_layout(self) -> dict:
+        """What decides which samples each step reads; a resume with another layout is not exact."""
+        return {"world_size": self.world_size, "workers": self.config.data.workers,
+                "local_batch": self.local_batch, "steps_per_epoch": self.steps_per_epoch}
+
+    # -- streams ------------------------------------------------------------------------------
+
+    def _paths(self, domain: str, splits: tuple[str, ...]) -> list[str]:
+        present = self.manifest.splits[domain]
+        return [str(p) for s in splits if s in present for p in self.manifest.shard_paths(domain, s)]
+
+    def _all_urls(self) -> list[str]:
+        return [u for urls in self.train_urls.values() for u in urls] + self.val_urls + self.target_urls
+
+    def train_stream(self, rank: int) -> TrainStream:
+        return TrainStream(self.groups, batch_per_group=self.local_batch_per_group,
+                           steps_per_epoch=self.steps_per_epoch, seed=self.config.run.seed, rank=rank,
+                           world_size=self.world_size, augment=augment_of(self.config),
+                           shuffle_buffer=self.config.data.shuffle_buffer)
+
+    def eval_loaders(self, rank: int, pin: bool) -> dict:
+        loaders = {}
+        for role, urls in (("val", self.val_urls), ("target", self.target_urls)):
+            if urls:
+                stream = EvalStream(urls, rank=rank, world_size=self.world_size,
+                                    augment=augment_of(self.config), batch_size=self.config.data.eval_batch_size)
+                loaders[role] = make_loader(stream, min(self.config.data.workers, len(urls)), pin)
+        return loaders
+
+
+def augment_of(config: Config) -> Augment:
+    d = config.data
+    return Augment(d.image_size, d.random_resized_crop_scale, d.hflip, d.color_jitter, d.grayscale)
+
+
+def data_root(config: Config, main_process_first) -> Path:
+    """The shard folder; for "demo", generate the demo set once (main process first)."""
+    if config.data.root != "demo":
+        return Path(config.data.root).expanduser()
+    from data_prep.demo import ensure_demo_shards
+
+    with main_process_first():
+        return Path(ensure_demo_shards(DEFAULT_CACHE / "demo"))
