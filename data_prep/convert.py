@@ -21,17 +21,20 @@ from tqdm import tqdm
 
 from data_prep import DATA_PREP_VERSION, SPLITS
 from data_prep.formats import FORMATS, ScanOptions
+from data_prep.images import MAX_PIXELS
 from data_prep.keys import assign_keys
 from data_prep.parallel import unordered_map
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, load_manifest, write_json_atomic, write_manifest
 from data_prep.plan import PlannedSample, ShardJob, cut_into_shards, sample_order
-from data_prep.records import STRICT_ACTIONS, ConvertError, Layout, Problem
+from data_prep.records import STRICT_ACTIONS, ConvertError, Layout, Problem, SourceRecord
 from data_prep.shard_writer import STATE_DIR, ShardResult, reuse_or_build, state_path
+from data_prep.tree import collect_listing_problems
 
 DEFAULT_SHARD_SAMPLES = 256  # small DG datasets still give enough shards for many ranks x workers
 DEFAULT_SHARD_BYTES = 256 * 2**20
 _SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+REPORT_FORMAT_VERSION = 1  # _report.json; independent of the manifest's format_version
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,11 @@ def default_workers() -> int:
 def _check_paths(src: Path, out: Path) -> None:
     if not src.is_dir():
         raise ConvertError(f"--src {src} is not a directory")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out} exists and is not a directory; choose a folder (new or empty)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConvertError(f"--out {out}: {blocking} is a file, not a directory")
     if out == src or src in out.parents:
         raise ConvertError(f"--out {out} is inside --src {src}: a rerun would read its own shards as images")
     if out.is_dir() and any(out.iterdir()) and not ((out / MANIFEST_NAME).exists() or (out / STATE_DIR).exists()):
@@ -82,9 +90,17 @@ def _drop_empty_domains(layout: Layout) -> None:
             raise ConvertError(f"domain name {domain!r} is not usable as a folder name ([A-Za-z0-9_-])")
 
 
-def _planned_samples(layout: Layout, keys: dict[str, str]) -> tuple[list[PlannedSample], list[Problem]]:
-    samples, problems = [], []
-    domain_index = {d: i for i, d in enumerate(layout.domains)}
+def _canonical(record, real_src: str) -> bool:
+    """True when the record's path reaches its file without passing through a symlink."""
+    return os.path.realpath(record.path) == os.path.join(real_src, *record.src.split("/"))
+
+
+def _stat_records(layout: Layout, src: Path) -> tuple[list[tuple[SourceRecord, os.stat_result]], list[Problem]]:
+    """Stat every record; one real file (same device and inode, e.g. reached through a symlink) gives
+    one sample only: the path without symlinks wins, else the first; the others are `duplicate_file`."""
+    kept_by_file: dict[tuple[int, int], tuple[SourceRecord, os.stat_result]] = {}
+    problems = []
+    real_src = os.path.realpath(src)
     for record in layout.records:
         try:
             record.src.encode("utf-8")
@@ -96,11 +112,29 @@ def _planned_samples(layout: Layout, keys: dict[str, str]) -> tuple[list[Planned
         except OSError as error:
             problems.append(Problem("unreadable", "skipped", record.src, f"cannot stat: {error.strerror}"))
             continue
-        samples.append(PlannedSample(record, keys[record.src], domain_index[record.domain], stat.st_size, stat.st_mtime_ns))
-    return samples, problems
+        identity = (stat.st_dev, stat.st_ino)
+        kept = kept_by_file.get(identity)
+        if kept is None:
+            kept_by_file[identity] = (record, stat)
+            continue
+        dropped = record
+        if _canonical(record, real_src) and not _canonical(kept[0], real_src):
+            kept_by_file[identity], dropped = (record, stat), kept[0]
+        problems.append(Problem("duplicate_file", "skipped", dropped.src,
+                                f"same file as {kept_by_file[identity][0].src} ({os.path.realpath(record.path)}); "
+                                "one file gives one sample"))
+    return list(kept_by_file.values()), problems
 
 
-def _plan(samples: list[PlannedSample], layout: Layout, *, seed: int, shard_samples: int, shard_bytes: int) -> list[ShardJob]:
+def _planned_samples(layout: Layout, stats: list[tuple[SourceRecord, os.stat_result]],
+                     keys: dict[str, str]) -> list[PlannedSample]:
+    domain_index = {d: i for i, d in enumerate(layout.domains)}
+    return [PlannedSample(record, keys[record.src], domain_index[record.domain], stat.st_size, stat.st_mtime_ns)
+            for record, stat in stats]
+
+
+def _plan(samples: list[PlannedSample], layout: Layout, *, seed: int, shard_samples: int, shard_bytes: int,
+          max_pixels: int) -> list[ShardJob]:
     groups: dict[tuple[str, str], list[PlannedSample]] = {}
     for sample in samples:
         groups.setdefault((sample.record.domain, sample.record.split), []).append(sample)
@@ -109,7 +143,7 @@ def _plan(samples: list[PlannedSample], layout: Layout, *, seed: int, shard_samp
         for split in SPLITS:
             ordered = sample_order(groups.get((domain, split), []), seed=seed, domain=domain, split=split)
             jobs += cut_into_shards(ordered, domain=domain, split=split, shard_samples=shard_samples,
-                                    shard_bytes=shard_bytes)
+                                    shard_bytes=shard_bytes, max_pixels=max_pixels)
     return jobs
 
 
@@ -159,7 +193,8 @@ def _manifest_payload(fmt: str, layout: Layout, results: list[ShardResult], args
         entry = splits[domain][name.split("-")[0]]
         entry["num_samples"] += result.num_samples
         entry["shards"].append({"file": result.file, "num_samples": result.num_samples,
-                                "num_bytes": result.num_bytes, "sha256": result.sha256})
+                                "num_bytes": result.num_bytes, "sha256": result.sha256,
+                                "sample_offsets": list(result.sample_offsets)})
     return {"format_version": FORMAT_VERSION, "dataset": fmt, "classes": layout.classes, "domains": layout.domains,
             "splits": splits, "converter": {"format": fmt, "args": args, "data_prep_version": DATA_PREP_VERSION},
             "skipped": skipped, "report": REPORT_NAME}
@@ -167,34 +202,43 @@ def _manifest_payload(fmt: str, layout: Layout, results: list[ShardResult], args
 
 def _report_payload(fmt: str, problems: list[Problem], num_samples: int) -> dict:
     counts = {action: sum(p.action == action for p in problems) for action in ("skipped", "warning", "reencoded", "renamed")}
-    return {"format_version": FORMAT_VERSION, "dataset": fmt, "num_samples": num_samples, "counts": counts,
+    return {"format_version": REPORT_FORMAT_VERSION, "dataset": fmt, "num_samples": num_samples, "counts": counts,
             "problems": [p.as_dict() for p in problems]}
 
 
 def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_samples: int = DEFAULT_SHARD_SAMPLES,
             shard_bytes: int = DEFAULT_SHARD_BYTES, workers: int | None = None, strict: bool = False,
             val_fraction: float = 0.1, seed: int = 0, classes_from: str | os.PathLike | None = None,
-            progress: bool = True) -> ConvertSummary:
+            progress: bool = True, max_pixels: int = MAX_PIXELS) -> ConvertSummary:
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
     if shard_samples < 1 or shard_bytes < 1:
         raise ConvertError("--shard-samples and --shard-bytes must be positive")
+    if max_pixels < 1:
+        raise ConvertError(f"--max-pixels must be positive, got {max_pixels}")
     if not 0.0 <= val_fraction < 1.0:
         raise ConvertError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     src, out = Path(src).absolute(), Path(out).absolute()
     _check_paths(src, out)
-    layout = FORMATS[fmt](src, ScanOptions(val_fraction=val_fraction, seed=seed))
+    with collect_listing_problems(src) as listing_problems:
+        layout = FORMATS[fmt](src, ScanOptions(val_fraction=val_fraction, seed=seed))
+    layout.problems += listing_problems
     if classes_from is not None:
         _pin_classes(layout, load_manifest(classes_from).classes, Path(classes_from))
     _drop_empty_domains(layout)
-    keys, key_problems = assign_keys(layout.records)
-    samples, stat_problems = _planned_samples(layout, keys)
+    stats, stat_problems = _stat_records(layout, src)
+    keys, key_problems = assign_keys([record for record, _ in stats])
+    samples = _planned_samples(layout, stats, keys)
     problems = layout.problems + key_problems + stat_problems
     if strict:
         _raise_if_strict(problems, None)  # before writing anything
 
-    jobs = _plan(samples, layout, seed=seed, shard_samples=shard_samples, shard_bytes=shard_bytes)
-    out.mkdir(parents=True, exist_ok=True)
+    jobs = _plan(samples, layout, seed=seed, shard_samples=shard_samples, shard_bytes=shard_bytes,
+                 max_pixels=max_pixels)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConvertError(f"--out {out}: cannot create the folder: {error.strerror or error}") from None
     _clear_previous_output(out, jobs)
     results = _run_jobs(out, jobs, workers=workers or default_workers(), progress=progress)
     problems += [p for r in results for p in r.problems]
@@ -208,7 +252,8 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
     if strict:
         _raise_if_strict(problems, out)
     args = {"src": str(src), "shard_samples": shard_samples, "shard_bytes": shard_bytes, "val_fraction": val_fraction,
-            "seed": seed, "strict": strict, "classes_from": None if classes_from is None else str(Path(classes_from).absolute())}
+            "seed": seed, "strict": strict, "classes_from": None if classes_from is None else str(Path(classes_from).absolute()),
+            "max_pixels": max_pixels}
     skipped = sum(p.action == "skipped" for p in problems)
     write_manifest(out, _manifest_payload(fmt, layout, results, args, skipped))
     return ConvertSummary(out, num_samples, sum(1 for r in results if r.num_samples), sum(r.reused for r in results),

@@ -1,31 +1,43 @@
 """Decide, per source file, what goes into a shard: the bytes as they are, a lossless PNG, or nothing.
 
-The trainer decodes with ``torchvision.io.decode_image(t, mode=ImageReadMode.RGB)`` and needs a
-(3, H, W) uint8 tensor. What that call does was checked by experiment (torchvision 0.29.1,
+The trainer decodes with :func:`decode_rgb` (TorchCodec's ``decode_jpeg`` / ``decode_png`` /
+``decode_webp`` with ``mode="RGB"``) and needs a (3, H, W) uint8 tensor; it calls
+:func:`check_pixels` first so that a small file with a huge header is refused before any pixel
+memory is allocated. What the decoders do was checked by experiment (torchcodec 0.17,
 tests/test_data_prep_images.py keeps the claims honest):
 
 - JPEG (also grayscale, CMYK and progressive), PNG (RGB, gray, palette, with alpha) and WebP decode
-  to RGB uint8: bytes are copied unchanged. Alpha is dropped by the decoder, not composited.
-- 16-bit PNG decodes to uint16: SKIPPED (kind ``unsupported_mode``), since 16 -> 8 bit loses data.
-- BMP, TIFF and other Pillow-readable formats fail in decode_image; GIF decodes but is not one of
-  the shard extensions. A single-frame image in an 8-bit mode (RGB, L, P, 1, RGBA, LA) is
-  RE-ENCODED as an RGB PNG: the pixels equal what decode_image would give for the same pixels in a
-  PNG (alpha dropped), so nothing is lost. Other modes (CMYK TIFF, 16/32-bit, float) and
-  multi-frame files are SKIPPED (``unsupported_mode``): no lossless 8-bit RGB form exists.
-- Truncated or corrupt JPEG/PNG/WebP (decode_image raises) are SKIPPED (``corrupt_image``),
+  to RGB uint8: bytes are copied unchanged. Alpha is dropped by the decoder, not composited. For
+  JPEG the pixels are bit-identical to torchvision's ``decode_image(..., ImageReadMode.RGB)``.
+- 16-bit PNG: TorchCodec would scale it to 8 bits (lossy); :func:`decode_rgb` refuses it, so it is
+  SKIPPED (kind ``unsupported_mode``), as it was with torchvision (which returned uint16).
+- More than ``max_pixels`` pixels (default :data:`MAX_PIXELS`, Pillow's own bomb limit), read from
+  the header before anything is decoded: SKIPPED (``too_many_pixels``).
+- BMP, TIFF, GIF and other Pillow-readable formats are not shard formats: a single-frame image in an
+  8-bit mode (RGB, L, P, 1, RGBA, LA) is RE-ENCODED as an RGB PNG; the pixels equal what the
+  decoder gives for the same pixels in a PNG (alpha dropped), so nothing is lost. Other modes (CMYK
+  TIFF, 16/32-bit, float) and multi-frame files are SKIPPED (``unsupported_mode``): no lossless
+  8-bit RGB form exists.
+- Truncated or corrupt JPEG/PNG/WebP (the decoder raises) are SKIPPED (``corrupt_image``),
   zero-byte files (``empty_file``) and files no decoder recognizes (``not_an_image``) too.
 """
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
 # Extensions a shard may hold, named the way webdataset's decoders expect them.
 SHARD_IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 # Pillow modes whose conversion to 8-bit RGB keeps every pixel value (alpha is dropped, as
-# decode_image drops it for PNG).
+# the PNG decoder drops it).
 _LOSSLESS_TO_RGB_MODES = {"RGB", "L", "P", "1", "RGBA", "LA", "RGBX", "PA"}
+# Pillow's default Image.MAX_IMAGE_PIXELS (a 1024 MiB 24-bit image / 4 / 3): about 9459 x 9459.
+# A decoded RGB image of this size takes 268 MB as uint8 (1 GB once converted to float32 in
+# training), already far beyond what a classification trainer resizes from; no DG benchmark image
+# comes close (DomainNet's largest are a few thousand px per side).
+MAX_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -52,39 +64,118 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_rgb(data: bytes):
-    """Exactly the trainer's decode call."""
+def _as_bytes(data) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
     import torch
-    from torchvision.io import ImageReadMode, decode_image
 
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of TorchCodec on every call; the
-        # trainer uses this call, so this check must too. Silenced here only, not process-wide.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-        # frombuffer refuses an empty buffer; an empty tensor makes decode_image raise like any bad image
-        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return decode_image(tensor, mode=ImageReadMode.RGB)
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8 or data.ndim != 1:
+            raise ValueError(f"expected bytes or a 1-D uint8 tensor, got a {data.dtype} tensor of shape {tuple(data.shape)}")
+        return data.cpu().numpy().tobytes()
+    raise ValueError(f"expected bytes or a 1-D uint8 tensor, got {type(data).__name__}")
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return (text[-1] if text else type(error).__name__)[:200]
+_NATIVE_LOCATION = re.compile(r"^.*?\.(?:cpp|h|c):\d+,\s*")
 
 
-def prepare_image(data: bytes) -> AcceptedImage | RejectedImage:
+def _short_reason(error: Exception) -> str:
+    """The last line of a decoder error without the C++ function/file prefix."""
+    lines = str(error).strip().splitlines()
+    text = _NATIVE_LOCATION.sub("", lines[-1]) if lines else type(error).__name__
+    return text[:200]
+
+
+def _header_size(data: bytes, extension: str | None) -> tuple[int, int]:
+    """(width, height) from the header only. Pillow's plugin classes read the header and stop; calling
+    them directly (instead of Image.open) skips Pillow's own bomb check, so any limit works."""
+    from PIL import Image, UnidentifiedImageError
+
+    if extension is not None:
+        from PIL import JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+        plugin = {"jpg": JpegImagePlugin.JpegImageFile, "png": PngImagePlugin.PngImageFile,
+                  "webp": WebPImagePlugin.WebPImageFile}[extension]
+        try:
+            return plugin(io.BytesIO(data)).size
+        except Exception as error:  # Pillow raises many types for broken headers
+            raise ValueError(f"{extension} header does not parse: {_short_reason(error)}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"too_many_pixels: {_short_reason(error)}") from None
+    except UnidentifiedImageError:
+        raise ValueError("no image decoder recognizes the content") from None
+    except Exception as error:
+        raise ValueError(f"header does not parse: {_short_reason(error)}") from None
+
+
+def check_pixels(data: bytes, limit: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) read from the image header without decoding the pixels.
+
+    Raises ValueError("too_many_pixels: WxH > LIMIT") when width * height exceeds `limit`, and
+    ValueError with the reason when the header cannot be read. Cost: tens of microseconds.
+    """
+    data = _as_bytes(data)
+    width, height = _header_size(data, sniff_format(data))
+    if width * height > limit:
+        raise ValueError(f"too_many_pixels: {width}x{height} > {limit}")
+    return width, height
+
+
+def decode_rgb(data) -> "torch.Tensor":
+    """The trainer's decode call: JPEG, PNG or WebP bytes (or a 1-D uint8 tensor) -> uint8 (3, H, W) RGB.
+
+    Raises ValueError with a short reason for anything else: not one of the three formats (sniffed
+    from the content, not a name), a corrupt or truncated file, a 16-bit PNG (it has no lossless
+    8-bit form) or an animated image. It does not check the pixel count: call check_pixels first
+    on untrusted input.
+    """
+    from torchcodec.decoders import decode_jpeg, decode_png, decode_webp
+
+    data = _as_bytes(data)
+    if not data:
+        raise ValueError("empty input")
+    extension = sniff_format(data)
+    if extension is None:
+        raise ValueError("not a JPEG, PNG or WebP image")
+    decoder = {"jpg": decode_jpeg, "png": decode_png, "webp": decode_webp}[extension]
+    try:
+        # "auto" keeps a 16-bit PNG at 16 bits so that it can be refused instead of silently rounded
+        decoded = decoder(data, mode="RGB", output_dtype="auto")
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{extension} does not decode: {_short_reason(error)}") from None
+    if str(decoded.dtype) != "torch.uint8":
+        raise ValueError(f"{extension} decodes to {decoded.dtype} (16-bit); no lossless 8-bit form")
+    if decoded.ndim != 3 or decoded.shape[0] != 3:
+        raise ValueError(f"{extension} decodes to shape {tuple(decoded.shape)}, not (3, H, W)")
+    return decoded
+
+
+def prepare_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> AcceptedImage | RejectedImage:
     if not data:
         return RejectedImage("empty_file", "zero-byte file")
     extension = sniff_format(data)
+    try:
+        check_pixels(data, max_pixels)
+    except ValueError as error:
+        reason = str(error)
+        if reason.startswith("too_many_pixels"):
+            return RejectedImage("too_many_pixels", reason)
+        if extension is not None:
+            return RejectedImage("corrupt_image", reason)
+        # other formats: the re-encoding path below tells not-an-image from corrupt
     if extension is not None:
         try:
-            decoded = decode_rgb(data)
-        except RuntimeError as error:
-            return RejectedImage("corrupt_image", f"{extension} does not decode: {_first_line(error)}")
-        if str(decoded.dtype) != "torch.uint8":
-            return RejectedImage("unsupported_mode",
-                                 f"{extension} decodes to {decoded.dtype} (16-bit); no lossless 8-bit form")
-        if decoded.ndim != 3 or decoded.shape[0] != 3:
-            return RejectedImage("unsupported_mode", f"{extension} decodes to shape {tuple(decoded.shape)}")
+            decode_rgb(data)
+        except ValueError as error:
+            reason = str(error)
+            kind = "unsupported_mode" if "16-bit" in reason or "shape" in reason else "corrupt_image"
+            return RejectedImage(kind, reason)
         return AcceptedImage(data, extension)
     return _reencode_other_format(data)
 
@@ -93,12 +184,14 @@ def _reencode_other_format(data: bytes) -> AcceptedImage | RejectedImage:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit was checked
+            image = Image.open(io.BytesIO(data))
+            image.load()
     except UnidentifiedImageError:
         return RejectedImage("not_an_image", "no image decoder recognizes the content")
     except Exception as error:  # Pillow raises many types for broken files
-        return RejectedImage("corrupt_image", f"does not decode: {_first_line(error)}")
+        return RejectedImage("corrupt_image", f"does not decode: {_short_reason(error)}")
     described = f"{image.format} {image.mode}"
     if getattr(image, "n_frames", 1) > 1:
         return RejectedImage("unsupported_mode", f"{described} with {image.n_frames} frames")

@@ -7,15 +7,25 @@
     manifest.num_samples("photo", "val")               # 0 for an empty split
     manifest.num_samples("photo")                      # whole domain (train + val + test)
     manifest.domain_index("photo")                     # the `dom` value stored in its samples
+    shard = manifest.shards("photo", "train")[0]
+    shard.sample_offsets                               # (o_0, ..., o_n): sample i = bytes [o_i, o_i+1)
+    shard.sample_span(i)                               # (o_i, o_i+1)
 
-Layout of the file (format_version 1):
-    {"format_version": 1, "dataset": "pacs", "classes": [...], "domains": [...],
+Layout of the file (format_version 2):
+    {"format_version": 2, "dataset": "pacs", "classes": [...], "domains": [...],
      "splits": {"<domain>": {"train"|"val"|"test": {"num_samples": N,
                  "shards": [{"file": "<domain>/<split>-000000.tar", "num_samples": n,
-                             "num_bytes": b, "sha256": "..."}]}}},
+                             "num_bytes": b, "sha256": "...",
+                             "sample_offsets": [o_0, o_1, ..., o_n]}]}}},
      "converter": {"format": ..., "args": {...}, "data_prep_version": ...},
      "skipped": <count>, "report": "_report.json"}
 Every domain lists all three splits; an empty split has num_samples 0 and no shards.
+sample_offsets has n + 1 strictly increasing ints: o_i is the byte offset of the first tar header of
+sample i (its consecutive members sharing a key: image, cls, dom, src), o_n the offset just past
+the padded data of the last member (where the end-of-archive zero blocks start), o_0 == 0 and
+o_n <= num_bytes. data_prep.tarshard.parse_sample_span(bytes [o_i, o_i+1)) gives the sample.
+format_version 1 is the same without sample_offsets; it still loads (ShardInfo.sample_offsets is
+None) and `python -m data_prep index ROOT` upgrades it in place.
 """
 from __future__ import annotations
 
@@ -31,7 +41,8 @@ from data_prep import SPLITS
 
 MANIFEST_NAME = "_info.json"
 REPORT_NAME = "_report.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; load_manifest reads every version in READABLE_VERSIONS
+READABLE_VERSIONS = (1, 2)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -45,6 +56,15 @@ class ShardInfo:
     num_samples: int
     num_bytes: int
     sha256: str
+    sample_offsets: tuple[int, ...] | None = None  # num_samples + 1 offsets; None in a version-1 manifest
+
+    def sample_span(self, index: int) -> tuple[int, int]:
+        """(start, end) byte range of sample `index` in the shard file."""
+        if self.sample_offsets is None:
+            raise ValueError(f"{self.file}: no sample offsets (version-1 manifest; run python -m data_prep index)")
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"{self.file}: sample {index} out of range 0..{self.num_samples - 1}")
+        return self.sample_offsets[index], self.sample_offsets[index + 1]
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,7 @@ class Manifest:
     converter: Mapping[str, Any]
     skipped: int
     report: str
+    format_version: int = FORMAT_VERSION
 
     @property
     def num_classes(self) -> int:
@@ -141,7 +162,24 @@ class _Reader:
         return tuple(values)
 
 
-def _shard(reader: _Reader, raw: Any, where: str, domain: str, split: str) -> ShardInfo:
+def _offsets(reader: _Reader, raw: Any, where: str, num_samples: int, num_bytes: int) -> tuple[int, ...]:
+    key = f"{where}.sample_offsets"
+    values = reader.get(raw, "sample_offsets", list, where)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise reader.fail(key, "expected a list of ints")
+    if len(values) != num_samples + 1:
+        raise reader.fail(key, f"expected num_samples + 1 = {num_samples + 1} offsets, got {len(values)}")
+    if values[0] != 0:
+        raise reader.fail(key, f"first offset must be 0, got {values[0]}")
+    bad = next((i for i in range(1, len(values)) if values[i] <= values[i - 1]), None)
+    if bad is not None:
+        raise reader.fail(key, f"offsets must increase strictly: [{bad - 1}] = {values[bad - 1]}, [{bad}] = {values[bad]}")
+    if values[-1] > num_bytes:
+        raise reader.fail(key, f"last offset {values[-1]} is past num_bytes {num_bytes}")
+    return tuple(values)
+
+
+def _shard(reader: _Reader, raw: Any, where: str, domain: str, split: str, version: int) -> ShardInfo:
     file = reader.get(raw, "file", str, where)
     path = PurePosixPath(file)
     if path.is_absolute() or ".." in path.parts or path.parts[:1] != (domain,) or not path.name.startswith(f"{split}-"):
@@ -149,12 +187,14 @@ def _shard(reader: _Reader, raw: Any, where: str, domain: str, split: str) -> Sh
     sha256 = reader.get(raw, "sha256", str, where)
     if not _SHA256.match(sha256):
         raise reader.fail(f"{where}.sha256", "expected 64 lowercase hex digits")
-    return ShardInfo(file, reader.count(raw, "num_samples", where), reader.count(raw, "num_bytes", where), sha256)
+    num_samples, num_bytes = reader.count(raw, "num_samples", where), reader.count(raw, "num_bytes", where)
+    offsets = _offsets(reader, raw, where, num_samples, num_bytes) if version >= 2 else None
+    return ShardInfo(file, num_samples, num_bytes, sha256, offsets)
 
 
-def _split_info(reader: _Reader, raw: Any, where: str, domain: str, split: str) -> SplitInfo:
+def _split_info(reader: _Reader, raw: Any, where: str, domain: str, split: str, version: int) -> SplitInfo:
     num_samples = reader.count(raw, "num_samples", where)
-    shards = tuple(_shard(reader, shard, f"{where}.shards[{i}]", domain, split)
+    shards = tuple(_shard(reader, shard, f"{where}.shards[{i}]", domain, split, version)
                    for i, shard in enumerate(reader.get(raw, "shards", list, where)))
     if sum(s.num_samples for s in shards) != num_samples:
         raise reader.fail(f"{where}.num_samples", f"{num_samples} != sum over its shards "
@@ -163,17 +203,23 @@ def _split_info(reader: _Reader, raw: Any, where: str, domain: str, split: str) 
 
 
 def load_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and validate {root}/_info.json (format_version 1 or 2); ManifestError names file and key."""
     root = Path(root).absolute()
     path = root / MANIFEST_NAME
     reader = _Reader(path)
+    if root.exists() and not root.is_dir():
+        raise ManifestError(f"{root} is a file, not a shard folder (give the folder that holds {MANIFEST_NAME})")
+    if not root.exists():
+        raise ManifestError(f"{root}: no such folder (convert first: python -m data_prep convert ...)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found (convert first: python -m data_prep convert ...)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ManifestError(f"{path}: unreadable manifest: {error}") from None
-    if reader.get(raw, "format_version", int, "") != FORMAT_VERSION:
-        raise reader.fail("format_version", f"expected {FORMAT_VERSION}, got {raw['format_version']}")
+    version = reader.get(raw, "format_version", int, "")
+    if version not in READABLE_VERSIONS:
+        raise reader.fail("format_version", f"expected one of {list(READABLE_VERSIONS)}, got {version}")
     classes, domains = reader.names(raw, "classes"), reader.names(raw, "domains")
     raw_splits = reader.get(raw, "splits", dict, "")
     if sorted(raw_splits) != sorted(domains):
@@ -184,8 +230,9 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
         if sorted(per_domain) != sorted(SPLITS):
             raise reader.fail(f"splits.{domain}", f"expected exactly the splits {list(SPLITS)}")
         splits[domain] = MappingProxyType({split: _split_info(reader, per_domain[split], f"splits.{domain}.{split}",
-                                                              domain, split) for split in SPLITS})
+                                                              domain, split, version) for split in SPLITS})
     converter = reader.get(raw, "converter", dict, "")
     return Manifest(root=root, dataset=reader.get(raw, "dataset", str, ""), classes=classes, domains=domains,
                     splits=MappingProxyType(splits), converter=MappingProxyType(converter),
-                    skipped=reader.count(raw, "skipped", ""), report=reader.get(raw, "report", str, ""))
+                    skipped=reader.count(raw, "skipped", ""), report=reader.get(raw, "report", str, ""),
+                    format_version=version)

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 from data_prep import DATA_PREP_VERSION
+from data_prep.images import MAX_PIXELS
 from data_prep.records import SourceRecord
 from data_prep.tarshard import TAR_RECORD, estimated_sample_bytes
 
@@ -32,15 +33,18 @@ class ShardJob:
     split: str
     index: int
     samples: tuple[PlannedSample, ...]
+    max_pixels: int = MAX_PIXELS  # images with more pixels are skipped
+
 
     @property
     def file(self) -> str:
         return f"{self.domain}/{self.split}-{self.index:06d}.tar"
 
     def fingerprint(self) -> str:
-        """Changes whenever the shard's bytes could: inputs (by size and mtime), keys, labels, version."""
+        """Changes whenever the shard's bytes could: inputs (by size and mtime), keys, labels, pixel limit,
+        version."""
         rows = [[s.key, s.record.src, s.record.label, s.domain_index, s.size, s.mtime_ns] for s in self.samples]
-        text = json.dumps([DATA_PREP_VERSION, self.file, rows], separators=(",", ":"))
+        text = json.dumps([DATA_PREP_VERSION, self.file, self.max_pixels, rows], separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -51,16 +55,16 @@ def sample_order(samples: list[PlannedSample], *, seed: int, domain: str, split:
 
 
 def cut_into_shards(samples: list[PlannedSample], *, domain: str, split: str, shard_samples: int,
-                    shard_bytes: int) -> list[ShardJob]:
+                    shard_bytes: int, max_pixels: int = MAX_PIXELS) -> list[ShardJob]:
     """Greedy cut: a shard closes before it would pass either limit (a lone oversized sample still fits)."""
     jobs, current, current_bytes = [], [], TAR_RECORD
     for sample in samples:
         size = estimated_sample_bytes(sample.size, sample.record.src)
         if current and (len(current) >= shard_samples or current_bytes + size > shard_bytes):
-            jobs.append(ShardJob(domain, split, len(jobs), tuple(current)))
+            jobs.append(ShardJob(domain, split, len(jobs), tuple(current), max_pixels))
             current, current_bytes = [], TAR_RECORD
         current.append(sample)
         current_bytes += size
     if current:
-        jobs.append(ShardJob(domain, split, len(jobs), tuple(current)))
+        jobs.append(ShardJob(domain, split, len(jobs), tuple(current), max_pixels))
     return jobs

@@ -53,6 +53,8 @@ def write_demo_dataset(out: str | Path, *, image_size: int = 64, images_per_clas
     if image_size < 8 or images_per_class < 2:
         raise ValueError("image_size must be >= 8 and images_per_class >= 2")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     for domain in DOMAINS:
         files: dict[str, list[str]] = {}
         for class_name in CLASSES:

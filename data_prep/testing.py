@@ -38,11 +38,43 @@ def _png16(pixels: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 8-bit RGB, with a few bytes of pixel data: a "pixel bomb"
+    stand-in that costs nothing to write (decoding it would allocate width * height * 3 bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000)))
+            + chunk(b"IEND", b""))
+
+
+def signal_dispositions(linger: float = 0.0) -> dict[str, object]:
+    """In a pool worker: how SIGTERM, SIGINT and SIGUSR1 are handled there, and which are blocked.
+    `linger` seconds of sleep first let every worker of a pool take one call."""
+    import os
+    import signal
+    import time
+
+    time.sleep(linger)
+    names = ("SIGTERM", "SIGINT", "SIGUSR1")
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    described = {name: ("SIG_DFL" if h == signal.SIG_DFL else "SIG_IGN" if h == signal.SIG_IGN
+                        else "default_int_handler" if h is signal.default_int_handler else repr(h))
+                 for name, h in handlers.items()}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    described["blocked"] = sorted(s.name for s in blocked if s.name in names)
+    described["pid"] = os.getpid()
+    return described
+
+
 def image_bytes(kind: str = "jpeg", *, size: int = 16, seed: int = 0) -> bytes:
     """Encoded test images: good ones, ones needing care, and broken ones."""
     rgb = Image.fromarray(_pixels(size, seed))
     makers = {
         "jpeg": lambda: _encode(rgb, "JPEG", quality=90),
+        "jpeg_progressive": lambda: _encode(rgb, "JPEG", quality=85, progressive=True),
+        "jpeg_subsampled": lambda: _encode(rgb, "JPEG", quality=75, subsampling=2),
         "jpeg_gray": lambda: _encode(rgb.convert("L"), "JPEG"),
         "jpeg_cmyk": lambda: _encode(rgb.convert("CMYK"), "JPEG"),
         "png": lambda: _encode(rgb, "PNG"),

@@ -220,3 +220,109 @@ def test_file_name_that_is_not_utf8_is_skipped(tree, tmp_path):
     _convert("imagefolder", tree, tmp_path / "out")
     problem = next(p for p in _problems(tmp_path / "out").values() if p["kind"] == "bad_file_name")
     assert "caf" in problem["file"] and load_manifest(tmp_path / "out").num_samples("photo") == 4
+
+
+def _reported(out: Path, kind: str) -> dict[str, dict]:
+    return {p["file"]: p for p in json.loads((out / "_report.json").read_text())["problems"] if p["kind"] == kind}
+
+
+@pytest.mark.timeout(120)  # before the fix, loops were walked until the kernel's symlink limit
+def test_symlink_loop_does_not_multiply_samples(tmp_path, capsys):
+    """The fault-injection case: `ln -s .. SRC/dA/cat/loop` turned 24 images into 504 samples."""
+    src = tmp_path / "src"
+    written = make_class_tree(src, ["dA", "dB"], ["cat", "dog"], 6)
+    (src / "dA/cat/loop").symlink_to("..")
+    assert main(["convert", "--format", "imagefolder", "--src", str(src), "--out", str(tmp_path / "out"),
+                 "--workers", "1", "--no-progress"]) == 0
+    samples = read_all_samples(tmp_path / "out")
+    manifest = load_manifest(tmp_path / "out")
+    assert sorted(samples) == sorted(written) and sum(manifest.num_samples(d) for d in manifest.domains) == 24
+    for name, sample in samples.items():  # every label is its real class folder's
+        assert manifest.classes[int(sample["cls"])] == name.split("/")[1]
+    assert manifest.classes == ("cat", "dog")
+    loops = _reported(tmp_path / "out", "symlink_loop")
+    assert set(loops) == {"dA/cat/loop"} and loops["dA/cat/loop"]["action"] == "skipped"
+
+
+@pytest.mark.timeout(120)  # before the fix, this walk branched at every level: no end in sight
+def test_symlink_loop_among_class_folders_is_not_a_class(tmp_path):
+    src = tmp_path / "src"
+    written = make_class_tree(src, ["dA", "dB"], ["cat", "dog"], 2)
+    (src / "dA/self").symlink_to(".")  # where the domain lists its class folders
+    _convert("imagefolder", src, tmp_path / "out")
+    assert load_manifest(tmp_path / "out").classes == ("cat", "dog")
+    assert sorted(read_all_samples(tmp_path / "out")) == sorted(written)
+    assert list(_reported(tmp_path / "out", "symlink_loop")) == ["dA/self"]
+
+
+def test_one_real_file_gives_one_sample(tmp_path):
+    src = tmp_path / "src"
+    written = make_class_tree(src, ["dA", "dB"], ["cat", "dog"], 3)
+    (src / "dB/cat/alias").symlink_to("../../dA/cat")  # the same real folder under another domain
+    (src / "dA/dog/copy.jpg").symlink_to("img0.jpg")  # the same real file twice in one folder
+    write(src / "dA/cat/sub/deep.jpg", image_bytes(seed=77))
+    (src / "dA/cat/again").symlink_to("sub")  # a second way into a folder the walk lists anyway
+    elsewhere = make_class_tree(tmp_path / "elsewhere", ["x"], ["more"], 2)
+    (src / "dB/dog/more").symlink_to(tmp_path / "elsewhere/x/more")  # a linked folder is followed once
+    out = tmp_path / "out"
+    _convert("imagefolder", src, out)
+    samples = read_all_samples(out)
+    expected = set(written) | {"dA/cat/sub/deep.jpg"} | {f"dB/dog/more/{n.split('/')[-1]}" for n in elsewhere}
+    assert set(samples) == expected
+    duplicates = _reported(out, "duplicate_file")
+    assert set(duplicates) == ({"dA/dog/copy.jpg", "dB/cat/alias/sub/deep.jpg"}
+                               | {f"dB/cat/alias/img{i}.jpg" for i in range(3)})
+    assert "same file as dA/dog/img0.jpg" in duplicates["dA/dog/copy.jpg"]["detail"]
+    assert set(_reported(out, "duplicate_dir")) == {"dA/cat/again", "dB/cat/alias/again"}
+
+
+@pytest.mark.timeout(120)
+def test_symlink_loop_in_a_pacs_tree_is_reported_once(tmp_path):
+    make_pacs(tmp_path / "PACS")
+    (tmp_path / "PACS/kfold/photo/dog/loop").symlink_to("../..")
+    reference = tmp_path / "ref"
+    _convert("pacs", tmp_path / "PACS", tmp_path / "out")
+    samples = read_all_samples(tmp_path / "out")
+    assert len(samples) == 16 and not any("loop" in name for name in samples)
+    assert list(_reported(tmp_path / "out", "symlink_loop")) == ["kfold/photo/dog/loop"]
+    with pytest.raises(ConvertError, match="symlink_loop: kfold/photo/dog/loop"):
+        _convert("pacs", tmp_path / "PACS", reference, strict=True)
+
+
+def test_pixel_bomb_is_skipped_from_its_header(tree, tmp_path, capsys):
+    from data_prep.testing import png_header_only
+
+    write(tree / "photo/dog/bomb.png", png_header_only(30000, 30000))
+    out = tmp_path / "out"
+    assert main(["convert", "--format", "imagefolder", "--src", str(tree), "--out", str(out),
+                 "--workers", "1", "--no-progress"]) == 0
+    problem = _problems(out)["photo/dog/bomb.png"]
+    assert problem == {"kind": "too_many_pixels", "action": "skipped", "file": "photo/dog/bomb.png",
+                       "detail": "too_many_pixels: 30000x30000 > 89478485"}
+    assert load_manifest(out).converter["args"]["max_pixels"] == 89478485
+    assert main(["convert", "--format", "imagefolder", "--src", str(tree), "--out", str(out), "--strict",
+                 "--workers", "1", "--no-progress"]) == 1
+    assert "too_many_pixels: photo/dog/bomb.png: too_many_pixels: 30000x30000 > 89478485" in capsys.readouterr().err
+
+
+def test_max_pixels_option(tree, tmp_path):
+    out = tmp_path / "out"
+    assert main(["convert", "--format", "imagefolder", "--src", str(tree), "--out", str(out), "--max-pixels", "255",
+                 "--workers", "1", "--no-progress"]) == 0  # every image is 16x16 = 256 px: all skipped
+    assert load_manifest(out).skipped == 8 and _problems(out)["photo/dog/img0.jpg"]["kind"] == "too_many_pixels"
+    assert main(["convert", "--format", "imagefolder", "--src", str(tree), "--out", str(out), "--max-pixels", "256",
+                 "--workers", "1", "--no-progress"]) == 0
+    assert load_manifest(out).num_samples("photo") == 4
+
+
+def test_out_or_synth_out_naming_a_file_is_a_one_line_error(tree, tmp_path, capsys):
+    target = write(tmp_path / "a_file", b"x")
+    for argv in (["convert", "--format", "imagefolder", "--src", str(tree), "--out", str(target), "--no-progress"],
+                 ["convert", "--format", "imagefolder", "--src", str(tree), "--out", str(target / "sub"),
+                  "--no-progress"],
+                 ["synth", "--out", str(target)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and str(target) in err
+    with pytest.raises(ConvertError, match="exists and is not a directory"):
+        _convert("imagefolder", tree, target)

@@ -53,3 +53,107 @@ def test_other_parameters_get_their_own_folder(tmp_path):
     small = ensure_demo_shards(tmp_path / "cache", **SMALL)
     other = ensure_demo_shards(tmp_path / "cache", image_size=16, images_per_class=5, seed=1)
     assert small != other and os.path.isdir(small) and os.path.isdir(other)
+
+
+def test_cached_version_1_demo_is_upgraded_in_place(tmp_path):
+    import json
+
+    from data_prep.manifest import write_manifest
+
+    root = ensure_demo_shards(tmp_path / "cache", **SMALL)
+    current = (root / "_info.json").read_bytes()
+    raw = json.loads(current)
+    raw["format_version"] = 1  # what an older data_prep left in ~/.cache/rsc_dist/demo
+    for domain in raw["splits"].values():
+        for split in domain.values():
+            for shard in split["shards"]:
+                del shard["sample_offsets"]
+    write_manifest(root, raw)
+    shards = {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")}
+    assert ensure_demo_shards(tmp_path / "cache", **SMALL) == root
+    assert (root / "_info.json").read_bytes() == current and load_manifest(root).format_version == 2
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")} == shards  # upgraded, not rebuilt
+
+
+_HOLD_LOCK = """
+import signal, sys, time
+from pathlib import Path
+from data_prep.demo import _exclusive
+from data_prep.parallel import unordered_map
+from data_prep.testing import signal_dispositions
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # as the trainer does before it builds the demo
+signal.signal(signal.SIGUSR1, lambda *a: None)
+with _exclusive(Path(sys.argv[1])):
+    if sys.argv[2] == "pool":
+        with unordered_map(2, 2) as imap:
+            print([p.pid for p in imap.func.__self__._pool], flush=True)  # every worker, to clean up
+            print(list(imap(signal_dispositions, [0.5, 0.5])), flush=True)
+            print("locked", flush=True)
+            list(imap(time.sleep, [60, 60]))  # workers alive while the parent is killed
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(tmp_path, mode: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / ".lock"), mode], cwd=repo,
+                               stdout=subprocess.PIPE, text=True)
+    lines = [process.stdout.readline()]
+    while lines[-1].strip() != "locked":
+        assert lines[-1], "the lock holder exited early"
+        lines.append(process.stdout.readline())
+    return process, lines[:-1]
+
+
+def test_demo_lock_wait_times_out_naming_the_lock_and_kill_9_releases_it(tmp_path):
+    import signal
+
+    import pytest
+
+    from data_prep.demo import DemoLockTimeout, _exclusive
+
+    holder, _ = _holder(tmp_path, "plain")
+    try:
+        with pytest.raises(DemoLockTimeout, match=f"demo lock {tmp_path / '.lock'} \\(held by pid {holder.pid}\\)"):
+            with _exclusive(tmp_path / ".lock", timeout=0.3):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with _exclusive(tmp_path / ".lock", timeout=5):  # the kernel dropped the dead holder's flock
+        pass
+
+
+def test_pool_workers_reset_signals_and_do_not_keep_the_demo_lock(tmp_path):
+    import ast
+    import os
+    import signal
+
+    from data_prep.demo import _exclusive
+
+    holder, lines = _holder(tmp_path, "pool")
+    pids, states = ast.literal_eval(lines[0].strip()), ast.literal_eval(lines[1].strip())
+    try:
+        assert len(pids) == 2 and sorted(s["pid"] for s in states) == sorted(pids)
+        for state in states:  # the parent ignores SIGTERM/SIGUSR1; its workers must not
+            assert (state["SIGTERM"], state["SIGINT"], state["SIGUSR1"]) == ("SIG_DFL", "default_int_handler",
+                                                                             "SIG_DFL")
+            assert state["blocked"] == []
+        holder.send_signal(signal.SIGKILL)  # the workers live on (sleeping), orphaned
+        holder.wait()
+        with _exclusive(tmp_path / ".lock", timeout=5):  # they do not hold the lock
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        for pid in pids:  # the orphaned workers this test started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -13,7 +13,7 @@ from data_prep.convert import convert
 from data_prep.manifest import ManifestError, load_manifest, write_manifest
 from data_prep.shard_writer import file_sha256
 from data_prep.tarshard import sample_members, write_tar
-from data_prep.testing import image_bytes, make_pacs
+from data_prep.testing import image_bytes, make_pacs, png_header_only
 from data_prep.verify import verify
 
 
@@ -67,10 +67,11 @@ def test_missing_shard_is_reported(shards):
 def _rewrite_shard(root: Path, members: list[tuple[str, bytes]]) -> str:
     """Replace the first photo/train shard and update its manifest entry, so only content checks can fail."""
     path, name = _first_shard(root)
-    write_tar(path, members)
+    offsets = write_tar(path, members)
     raw = json.loads((root / "_info.json").read_text())
     entry = raw["splits"]["photo"]["train"]["shards"][0]
-    entry.update(num_bytes=path.stat().st_size, sha256=file_sha256(path))
+    entry.update(num_bytes=path.stat().st_size, sha256=file_sha256(path),
+                 sample_offsets=offsets[:entry["num_samples"]] + offsets[-1:])
     write_manifest(root, raw)
     return name
 
@@ -95,8 +96,58 @@ def test_decode_finds_an_image_that_does_not_decode(shards):
     name = _rewrite_shard(shards, members)
     assert verify(shards, progress=False) == []  # without --decode the bytes are not looked at
     faults = verify(shards, decode=True, progress=False)
-    assert faults[0].startswith(f"{name}: sample k1: jpg does not decode")
-    assert faults[1] == f"{name}: sample k2: decodes to torch.uint16 (3, 16, 16), not RGB uint8"
+    assert faults[0].startswith(f"{name}: sample k1: jpg does not decode: Image is incomplete or truncated")
+    assert faults[1] == f"{name}: sample k2: png decodes to torch.uint16 (16-bit); no lossless 8-bit form"
+
+
+def test_decode_refuses_a_pixel_bomb_without_decoding_it(shards, monkeypatch):
+    import data_prep.verify as verify_module
+
+    photo = load_manifest(shards).domain_index("photo")
+    members = (sample_members("k1", "png", png_header_only(30000, 30000), label=0, domain_index=photo, src="a")
+               + sample_members("k2", "png", image_bytes("png"), label=0, domain_index=photo, src="b"))
+    name = _rewrite_shard(shards, members)
+    decoded = []
+    real_decode = verify_module.decode_rgb
+    monkeypatch.setattr(verify_module, "decode_rgb", lambda data: decoded.append(len(data)) or real_decode(data))
+    faults = verify(shards, decode=True, progress=False)
+    assert faults == [f"{name}: sample k1: png refused without decoding: too_many_pixels: 30000x30000 > 89478485"]
+    assert len(image_bytes("png")) in decoded and len(png_header_only(30000, 30000)) not in decoded
+
+
+def test_sample_offsets_are_checked_against_the_tar(shards, capsys):
+    raw = json.loads((shards / "_info.json").read_text())
+    entry = raw["splits"]["photo"]["train"]["shards"][0]
+    entry["sample_offsets"][1] += 512  # still valid JSON-wise: increasing, within num_bytes
+    write_manifest(shards, raw)
+    assert verify(shards, progress=False) == [
+        f"{entry['file']}: sample offsets differ from the tar from sample 1 on: manifest "
+        f"{entry['sample_offsets'][1]}, tar {entry['sample_offsets'][1] - 512}"]
+    assert main(["verify", str(shards), "--no-progress"]) == 1
+
+
+def test_version_1_manifest_still_verifies(shards):
+    raw = json.loads((shards / "_info.json").read_text())
+    raw["format_version"] = 1
+    for domain in raw["splits"].values():
+        for split in domain.values():
+            for shard in split["shards"]:
+                del shard["sample_offsets"]
+    write_manifest(shards, raw)
+    manifest = load_manifest(shards)
+    assert manifest.format_version == 1 and manifest.shards("photo", "train")[0].sample_offsets is None
+    assert verify(shards, decode=True, progress=False) == []
+
+
+@pytest.mark.parametrize("make", ["file", "missing"])
+def test_verify_on_a_file_or_missing_path_is_a_one_line_error(tmp_path, capsys, make):
+    target = tmp_path / "target"
+    if make == "file":
+        target.write_text("not a shard root")
+    assert main(["verify", str(target), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and str(target) in err
+    assert ("is a file, not a shard folder" if make == "file" else "no such folder") in err
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
@@ -108,7 +159,19 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("classes"), "'classes': missing"),
-    (lambda m: m.update(format_version=2), "'format_version': expected 1, got 2"),
+    (lambda m: m.update(format_version=3), "'format_version': expected one of [1, 2], got 3"),
+    (lambda m: m["splits"]["photo"]["train"]["shards"][0].pop("sample_offsets"),
+     "'splits.photo.train.shards[0].sample_offsets': missing"),
+    (lambda m: m["splits"]["photo"]["train"]["shards"][0].update(sample_offsets=[0, 5]),
+     "'splits.photo.train.shards[0].sample_offsets': expected num_samples + 1 = 3 offsets, got 2"),
+    (lambda m: m["splits"]["photo"]["train"]["shards"][0].update(sample_offsets=[1, 2, 3]),
+     "'splits.photo.train.shards[0].sample_offsets': first offset must be 0, got 1"),
+    (lambda m: m["splits"]["photo"]["train"]["shards"][0].update(sample_offsets=[0, 9, 9]),
+     "'splits.photo.train.shards[0].sample_offsets': offsets must increase strictly: [1] = 9, [2] = 9"),
+    (lambda m: m["splits"]["photo"]["train"]["shards"][0].update(sample_offsets=[0, 9, 10**9]),
+     "'splits.photo.train.shards[0].sample_offsets': last offset 1000000000 is past num_bytes"),
+    (lambda m: m["splits"]["photo"]["train"]["shards"][0].update(sample_offsets=[0, 9, True]),
+     "'splits.photo.train.shards[0].sample_offsets': expected a list of ints"),
     (lambda m: m["splits"]["photo"]["train"]["shards"][0].update(sha256="xyz"),
      "'splits.photo.train.shards[0].sha256': expected 64 lowercase hex digits"),
     (lambda m: m["splits"]["photo"]["train"].update(num_samples=99),
