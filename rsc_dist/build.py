@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from rsc_dist import engine
+from rsc_dist import engine, observe
 from rsc_dist.config import Config, ConfigError
 from rsc_dist.models import RSCSettings, build_model
 from rsc_dist.plan import DataPlan
@@ -30,13 +30,12 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
                           f"{torch.cuda.device_count()} GPU(s); pass --num_processes "
                           f"{torch.cuda.device_count()} (per node) to accelerate launch")
     precision = None if config.train.mixed_precision == "auto" else config.train.mixed_precision
-    tracker = None if config.train.tracker == "none" else config.train.tracker
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.grad_accum,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not ranks
-        log_with=tracker,
+        log_with=observe.tracker_name(config),
         project_dir=str(run_dir),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))],
     )
@@ -55,7 +54,8 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
         process_group=torch.distributed.group.WORLD if distributed and config.rsc.global_selection else None,
         capacity=capacity,
     )
-    model = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained, rsc=settings)
+    model = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained, rsc=settings,
+                        freeze_bn=config.model.freeze_bn)
     if config.model.sync_bn and distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config.model.channels_last:

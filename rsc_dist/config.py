@@ -64,6 +64,9 @@ class DataConfig:
     image_size: int = setting(222, "side of the square training/evaluation input", check="positive")
     batch_size: int = setting(
         64, "samples per process and step (x source domains with sampling=balanced)", check="positive")
+    global_batch_size: int | None = setting(
+        None, "samples per step over all processes (and source domains); when set, replaces batch_size "
+        "and lets a run resume on any number of processes that divides it", check="positive")
     sampling: Literal["merged", "balanced"] = setting(
         "merged", "merged: sources pooled (released code); balanced: batch_size from each (DomainBed)")
     flip_double: bool = setting(False, "released recipe: each batch doubled with its mirror image")
@@ -74,7 +77,11 @@ class DataConfig:
     grayscale: float = setting(0.1, "RandomGrayscale probability", check="fraction")
     workers: int = setting(4, "loader worker processes per rank (0: load in the training process)",
                            check="nonnegative")
-    shuffle_buffer: int = setting(1000, "samples held by each stream's shuffle buffer", check="nonnegative")
+    decode: Literal["auto", "workers", "device"] = setting(
+        "auto", "where JPEGs are decoded and augmented: workers (CPU), device (the training device, "
+        "batched; workers only read bytes and draw the random parameters); auto: device on CUDA")
+    shuffle_block_shards: int = setting(
+        16, "shards whose samples are shuffled together in the global sample order", check="positive")
     eval_batch_size: int = setting(128, "samples per evaluation batch", check="positive")
     mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "normalization mean (RGB, 0-1)")
     std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalization std (RGB, 0-1)")
@@ -86,6 +93,9 @@ class ModelConfig:
     pretrained: str | None = setting(
         None, 'None (random init), "torchvision" (local torchvision cache) or a weights file')
     sync_bn: bool = setting(False, "SyncBatchNorm across ranks (GPUs only)")
+    freeze_bn: bool = setting(
+        False, "BatchNorm layers stay in eval mode while training (DomainBed's default): fine-tuning "
+        "with frozen statistics; the step then does not depend on how the batch is split over ranks")
     channels_last: bool = setting(True, "channels_last memory format (faster convolutions on GPUs)")
     compile: bool = setting(False, "torch.compile the backbone (RSC itself stays eager)")
 
@@ -185,8 +195,11 @@ class Config:
 # Settings that do not change which weights a run reaches (where it writes, how it logs, how
 # fast it goes, how often it looks): excluded from the trajectory fingerprint, so they may
 # change when a run is resumed. Keys are dotted; a section name excludes the whole section.
+# The two batch-size settings are excluded because what matters is the global batch they
+# resolve to with the number of processes: checkpoints check that (plan.data_order).
 NOT_TRAJECTORY = (
     "preset", "run.experiment", "run.name", "run.output_dir", "data.root", "data.workers",
+    "data.batch_size", "data.global_batch_size",
     "data.eval_batch_size", "model.compile", "model.channels_last", "train.eval_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
     "train.image_log_every_steps", "train.agree_every_steps", "train.stop_at_step", "train.tracker",
@@ -196,7 +209,7 @@ NOT_TRAJECTORY = (
 
 def trajectory_settings(config: "Config") -> dict:
     """Flat {dotted key: value} of the settings that define the run's trajectory."""
-    flat = _flatten(to_dict(config))
+    flat = flatten(to_dict(config))
     return {key: value for key, value in flat.items()
             if not any(key == skip or key.startswith(skip + ".") for skip in NOT_TRAJECTORY)}
 
@@ -206,11 +219,12 @@ def trajectory_fingerprint(config: "Config") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested config dict with dotted keys."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from rsc_dist.contracts import EXIT_CONFIG
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -96,6 +98,19 @@ def needs_cpu_ranks(env=os.environ) -> int:
     return processes
 
 
+def start_ranks_if_needed(script: str, argv: list[str] | None, prog: str) -> int | None:
+    """For a command's main(): the exit code when this process started (or refused to start) the
+    CPU ranks itself, None when it is a rank (or alone) and should go on."""
+    try:
+        ranks = needs_cpu_ranks()
+    except LaunchError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if ranks > 1:
+        return run_cpu_ranks(ranks, script, sys.argv[1:] if argv is None else argv)
+    return None
+
+
 def run_cpu_ranks(num_ranks: int, script: str, args: list[str]) -> int:
     """Start ``num_ranks`` gloo ranks of ``script``; forward signals; first failure ends all."""
     base = dict(os.environ)
@@ -122,7 +137,7 @@ def run_cpu_ranks(num_ranks: int, script: str, args: list[str]) -> int:
             signal.signal(sig, handler)
 
 
-def _wait_all(children: list[subprocess.Popen], grace_seconds: float = 30.0) -> int:
+def _wait_all(children: list[subprocess.Popen], grace_seconds: float = 10.0) -> int:
     while True:
         codes = [child.poll() for child in children]
         failed = [c for c in codes if c not in (None, 0)]

@@ -1,134 +1,165 @@
-"""Per-rank webdataset streams for training and evaluation.
+"""Training and evaluation batches from webdataset shards (docs/architecture.md, "Sample order").
 
-Design rules (../shared/design.md, "Distributed rules"):
+Rules:
 - Loaders are never handed to ``accelerator.prepare`` (Accelerate would dispatch an iterable
   dataset from rank 0 only); batches are moved to the device by the trainer.
-- Every rank runs the same number of steps: each (rank, worker) unit reads its part of a
-  deterministically shuffled shard list and cycles it, so uneven shards cannot end one rank
-  early. With fewer shards than units, units split at the sample level instead.
-- Batch ``i`` of an epoch is a pure function of (seed, epoch, rank, i): shard order, shuffle
-  buffers and each sample's augmentation are seeded from those numbers. Resuming mid-epoch
-  therefore skips the raw (undecoded) samples of the batches already trained on, and the
-  rest of the epoch is the same as in an uninterrupted run.
-- Workers decode to uint8 and augment on uint8 (about 2x the rate of float PIL pipelines,
-  ../shared/gpu-anchors.md); the trainer normalizes on the device.
+- Training batch i of an epoch is rank r's slice of GLOBAL batch i (rsc_dist.order): the same
+  global batches for any number of ranks and loader workers. A worker builds whole batches
+  (worker k of K builds batches start+k, start+k+K, ...: the loader's round-robin order), reading
+  just the samples of its batch by their byte offsets (manifest v2; scanned from the tar headers
+  for older manifests), sorted by position in the shard and merged into one read where they
+  are adjacent. Each sample's augmentation is seeded by (seed, group, epoch, position in the
+  group's sequence): never by rank or worker.
+- Every rank runs the same number of steps (the plan's steps_per_epoch), whatever the shards.
 - Evaluation reads every sample exactly once across ranks and workers; counts are reduced.
+- Bad data stops the run with a DataError naming the shard and sample (never skipped
+  silently); ``python -m data_prep verify --decode`` is the deep check before a run.
 """
 
 from __future__ import annotations
 
-import functools
-import random
+import atexit
+import ctypes
+import multiprocessing
+import os
 import signal
-import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
-from webdataset.filters import _shuffle as shuffle_buffered
-from webdataset.tariterators import tarfile_samples
+from webdataset import tarfile_samples
 
-IMAGE_FIELDS = ("jpg", "png", "webp", "jpeg")
+from data_prep.images import MAX_PIXELS, check_pixels, decode_rgb
+from data_prep.tarshard import parse_sample_span, scan_sample_offsets
+from rsc_dist.augment import Augment, augment_batch, augment_one, decode_batch, draw_params, eval_resize, is_jpeg
+from rsc_dist.order import GroupOrder, ShardRef, rank_slice
+from rsc_dist.seeding import mix_seed
 
-# torchvision 0.29 deprecates torchvision.io decoding in favour of TorchCodec, but still ships
-# it (and it is what data_prep verifies shards against); keep the warning out of every worker.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
-
-
-def mix_seed(*numbers: int) -> int:
-    """A fixed, platform-independent 63-bit mix of integers (no Python ``hash``)."""
-    value = 0x9E3779B97F4A7C15
-    for number in numbers:
-        value = (value ^ (int(number) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) % (2**64)
-        value = (value * 0xBF58476D1CE4E5B9) % (2**64)
-    return value % (2**63)
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
-@dataclass(frozen=True)
-class Unit:
-    """What one (rank, worker) unit reads: its shard files, and which of their samples."""
-
-    urls: tuple[str, ...]
-    modulo: int = 1  # keep samples whose running index % modulo == residue
-    residue: int = 0
+class DataError(ValueError):
+    """A shard or sample that cannot be used; the message names the file and the sample."""
 
 
-def split_shards(urls: list[str], unit: int, num_units: int) -> Unit:
-    """Shard-level split when there are enough shards, sample-level split otherwise."""
-    if len(urls) >= num_units:
-        return Unit(tuple(urls[unit::num_units]))
-    return Unit(tuple(urls), modulo=num_units, residue=unit)
+# ---------------------------------------------------------------------------------------------
+# Reading samples by offset
 
 
-def epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
-    """The same shuffled order on every rank (seeded by run seed and epoch)."""
-    ordered = sorted(urls)
-    random.Random(mix_seed(seed, epoch)).shuffle(ordered)
-    return ordered
+class ShardReader:
+    """Reads samples of training shards by byte range; keeps a few files open (per worker)."""
+
+    def __init__(self, max_open: int = 32):
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self._offsets: dict[str, tuple[int, ...]] = {}
+        self.max_open = max_open
+
+    def _fd(self, path: str) -> int:
+        fd = self._files.pop(path, None)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise DataError(f"cannot open shard {path}: {exc.strerror}") from None
+            if len(self._files) >= self.max_open:
+                os.close(self._files.popitem(last=False)[1])
+        self._files[path] = fd
+        return fd
+
+    def offsets(self, shard: ShardRef) -> tuple[int, ...]:
+        if shard.sample_offsets is not None:
+            return shard.sample_offsets
+        found = self._offsets.get(shard.path)
+        if found is None:  # a version-1 manifest: scan the tar headers once per worker
+            try:
+                found = tuple(scan_sample_offsets(shard.path))
+            except Exception as exc:
+                raise DataError(f"shard {shard.path}: cannot index its samples: {exc}") from None
+            if len(found) != shard.num_samples + 1:
+                raise DataError(f"shard {shard.path} holds {len(found) - 1} samples; the manifest says "
+                                f"{shard.num_samples} (rerun data_prep convert)")
+            self._offsets[shard.path] = found
+        return found
+
+    def read(self, shard: ShardRef, indices: list[int]) -> dict[int, dict]:
+        """{sample index: raw sample} for ``indices`` of one shard; adjacent samples in one read."""
+        offsets = self.offsets(shard)
+        fd = self._fd(shard.path)
+        wanted = sorted(set(indices))
+        samples = {}
+        run_start = 0
+        for i in range(1, len(wanted) + 1):
+            if i < len(wanted) and wanted[i] == wanted[i - 1] + 1:
+                continue
+            first, last = wanted[run_start], wanted[i - 1]
+            begin, end = offsets[first], offsets[last + 1]
+            data = os.pread(fd, end - begin, begin)
+            if len(data) != end - begin:
+                raise DataError(f"shard {shard.path} is cut short: samples {first}..{last} need bytes "
+                                f"{begin}..{end}, the file ends at {os.fstat(fd).st_size}")
+            for index in range(first, last + 1):
+                span = data[offsets[index] - begin:offsets[index + 1] - begin]
+                try:
+                    samples[index] = parse_sample_span(span)
+                except ValueError as exc:
+                    raise DataError(f"shard {shard.path}, sample {index}: {exc}") from None
+                samples[index]["__url__"] = shard.path
+            run_start = i
+        return samples
 
 
-def read_samples(unit: Unit) -> Iterator[dict]:
-    """Raw samples (undecoded bytes) of a unit, in file order."""
-    for index, sample in enumerate(tarfile_samples({"url": url} for url in unit.urls)):
-        if index % unit.modulo == unit.residue:
-            yield sample
+def _where(sample: dict) -> str:
+    return f"sample {sample.get('__key__')} in {sample.get('__url__')}"
 
 
-def endless_samples(unit: Unit, *, seed: int, shuffle_buffer: int) -> Iterator[dict]:
-    """A unit's samples, shuffled through a seeded buffer, cycled forever (pass after pass)."""
-    if not unit.urls:
-        raise ValueError("a training unit has no shard to read")
-    for pass_index in range(2**62):
-        produced = False
-        stream = read_samples(unit)
-        if shuffle_buffer > 1:
-            stream = shuffle_buffered(
-                stream, bufsize=shuffle_buffer, initial=shuffle_buffer, seed=mix_seed(seed, pass_index)
-            )
-        for sample in stream:
-            produced = True
-            yield sample
-        if not produced:
-            raise ValueError(f"no samples in shards {list(unit.urls)[:3]}... for this unit")
+def image_bytes(sample: dict) -> bytes:
+    """The sample's encoded image, after a header-only pixel-count check (no decompression bombs)."""
+    field = next((f for f in IMAGE_FIELDS if f in sample), None)
+    if field is None:
+        raise DataError(f"{_where(sample)} has no image field (one of {IMAGE_FIELDS})")
+    try:
+        check_pixels(sample[field], MAX_PIXELS)
+    except ValueError as exc:
+        raise DataError(f"{_where(sample)}: cannot decode: {exc}") from None
+    return sample[field]
+
+
+def labels_of(sample: dict) -> tuple[int, int]:
+    try:
+        return int(sample["cls"]), int(sample["dom"])
+    except (KeyError, ValueError) as exc:
+        raise DataError(f"{_where(sample)}: bad or missing class/domain field: {exc}") from None
 
 
 def decode_sample(sample: dict) -> tuple[torch.Tensor, int, int]:
-    """uint8 (3, H, W) RGB image, class index, domain index."""
-    field = next((f for f in IMAGE_FIELDS if f in sample), None)
-    if field is None:
-        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image field")
-    data = torch.frombuffer(bytearray(sample[field]), dtype=torch.uint8)
+    """uint8 (3, H, W) RGB image, class index, domain index; DataError naming the sample."""
+    data = image_bytes(sample)
     try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
-        raise ValueError(f"cannot decode {sample.get('__key__')}.{field} in {sample.get('__url__')}: {exc}") from exc
-    return image, int(sample["cls"]), int(sample["dom"])
+        image = decode_rgb(data)
+    except (ValueError, RuntimeError) as exc:
+        raise DataError(f"{_where(sample)}: cannot decode: {exc}") from None
+    return (image, *labels_of(sample))
 
 
-@dataclass(frozen=True)
-class Augment:
-    image_size: int
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    hflip: bool = True
-    color_jitter: float = 0.4
-    grayscale: float = 0.1
+def device_images(batch: dict, device) -> torch.Tensor:
+    """The device path's images: the batch's JPEGs decoded on ``device`` in one call, then
+    augmented there with the parameters the loader worker drew (same pixels as the worker path)."""
+    try:
+        decoded = decode_batch(batch["encoded"], device)
+    except (RuntimeError, ValueError) as exc:  # find the culprit, one by one on the CPU
+        for key, item in zip(batch["keys"], batch["encoded"]):
+            if item.ndim == 1:
+                try:
+                    decode_rgb(item)
+                except ValueError as reason:
+                    raise DataError(f"sample {key}: cannot decode: {reason}") from None
+        raise DataError(f"batch of samples {batch['keys'][:3]}...: cannot decode on {device}: {exc}") from None
+    return augment_batch(decoded, batch["params"].to(device, non_blocking=True))
 
-    def train_transform(self) -> v2.Compose:
-        steps = [v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, antialias=True)]
-        if self.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if self.color_jitter > 0:
-            j = self.color_jitter
-            steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j)))
-        if self.grayscale > 0:
-            steps.append(v2.RandomGrayscale(self.grayscale))
-        return v2.Compose(steps)
 
-    def eval_transform(self) -> v2.Resize:
-        return v2.Resize((self.image_size, self.image_size), antialias=True)
+# ---------------------------------------------------------------------------------------------
+# Training
 
 
 def _worker() -> tuple[int, int]:
@@ -137,70 +168,94 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """Yields the training batches of one rank for one epoch, from ``start_step`` on.
+    """The training batches of one rank for one epoch, from ``start_step`` on.
 
-    ``groups`` maps a group name to its shard files: one group ("merged" sampling, the released
-    code) or one per source domain ("balanced", DomainBed: ``batch_per_group`` from each).
+    ``groups`` are the sampling groups' shards, in group order; each step takes
+    ``global_batch_per_group`` samples from every group's sequence across all ranks.
     """
 
-    def __init__(self, groups: dict[str, list[str]], *, batch_per_group: int, steps_per_epoch: int,
-                 seed: int, rank: int, world_size: int, augment: Augment, shuffle_buffer: int):
-        self.groups = {name: sorted(urls) for name, urls in groups.items()}
-        self.batch_per_group = batch_per_group
+    def __init__(self, groups: list[list[ShardRef]], *, global_batch_per_group: int, steps_per_epoch: int,
+                 seed: int, rank: int, world_size: int, augment: Augment, block_shards: int,
+                 decode_on_device: bool = False):
+        self.groups = [list(shards) for shards in groups]
+        self.global_batch_per_group = global_batch_per_group
         self.steps_per_epoch = steps_per_epoch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.augment = augment
-        self.shuffle_buffer = shuffle_buffer
+        self.block_shards = block_shards
+        self.decode_on_device = decode_on_device
         self.epoch, self.start_step = 0, 0
+        self._orders = None
+        self._reader = None
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:
         """Call before iterating (workers are forked at iteration and copy this)."""
         self.epoch, self.start_step = epoch, start_step
 
+    def orders(self) -> list[GroupOrder]:
+        if self._orders is None:
+            self._orders = [GroupOrder(shards, seed=self.seed, group=g, block_shards=self.block_shards)
+                            for g, shards in enumerate(self.groups)]
+        return self._orders
+
     def __iter__(self):
         worker, num_workers = _worker()
-        # Loader workers hand out batches round-robin starting at worker 0; rotating the
-        # logical id keeps batch i on the same logical stream when resuming at any step.
-        logical = (worker + self.start_step) % num_workers
-        unit = self.rank * num_workers + logical
-        units_total = self.world_size * num_workers
-        streams = []
-        for name, urls in self.groups.items():
-            order = epoch_shard_order(urls, self.seed, self.epoch)
-            stream = endless_samples(
-                split_shards(order, unit, units_total),
-                seed=mix_seed(self.seed, self.epoch, unit, len(streams)),
-                shuffle_buffer=self.shuffle_buffer,
-            )
-            # Skip (without decoding) what this logical stream produced before start_step.
-            done = len(range(logical, self.start_step, num_workers)) * self.batch_per_group
-            for _ in range(done):
-                next(stream)
-            streams.append(stream)
-        transform = self.augment.train_transform()
-        first = self.start_step + (logical - self.start_step) % num_workers
-        for batch_index in range(first, self.steps_per_epoch, num_workers):
-            images, labels, domains = [], [], []
-            for stream in streams:
-                for _ in range(self.batch_per_group):
-                    image, label, domain = decode_sample(next(stream))
-                    position = len(images)
-                    # Augmentation is seeded by the sample's position, not by worker state.
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(mix_seed(self.seed, self.epoch, self.rank, batch_index, position))
-                        images.append(transform(image))
-                    labels.append(label)
-                    domains.append(domain)
-            yield {
-                "image": torch.stack(images),
-                "label": torch.tensor(labels, dtype=torch.long),
-                "domain": torch.tensor(domains, dtype=torch.long),
-                "step": batch_index,
-            }
+        for step in range(self.start_step + worker, self.steps_per_epoch, num_workers):
+            yield self.batch(step)
+
+    def batch(self, step: int) -> dict:
+        if self._reader is None:
+            self._reader = ShardReader()
+        share = rank_slice(step, self.rank, self.world_size, self.global_batch_per_group, len(self.groups))
+        images, params, keys, labels, domains = [], [], [], [], []
+        for group, (order, positions) in enumerate(zip(self.orders(), share.positions)):
+            located = order.locate(self.epoch, positions)
+            by_shard: dict[int, list[int]] = {}
+            for shard, index in located:
+                by_shard.setdefault(shard, []).append(index)
+            raw = {shard: self._reader.read(order.shards[shard], indices) for shard, indices in by_shard.items()}
+            for position, (shard, index) in zip(positions, located):
+                sample = raw[shard][index]
+                seed = mix_seed(self.seed, group, self.epoch, position)
+                data = image_bytes(sample)
+                if self.decode_on_device and is_jpeg(data):
+                    # Only the header is read here; the pixels are decoded on the device.
+                    width, height = check_pixels(data)
+                    images.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                    params.append(draw_params(self.augment, height, width, seed))
+                else:  # PNG/WebP in device mode are decoded here and join the batch decoded
+                    image, _, _ = decode_sample(sample)
+                    row = draw_params(self.augment, image.shape[-2], image.shape[-1], seed)
+                    images.append(image if self.decode_on_device else augment_one(image, row))
+                    params.append(row)
+                keys.append(f"{sample.get('__key__')} in {sample.get('__url__')}")
+                label, domain = labels_of(sample)
+                labels.append(label)
+                domains.append(domain)
+        batch = {"label": torch.tensor(labels, dtype=torch.long),
+                 "domain": torch.tensor(domains, dtype=torch.long), "step": step}
+        if self.decode_on_device:
+            batch.update(encoded=images, params=torch.stack(params), keys=keys)
+        else:
+            batch["image"] = torch.stack(images)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def split_shards(urls: list[str], unit: int, num_units: int) -> tuple[tuple[str, ...], int, int]:
+    """(shards, modulo, residue) one (rank, worker) unit reads: whole shards when there are
+    enough of them, every ``modulo``-th sample of all shards otherwise."""
+    if len(urls) >= num_units:
+        return tuple(urls[unit::num_units]), 1, 0
+    return tuple(urls), num_units, unit
 
 
 class EvalStream(IterableDataset):
-    """Evaluation batches of one rank: every sample of ``urls`` read by exactly one unit."""
+    """Evaluation batches of one rank: every sample of ``urls`` read by exactly one unit, in
+    file order (sequential reads)."""
 
     def __init__(self, urls: list[str], *, rank: int, world_size: int, augment: Augment, batch_size: int):
         self.urls = sorted(urls)
@@ -209,39 +264,76 @@ class EvalStream(IterableDataset):
 
     def __iter__(self):
         worker, num_workers = _worker()
-        unit = split_shards(self.urls, self.rank * num_workers + worker, self.world_size * num_workers)
-        transform = self.augment.eval_transform()
+        urls, modulo, residue = split_shards(self.urls, self.rank * num_workers + worker,
+                                             self.world_size * num_workers)
         batch = []
-        for sample in read_samples(unit):
+        for index, sample in enumerate(_read_sequential(urls)):
+            if index % modulo != residue:
+                continue
             batch.append(decode_sample(sample))
             if len(batch) == self.batch_size:
-                yield _collate(batch, transform)
+                yield self._collate(batch)
                 batch = []
         if batch:
-            yield _collate(batch, transform)
+            yield self._collate(batch)
+
+    def _collate(self, decoded) -> dict:
+        return {
+            "image": torch.stack([eval_resize(image, self.augment.image_size) for image, _, _ in decoded]),
+            "label": torch.tensor([label for _, label, _ in decoded], dtype=torch.long),
+            "domain": torch.tensor([domain for _, _, domain in decoded], dtype=torch.long),
+        }
 
 
-def _collate(decoded, transform) -> dict:
-    return {
-        "image": torch.stack([transform(image) for image, _, _ in decoded]),
-        "label": torch.tensor([label for _, label, _ in decoded], dtype=torch.long),
-        "domain": torch.tensor([domain for _, _, domain in decoded], dtype=torch.long),
-    }
+def _read_sequential(urls) -> Iterator[dict]:
+    def fail(exc, *_):  # webdataset's handler: stop with the shard named, never skip
+        raise DataError(f"cannot read evaluation shards {list(urls)[:3]}: {exc}") from None
+
+    return tarfile_samples([{"url": url} for url in urls], handler=fail)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+
+_PR_SET_PDEATHSIG = 1
+_REAPER_INSTALLED = False
+
+
+def _worker_init(worker_id: int) -> None:
     # Schedulers signal every process of a job; a worker killed by SIGTERM/SIGUSR1 would abort
-    # the step. The main process handles the signal and shuts its workers down itself.
+    # the step the ranks are about to agree on. The training process handles the signal and
+    # shuts its workers down itself. So that an ignored SIGTERM can never keep a worker alive
+    # after its training process is gone (crash, os._exit, kill -9), the kernel kills the
+    # worker when its parent dies.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the loader's own parent watchdog remains
+        pass
+
+
+def _kill_loader_workers() -> None:
+    # Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO). That
+    # hook terminates daemonic children with SIGTERM, which loader workers ignore, and then
+    # joins them: a run that died with a loader still open (a data error raised from a worker)
+    # would wait at exit forever. SIGKILL cannot be ignored.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
+    global _REAPER_INSTALLED
+    if workers > 0 and not _REAPER_INSTALLED:
+        atexit.register(_kill_loader_workers)
+        _REAPER_INSTALLED = True
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
         # Its own generator: drawing worker seeds from the global RNG would shift the training
         # RNG (dropout) after a mid-epoch resume. Worker randomness is seeded per sample anyway.
         generator=torch.Generator().manual_seed(0),
@@ -251,16 +343,33 @@ def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> Dat
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _scaled_mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Made once per device: building them every step would be a blocking host-to-device copy.
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(device)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(device)
-    return mean_t, std_t
+def check_shard_sizes(shards: list[ShardRef]) -> None:
+    """Cheap integrity check at start: every shard exists with the size the manifest gives."""
+    for shard in shards:
+        try:
+            size = os.stat(shard.path).st_size
+        except OSError as exc:
+            raise DataError(f"shard {shard.path}: {exc.strerror}; rerun data_prep convert or check data.root") from None
+        if size != shard.num_bytes:
+            raise DataError(f"shard {shard.path} is {size} bytes; the manifest says {shard.num_bytes} "
+                            f"({'truncated' if size < shard.num_bytes else 'changed'} since conversion: "
+                            "rerun data_prep convert, or data_prep verify to see more)")
+
+
+# ---------------------------------------------------------------------------------------------
+# On the device
+
+
+_MEAN_STD_CACHE: dict = {}
 
 
 def normalize_on_device(images: torch.Tensor, mean, std, *, channels_last: bool) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> normalized float32, on whatever device ``images`` is."""
-    mean_t, std_t = _scaled_mean_std(tuple(mean), tuple(std), images.device)
+    key = (tuple(mean), tuple(std), images.device)
+    if key not in _MEAN_STD_CACHE:
+        # Made once per device: building them every step would be a blocking host-to-device copy.
+        _MEAN_STD_CACHE[key] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(images.device)
+                                     for v in (mean, std))
+    mean_t, std_t = _MEAN_STD_CACHE[key]
     images = (images.float() - mean_t) / std_t
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsc_dist.config import Config
-from rsc_dist.data import normalize_on_device
+from rsc_dist.data import device_images, normalize_on_device
 from rsc_dist.rsc import draw_mode, masked_sample_fraction, p_batch_schedule
 
 
@@ -59,20 +59,28 @@ def build_scheduler(config: Config, optimizer, total_optimizer_steps: int):
 class TrainState:
     """Everything about a run's progress that is not a tensor of the model or optimizer."""
 
-    step: int = 0  # batches trained on (the data-stream position derives from it)
-    stream_layout: dict = field(default_factory=dict)  # world size, workers, batch at save time
+    step: int = 0  # global batches trained on (the data position derives from it)
+    data_order: dict = field(default_factory=dict)  # plan.data_order() at save time
+    fingerprint: str = ""  # config.trajectory_fingerprint at save time
+    settings: dict = field(default_factory=dict)  # config.trajectory_settings at save time
+    forced_resumes: list = field(default_factory=list)  # what --resume force continued despite
     best: dict = field(default_factory=dict)  # evaluation at the best source-validation step
     last: dict = field(default_factory=dict)  # the most recent evaluation
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "best": self.best, "last": self.last, "history": self.history,
-                "stream_layout": self.stream_layout}
+                "data_order": self.data_order, "fingerprint": self.fingerprint, "settings": self.settings,
+                "forced_resumes": self.forced_resumes}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best, self.last = state["step"], state["best"], state["last"]
         self.history = state["history"]
-        self.stream_layout = state.get("stream_layout", {})
+        # Checkpoints of the rank-dependent order (before order_version 2) have "stream_layout".
+        self.data_order = state.get("data_order", {"order_version": 1, **state.get("stream_layout", {})})
+        self.fingerprint = state.get("fingerprint", "")
+        self.settings = state.get("settings", {})
+        self.forced_resumes = state.get("forced_resumes", [])
 
     def record_evaluation(self, evaluation: dict) -> bool:
         """Store an evaluation; True when it is the new best by source validation."""
@@ -95,11 +103,17 @@ class StepInputs:
     labels: torch.Tensor
     mode: str  # this step's spatial/channel draw
     p_batch: float
+    pixels: torch.Tensor  # the augmented uint8 images (before flip doubling), for mask grids
 
 
 def prepare_batch(config: Config, batch: dict, device, step: int, steps_per_epoch: int) -> StepInputs:
-    """Device transfer, normalization, the released recipe's flip doubling, per-step RSC draws."""
-    images = batch["image"].to(device, non_blocking=True)
+    """Device transfer (or decoding and augmentation on the device), normalization, the released
+    recipe's flip doubling, per-step RSC draws."""
+    if "params" in batch:  # data.decode=device: the loader sent encoded bytes and parameters
+        pixels = device_images(batch, device)
+    else:
+        pixels = batch["image"].to(device, non_blocking=True)
+    images = pixels
     labels = batch["label"].to(device, non_blocking=True)
     if config.data.flip_double:
         images = torch.cat([images, images.flip(-1)])
@@ -109,7 +123,7 @@ def prepare_batch(config: Config, batch: dict, device, step: int, steps_per_epoc
     epoch = step // steps_per_epoch
     schedule = p_batch_schedule(config.rsc.p_batch_schedule, config.rsc.p_batch)
     return StepInputs(images, labels, draw_mode(config.rsc.mode, config.run.seed, step),
-                      schedule(epoch, step))
+                      schedule(epoch, step), pixels)
 
 
 def train_step(accelerator, model, optimizer, scheduler, inputs: StepInputs, generator=None) -> dict:

@@ -14,10 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from rsc_dist import checkpoints, engine, observe
-from rsc_dist.config import Config
+from rsc_dist.config import Config, to_dict
 from rsc_dist.contracts import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
-from rsc_dist.data import make_loader, mix_seed
+from rsc_dist.data import make_loader
 from rsc_dist.plan import DataPlan
+from rsc_dist.seeding import mix_seed
 
 
 @dataclass
@@ -42,7 +43,7 @@ def train(run: Run) -> tuple[int, observe.Meter]:
     rank = accelerator.process_index
     pin = accelerator.device.type == "cuda"
     eval_loaders = plan.eval_loaders(rank, pin)
-    stream = plan.train_stream(rank)
+    stream = plan.train_stream(rank, accelerator.device.type)
     meter = observe.Meter(accelerator)
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=f"{config.algorithm} {'+'.join(plan.targets)}", dynamic_ncols=True)
@@ -66,7 +67,8 @@ def train(run: Run) -> tuple[int, observe.Meter]:
             if meter.due(state.step, config.train.log_every_steps):
                 run.tracking.log(meter.flush(run.optimizer, progress), state.step)
             if config.train.image_log_every_steps and step % config.train.image_log_every_steps == 0:
-                run.tracking.log_masks(batch["image"], out["mask"], inputs.mode, state.step)
+                run.tracking.log_masks(inputs.pixels, out["mask"], inputs.mode, state.step,
+                                       labels=batch["label"], class_names=plan.manifest.classes)
             exit_code = _between_steps(run, meter, eval_loaders)
             end_of_epoch = state.step % plan.steps_per_epoch == 0
             if exit_code != EXIT_OK or state.step >= plan.total_steps or end_of_epoch:
@@ -111,13 +113,17 @@ def _between_steps(run: Run, meter: observe.Meter, eval_loaders: dict) -> int:
     if evaluate_now:
         counts = engine.evaluate(accelerator, run.model, eval_loaders, config, len(plan.domains))
         evaluation = engine.summarize_evaluation(counts, plan.domains, state.step)
-        state.record_evaluation(evaluation)
-        run.tracking.log_evaluation(evaluation, state.step)
+        if state.record_evaluation(evaluation):  # the new best by source validation; every rank
+            checkpoints.save_best(accelerator, run.model, run.run_dir, evaluation, to_dict(config))
+        run.tracking.log_evaluation(evaluation, state.step, best=state.best)
     if checkpoint_now or signalled:
         checkpoints.save_checkpoint(accelerator, run.run_dir, state.step, config.train.keep_checkpoints)
     meter.exclude(time.perf_counter() - pause_start)
     if signalled:
         checkpoints.mark_preempted(accelerator, run.run_dir, state.step, run.stop.signalled)
+        # No rank exits before the marker exists: a launcher that sees one rank end (srun
+        # --kill-on-bad-exit) may signal the others, and the job script reads the marker.
+        accelerator.wait_for_everyone()
         accelerator.print(f"stop requested: saved step {state.step}; resume with --resume auto")
         return EXIT_PREEMPTED
     return EXIT_OK

@@ -50,11 +50,25 @@ class RSCSettings:
 class RSCModel(nn.Module):
     """A backbone's ``features`` and ``head`` with RSC applied between them in training."""
 
-    def __init__(self, features: nn.Module, head: nn.Module, rsc: RSCSettings = RSCSettings()):
+    def __init__(self, features: nn.Module, head: nn.Module, rsc: RSCSettings = RSCSettings(),
+                 *, freeze_bn: bool = False):
         super().__init__()
         self.features = features
         self.head = head
         self.rsc = rsc
+        self.freeze_bn = freeze_bn
+        self.train()  # a module starts in training mode; with freeze_bn its BatchNorm layers do not
+
+    def train(self, mode: bool = True) -> "RSCModel":
+        """``freeze_bn``: BatchNorm layers stay in eval mode (running statistics, never updated)
+        while the rest trains, as DomainBed fine-tunes; each sample's forward then depends on
+        no other sample, so the step does not depend on how the batch is split over ranks."""
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(
         self,
@@ -107,6 +121,7 @@ def build_model(
     *,
     pretrained: str | os.PathLike | None = None,
     rsc: RSCSettings = RSCSettings(),
+    freeze_bn: bool = False,
 ) -> RSCModel:
     """A torchvision backbone split for RSC.
 
@@ -123,11 +138,11 @@ def build_model(
         load_imagenet_weights(net, arch, pretrained)
     if arch == "alexnet":
         net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
-        return RSCModel(net.features, AlexNetHead(net.classifier), rsc)
+        return RSCModel(net.features, AlexNetHead(net.classifier), rsc, freeze_bn=freeze_bn)
     features = nn.Sequential(
         net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
     )
-    return RSCModel(features, PooledLinearHead(net.fc.in_features, num_classes), rsc)
+    return RSCModel(features, PooledLinearHead(net.fc.in_features, num_classes), rsc, freeze_bn=freeze_bn)
 
 
 def pretrained_path(arch: str, pretrained: str | os.PathLike) -> Path:

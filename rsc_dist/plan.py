@@ -3,11 +3,12 @@ the step counts, all derived once from the config and the number of ranks.
 
 The batch quantities have one name each, used everywhere (streams, checkpoints, reports):
 
-    local_batch_per_group  samples one rank takes from each sampling group per step (the
-                           config's data.batch_size; a group is a source domain with
-                           sampling=balanced, the pooled sources with sampling=merged)
+    global_batch           samples all ranks read per step: data.global_batch_size, or
+                           data.batch_size x groups x ranks
+    global_batch_per_group the part of it each sampling group gives (a group is a source domain
+                           with sampling=balanced, the pooled sources with sampling=merged)
+    local_batch_per_group  samples one rank takes from each group per step
     local_batch            samples one rank reads per step (x groups)
-    global_batch           samples all ranks read per step (x ranks)
     forward_copies         2 with data.flip_double (each image and its mirror image), else 1
     local_forward_batch    images in one rank's forward pass (local_batch x forward_copies); the
                            RSC all-gather's capacity
@@ -19,8 +20,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rsc_dist.augment import Augment
 from rsc_dist.config import Config, ConfigError
-from rsc_dist.data import Augment, EvalStream, TrainStream, make_loader
+from rsc_dist.data import EvalStream, TrainStream, check_shard_sizes, make_loader
+from rsc_dist.order import ShardRef
+
+# What a checkpoint records about the sample order; a different one cannot continue the run.
+ORDER_VERSION = 2
 
 DEFAULT_CACHE = Path(os.environ.get("RSC_DIST_CACHE", Path.home() / ".cache" / "rsc_dist"))
 
@@ -60,6 +66,13 @@ class DataPlan:
         if missing:
             raise ConfigError(f"{len(missing)} shard(s) listed in {root}/_info.json are missing, "
                               f"e.g. {missing[0]}; rerun data_prep convert or check data.root")
+        check_shard_sizes(self._shard_refs(self.sources, ("train", "val")) +
+                          self._shard_refs(self.targets, ("train", "val", "test")))
+        groups = len(self.sources) if config.data.sampling == "balanced" else 1
+        self.global_batch = config.data.global_batch_size or config.data.batch_size * groups * world_size
+        if self.global_batch % (groups * world_size):
+            raise ConfigError(f"data.global_batch_size={self.global_batch} does not divide into {world_size} "
+                              f"process(es) x {groups} sampling group(s); choose a multiple of {groups * world_size}")
 
         train_samples = sum(self.manifest.num_samples(d, "train") for d in self.sources)
         accumulation = config.train.grad_accum
@@ -82,23 +95,26 @@ class DataPlan:
     # -- batch quantities (see the module docstring) ----------------------------------------
 
     @property
-    def groups(self) -> dict[str, list[str]]:
-        """Sampling group -> its training shards."""
+    def groups(self) -> dict[str, list[ShardRef]]:
+        """Sampling group -> its training shards, in a fixed (sorted) order."""
+        def nonempty(refs):
+            return [r for r in refs if r.num_samples]
+
         if self.config.data.sampling == "balanced":
-            return dict(self.train_urls)
-        return {"merged": [u for urls in self.train_urls.values() for u in urls]}
+            return {d: nonempty(self._shard_refs((d,), ("train",))) for d in self.sources}
+        return {"merged": nonempty(self._shard_refs(self.sources, ("train",)))}
+
+    @property
+    def global_batch_per_group(self) -> int:
+        return self.global_batch // len(self.groups)
 
     @property
     def local_batch_per_group(self) -> int:
-        return self.config.data.batch_size
+        return self.global_batch_per_group // self.world_size
 
     @property
     def local_batch(self) -> int:
         return self.local_batch_per_group * len(self.groups)
-
-    @property
-    def global_batch(self) -> int:
-        return self.local_batch * self.world_size
 
     @property
     def forward_copies(self) -> int:
@@ -112,12 +128,20 @@ class DataPlan:
     def global_forward_batch(self) -> int:
         return self.global_batch * self.forward_copies
 
-    def stream_layout(self) -> dict:
-        """What decides which samples each step reads; a resume with another layout is not exact."""
-        return {"world_size": self.world_size, "workers": self.config.data.workers,
-                "local_batch": self.local_batch, "steps_per_epoch": self.steps_per_epoch}
+    def data_order(self) -> dict:
+        """What decides which samples each global step reads (independent of ranks and workers).
+        A checkpoint records it; resuming with another one would not continue the same run."""
+        return {"order_version": ORDER_VERSION, "global_batch": self.global_batch,
+                "steps_per_epoch": self.steps_per_epoch, "groups": list(self.groups),
+                "block_shards": self.config.data.shuffle_block_shards}
 
     # -- streams ------------------------------------------------------------------------------
+
+    def _shard_refs(self, domains, splits: tuple[str, ...]) -> list[ShardRef]:
+        refs = [ShardRef(str(self.manifest.root / shard.file), shard.num_samples, shard.num_bytes,
+                         getattr(shard, "sample_offsets", None))
+                for domain in domains for split in splits for shard in self.manifest.shards(domain, split)]
+        return sorted(refs, key=lambda r: r.path)
 
     def _paths(self, domain: str, splits: tuple[str, ...]) -> list[str]:
         present = self.manifest.splits[domain]
@@ -126,11 +150,15 @@ class DataPlan:
     def _all_urls(self) -> list[str]:
         return [u for urls in self.train_urls.values() for u in urls] + self.val_urls + self.target_urls
 
-    def train_stream(self, rank: int) -> TrainStream:
-        return TrainStream(self.groups, batch_per_group=self.local_batch_per_group,
+    def train_stream(self, rank: int, device_type: str) -> TrainStream:
+        """Rank ``rank``'s training stream; ``device_type`` of the training device decides where
+        data.decode=auto decodes (on CUDA: on the device)."""
+        decode = self.config.data.decode
+        on_device = decode == "device" or (decode == "auto" and device_type == "cuda")
+        return TrainStream(list(self.groups.values()), global_batch_per_group=self.global_batch_per_group,
                            steps_per_epoch=self.steps_per_epoch, seed=self.config.run.seed, rank=rank,
                            world_size=self.world_size, augment=augment_of(self.config),
-                           shuffle_buffer=self.config.data.shuffle_buffer)
+                           block_shards=self.config.data.shuffle_block_shards, decode_on_device=on_device)
 
     def eval_loaders(self, rank: int, pin: bool) -> dict:
         loaders = {}

@@ -10,8 +10,11 @@ and their average, cells are mean +- sample std over seeds in percent with the n
 "last" the final step; both by default. The average column averages the per-target means; its
 std is over each seed's average, when every target has the same seeds. `--paper` adds the paper's reported numbers for the
 (dataset, architecture) pairs it knows; `--top5` adds top-5 tables. Writes OUT/results.md and
-OUT/results.csv (one tidy row per cell) and, with --wandb, logs each table as a wandb.Table
-when W&B is online (skipped quietly otherwise).
+OUT/results.csv (one tidy row per cell) and, with --wandb, logs each table as a wandb.Table in
+one W&B run (job type "results"): online with an API key, else offline under OUT/wandb/ (upload
+later with `wandb sync OUT/wandb/offline-run-*`); WANDB_MODE=disabled skips it.
+
+Reads results.json schema versions 1 (no "schema_version" key) and 2 (rsc_dist/contracts.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rsc_dist.config import flatten
+from rsc_dist.contracts import RESULTS_SCHEMA_VERSION
+
 METRICS = ("best", "last")
+# results.json layouts this reader understands: 1 (no "schema_version" key) up to the current one.
+SCHEMA_VERSIONS = tuple(range(1, RESULTS_SCHEMA_VERSION + 1))
 
 # Keys that change what is being compared; other config keys (paths, logging, seeds, targets)
 # never split a row. rsc.* keys only label RSC runs.
@@ -45,7 +53,7 @@ DOMAIN_ORDER = {
     "officehome": ["Art", "Clipart", "Product", "Real_World"],
 }
 
-# The paper's reported accuracies (%), from ../shared/rsc-spec.md ("The paper's numbers").
+# The paper's reported accuracies (%), as docs/method.md lists them ("Recipes and the paper's numbers").
 # {(dataset, arch): [(row label, {domain or "Avg": value}), ...]}; missing cells print "-".
 PAPER = {
     ("pacs", "resnet18"): [
@@ -97,14 +105,9 @@ def dataset_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
+def _flatten(tree: dict) -> dict:
+    """Dotted keys, lists as tuples (hashable: they label table rows)."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in flatten(tree).items()}
 
 
 def load_run(path: Path) -> Run:
@@ -127,6 +130,12 @@ def load_run(path: Path) -> Run:
             raise ResultsError(f"{path}: {label!r} must be {getattr(kind, '__name__', kind)}; got {value!r}")
         return value
 
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ResultsError(f"{path}: 'schema_version' must be a positive integer; got {version!r}")
+    if version not in SCHEMA_VERSIONS:
+        raise ResultsError(f"{path}: results.json schema_version {version} is newer than this rsc_dist "
+                           f"understands (up to {max(SCHEMA_VERSIONS)}); update rsc_dist to read it")
     algorithm = need("algorithm", str)
     dataset = need("dataset", str)
     seed = need("seed", int)
@@ -315,36 +324,56 @@ def write_outputs(tables: list[Table], out: Path, n_runs: int, root: Path) -> tu
     return md, csv_path
 
 
-def wandb_online() -> bool:
-    """W&B is not switched off or offline, and an API key is configured (the trainer's test)."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
-        return False
+def wandb_mode() -> str:
+    """online | offline | disabled: WANDB_MODE when set, else online with an API key (the
+    trainer's test), else offline."""
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in ("offline", "dryrun"):
+        return "offline"
+    if env in ("disabled", "online"):
+        return env
     from rsc_dist.observe import wandb_api_key_configured  # imports torch: only when asked
 
-    return wandb_api_key_configured()
+    return "online" if wandb_api_key_configured() else "offline"
 
 
-def log_to_wandb(tables: list[Table], root: Path, project: str) -> bool:
-    """Log every table as a wandb.Table in one "results" run; False (quietly) when offline."""
-    if not wandb_online():
-        return False
+def wandb_online() -> bool:
+    return wandb_mode() == "online"
+
+
+def table_rows(t: Table) -> tuple[list[str], list[list]]:
+    """A table's columns and rows as logged to W&B: ours ("runs"), then the paper's."""
+    columns = ["method", "source"] + [f"{c} mean" for c in t.columns] + [f"{c} std" for c in t.columns] + ["n"]
+    data = []
+    for method, cells in t.rows.items():
+        data.append([method, "runs"] + [cells[c].mean for c in t.columns]
+                    + [cells[c].std for c in t.columns] + [cells["Avg"].n])
+    for label, values in t.paper_rows:
+        data.append([label, "paper"] + [values.get(c) for c in t.columns] + [None] * len(t.columns) + [None])
+    return columns, data
+
+
+def log_to_wandb(tables: list[Table], root: Path, project: str, out: Path | None = None) -> str | None:
+    """Log every table as a wandb.Table in one "results" run. Returns the mode used ("online",
+    or "offline" with the run under OUT/wandb/), None when W&B is disabled or not installed."""
+    mode = wandb_mode()
+    if mode == "disabled":
+        return None
     try:
         import wandb
     except ImportError:
-        return False
+        return None
+    kwargs = {}
+    if out is not None:
+        (Path(out) / "wandb").mkdir(parents=True, exist_ok=True)
+        kwargs["dir"] = str(out)
     run = wandb.init(project=project, job_type="results", name=f"results-{Path(root).resolve().name}",
-                     config={"runs_dir": str(root)})
+                     config={"runs_dir": str(root)}, mode=mode, **kwargs)
     for t in tables:
-        columns = ["method", "source"] + [f"{c} mean" for c in t.columns] + [f"{c} std" for c in t.columns] + ["n"]
-        data = []
-        for method, cells in t.rows.items():
-            data.append([method, "runs"] + [cells[c].mean for c in t.columns]
-                        + [cells[c].std for c in t.columns] + [cells["Avg"].n])
-        for label, values in t.paper_rows:
-            data.append([label, "paper"] + [values.get(c) for c in t.columns] + [None] * len(t.columns) + [None])
+        columns, data = table_rows(t)
         run.log({f"results/{t.dataset}/{t.metric}": wandb.Table(columns=columns, data=data)})
     run.finish()
-    return True
+    return mode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper", action="store_true", help="add the paper's numbers where known")
     p.add_argument("--top5", action="store_true",
                    help="also top-5 tables (runs that report target_top5; the ImageNet-Sketch table)")
-    p.add_argument("--wandb", action="store_true", help="log the tables to W&B when online")
+    p.add_argument("--wandb", action="store_true",
+                   help="log the tables to W&B (offline under OUT/wandb/ without an API key)")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "rsc_dist"))
     args = p.parse_args(argv)
     try:
@@ -369,8 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     md, csv_path = write_outputs(tables, args.out or args.runs_dir, len(runs), args.runs_dir)
     print(md.read_text())
     print(f"wrote {md} and {csv_path}", file=sys.stderr)
-    if args.wandb and not log_to_wandb(tables, args.runs_dir, args.wandb_project):
-        print("W&B offline or not logged in: tables not logged", file=sys.stderr)
+    if args.wandb:
+        out = args.out or args.runs_dir
+        mode = log_to_wandb(tables, args.runs_dir, args.wandb_project, out)
+        if mode is None:
+            print("W&B disabled or not installed: tables not logged", file=sys.stderr)
+        elif mode == "offline":
+            print(f"W&B offline: tables logged under {out / 'wandb'}; upload them with "
+                  f"`wandb sync {out / 'wandb'}/offline-run-*`", file=sys.stderr)
     return 0
 
 

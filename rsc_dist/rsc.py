@@ -28,6 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rsc_dist.seeding import mix_seed
+
 Mode = Literal["spatial", "channel"]
 Strategy = Literal["top_gradient", "top_activation", "random"]
 MODES = ("spatial", "channel")
@@ -350,13 +352,8 @@ def draw_mode(mode: str, seed: int, step: int) -> Mode:
         return mode  # type: ignore[return-value]
     if mode != "spatial+channel":
         raise ValueError(f"unknown RSC mode {mode!r}; expected one of {STEP_MODES}")
-    generator = torch.Generator().manual_seed(_mix(seed, step))
+    generator = torch.Generator().manual_seed(mix_seed(seed, step))
     return "spatial" if int(torch.randint(0, 10, (1,), generator=generator)) <= 4 else "channel"
-
-
-def _mix(seed: int, step: int) -> int:
-    # A fixed, platform-independent mixing of two integers into a 63-bit seed.
-    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (2**63)
 
 
 def released_p_batch(epoch: int, step: int = 0) -> float:

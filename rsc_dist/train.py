@@ -25,8 +25,10 @@ if __package__ in (None, ""):  # `accelerate launch rsc_dist/train.py` runs this
 from accelerate.utils import set_seed
 
 from rsc_dist import build, checkpoints, cpu_launch, engine, loop, observe
-from rsc_dist.config import Config, ConfigError, describe_fields, load_config, save_config, to_dict
+from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
+                             trajectory_fingerprint, trajectory_settings)
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
+from rsc_dist.data import DataError
 from rsc_dist.plan import DataPlan, data_root
 
 
@@ -43,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--config", default="demo", help="preset name or YAML path (default: demo)")
     parser.add_argument("--output_dir", help="run folder (default: runs/EXPERIMENT/ALGO/TARGET/seedS-FINGERPRINT)")
     parser.add_argument("--resume", default="auto",
-                        help="auto (newest checkpoint in the run folder, if any), none, or a checkpoint path")
+                        help="auto (newest checkpoint in the run folder, if any), none, a checkpoint path, "
+                        "or force (auto, continuing even where the checkpoint's settings differ)")
     parser.add_argument("--algorithm", choices=("rsc", "erm"))
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     return parser.parse_known_args(argv)
@@ -61,22 +64,27 @@ def resolve_config(argv: list[str] | None = None) -> tuple[Config, argparse.Name
 def run(config: Config, args: argparse.Namespace) -> int:
     run_dir = config.resolved_output_dir().resolve()
     accelerator = build.make_accelerator(config, run_dir)
+    with checkpoints.lock_run(accelerator, run_dir):  # one trainer per run folder
+        return _run(config, args, run_dir, accelerator)
+
+
+def _run(config: Config, args: argparse.Namespace, run_dir: Path, accelerator) -> int:
     # Installed right after the Accelerator exists: a stop requested during setup is honoured
     # at the first agreement step instead of killing the process with the default action.
     stop = engine.StopFlags(accelerator.device)
     stop.install()
     set_seed(config.run.seed)
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
+
+    model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
+    state = engine.TrainState(data_order=plan.data_order(), fingerprint=trajectory_fingerprint(config),
+                              settings=trajectory_settings(config))
+    accelerator.register_for_checkpointing(scheduler, state)
+    resume_from(accelerator, state, run_dir, args.resume)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
-
-    model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
-    state = engine.TrainState(stream_layout=plan.stream_layout())
-    accelerator.register_for_checkpointing(scheduler, state)
-    resume_from(accelerator, state, checkpoints.find_resume_checkpoint(args.resume, run_dir))
-    if accelerator.is_main_process:  # this run continues whatever a preemption left behind
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run continues a preempted one
 
     tracking = observe.start_tracking(accelerator, config, run_dir, plan)
     accelerator.print(
@@ -87,56 +95,100 @@ def run(config: Config, args: argparse.Namespace) -> int:
     first_step = state.step
     exit_code, meter = loop.train(loop.Run(config, plan, run_dir, accelerator, model, optimizer, scheduler,
                                            state, stop, tracking))
-    if exit_code == EXIT_OK and accelerator.is_main_process:
-        report(config, plan, state, meter, tracking, run_dir, resumed_finished=state.step == first_step)
+    if exit_code == EXIT_OK:
+        report(accelerator, config, plan, state, meter, tracking, run_dir,
+               resumed_finished=state.step == first_step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code
 
 
-def resume_from(accelerator, state: engine.TrainState, checkpoint: Path | None) -> None:
+def resume_from(accelerator, state: engine.TrainState, run_dir: Path, resume: str) -> None:
+    """Load the checkpoint ``resume`` names (the newest that loads, for auto/force) and check it
+    continues this run: same trajectory settings and sample order. A difference is a ConfigError
+    listing it (exit 2) unless ``resume`` is "force", which is recorded."""
+    expected = {"fingerprint": state.fingerprint, "settings": state.settings, "data_order": state.data_order}
+    force = resume == "force"
+    checkpoint = checkpoints.load_for_resume(accelerator, run_dir, "auto" if force else resume)
     if checkpoint is None:
         return
-    expected_layout = state.stream_layout
-    accelerator.load_state(str(checkpoint))
     accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-    if state.stream_layout != expected_layout:
-        accelerator.print(f"WARNING: the checkpoint was written with {state.stream_layout}, this run "
-                          f"has {expected_layout}: training continues, but the data order (and so "
-                          "the result) will differ from an uninterrupted run")
-        state.stream_layout = expected_layout
+    changes = resume_differences(state, expected)
+    state.fingerprint, state.settings, state.data_order = (
+        expected["fingerprint"], expected["settings"], expected["data_order"])
+    if not changes:
+        return
+    listing = "\n".join(f"  {change}" for change in changes)
+    if not force:
+        raise ConfigError(f"{checkpoint} does not continue this run:\n{listing}\nrerun with the checkpoint's "
+                          "settings, choose another --output_dir, or pass --resume force to continue anyway")
+    accelerator.print(f"WARNING: --resume force: continuing {checkpoint} despite:\n{listing}")
+    state.forced_resumes.append({"step": state.step, "changes": changes})
 
 
-def report(config, plan, state, meter, tracking, run_dir: Path, resumed_finished: bool) -> None:
-    """results.json (kept as it is when a finished run is rerun) and the accuracy table."""
+def resume_differences(state: engine.TrainState, expected: dict) -> list[str]:
+    """What differs between a loaded checkpoint's run and this one, one line per key."""
+    saved_order = state.data_order
+    if saved_order.get("order_version") != expected["data_order"]["order_version"]:
+        return [f"sample order: the checkpoint uses order version {saved_order.get('order_version')} (the "
+                f"rank-dependent order of earlier rsc_dist versions); this version uses "
+                f"{expected['data_order']['order_version']}"]
+    changes = []
+    for key, new in expected["data_order"].items():
+        old = saved_order.get(key)
+        if old != new:
+            hint = (f" (with another number of processes, pass --data.global_batch_size={old})"
+                    if key == "global_batch" else "")
+            changes.append(f"data order {key}: {old!r} -> {new!r}{hint}")
+    if state.fingerprint != expected["fingerprint"]:
+        old_settings, new_settings = state.settings, expected["settings"]
+        before = len(changes)
+        for key in sorted(set(old_settings) | set(new_settings)):
+            if old_settings.get(key) != new_settings.get(key):
+                changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
+        if len(changes) == before:  # same values, another fingerprint: another rsc_dist version
+            changes.append(f"settings fingerprint {state.fingerprint or 'none'} -> {expected['fingerprint']} "
+                           "(same values: the checkpoint was written by another version of rsc_dist)")
+    return changes
+
+
+def report(accelerator, config, plan, state, meter, tracking, run_dir: Path, resumed_finished: bool) -> None:
+    """results.json (kept as it is when a finished run is rerun), the tracker's end-of-run
+    records, and the accuracy table."""
     results_path = run_dir / RESULTS_FILE
     if resumed_finished and results_path.exists():
-        print(f"{run_dir} was already complete at step {state.step}; {RESULTS_FILE} kept")
+        accelerator.print(f"{run_dir} was already complete at step {state.step}; {RESULTS_FILE} kept")
     else:
-        results = observe.results_document(config, plan, state, meter)
-        results_path.write_text(json.dumps(results, indent=2))
-        tracking.log_summary(results)
-    print(observe.format_accuracy_table(plan, state))
+        results = observe.results_document(config, plan, state, meter, run_dir)
+        if accelerator.is_main_process:
+            results_path.write_text(json.dumps(results, indent=2))
+        tracking.finish_run(results, run_dir)
+    accelerator.print(observe.format_accuracy_table(plan, state))
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        ranks = cpu_launch.needs_cpu_ranks()
-    except cpu_launch.LaunchError as exc:
-        print(f"rsc_dist.train: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if ranks > 1:
-        return cpu_launch.run_cpu_ranks(ranks, str(Path(__file__).resolve()),
-                                        sys.argv[1:] if argv is None else argv)
+    started = cpu_launch.start_ranks_if_needed(str(Path(__file__).resolve()), argv, "rsc_dist.train")
+    if started is not None:
+        return started
     try:
         config, args = resolve_config(argv)
         if args.print_config:
             print(json.dumps(to_dict(config), indent=2))
             return EXIT_OK
         return run(config, args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"rsc_dist.train: error: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, DataError) as exc:
+        print(f"rsc_dist.train: error: {one_line(exc)}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+
+
+def one_line(exc: BaseException) -> str:
+    """The message itself, also when a loader worker raised it: the loader re-raises it with the
+    worker's traceback in the text, the original message on its last line."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split("Error: ", 1)[1] if "Error: " in last else last
+    return text
 
 
 if __name__ == "__main__":

@@ -154,6 +154,24 @@ def test_malformed_results_name_the_file_and_key(tmp_path, capsys, mutate, messa
     assert str(bad) in capsys.readouterr().err
 
 
+def test_schema_versions_1_and_2_read_newer_refused(tmp_path):
+    v1 = write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.7)
+    v2 = write_run(tmp_path, "rsc", "photo", 0, 0.9, 0.9)
+    data = json.loads(v2.read_text())
+    data.update(schema_version=2, fingerprint="0123abcd", best_checkpoint="checkpoints/best")
+    data["best"]["num_samples"] = {"val": 10, "photo": 5}
+    v2.write_text(json.dumps(data))
+    runs = {r.path: r for r in results.find_runs(tmp_path)}
+    assert runs[v1].acc["best"] == {"sketch": 0.8} and runs[v2].acc["last"] == {"photo": 0.9}
+    for version, message in ((3, "schema_version 3 is newer than this rsc_dist understands"),
+                             ("2", "'schema_version' must be a positive integer")):
+        data["schema_version"] = version
+        v2.write_text(json.dumps(data))
+        with pytest.raises(results.ResultsError, match=message) as err:
+            results.find_runs(tmp_path)
+        assert str(v2) in str(err.value)
+
+
 def test_invalid_json_and_empty_folder(tmp_path):
     with pytest.raises(results.ResultsError, match="no results.json under"):
         results.find_runs(tmp_path)
@@ -171,11 +189,33 @@ def test_duplicate_seed_is_an_error_naming_both_files(tmp_path):
     assert str(a) in str(err.value) and str(b) in str(err.value)
 
 
-def test_wandb_skipped_quietly_offline(runs, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_wandb_skipped_quietly_when_disabled(runs, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setitem(sys.modules, "wandb", None)  # importing it would fail: must not be tried
     assert results.main([str(runs), "--wandb"]) == 0
     assert "tables not logged" in capsys.readouterr().err
+
+
+def test_wandb_offline_logs_the_tables_for_a_later_sync(runs, monkeypatch, tmp_path, capsys):
+    from wandb_records import read_table, summarize
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    out = tmp_path / "out"
+    assert results.main([str(runs), "--wandb", "--paper", "--out", str(out)]) == 0
+    assert "wandb sync" in capsys.readouterr().err
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = summarize(run_file)
+    assert logged["run"]["job_type"] == "results"
+    assert {"results/PACS/best", "results/PACS/last"} <= set(logged["tables"])
+    table = read_table(run_file, logged["tables"]["results/PACS/best"])
+    rsc = next(row for row in table["data"] if row[0] == "RSC")
+    assert rsc[table["columns"].index("art_painting mean")] == pytest.approx(
+        statistics.fmean(100 * RSC["art_painting"][s][0] for s in (0, 1, 2)))
+    assert any(row[:2] == ["paper: RSC", "paper"] for row in table["data"])
 
 
 def test_wandb_logs_one_table_per_dataset_and_metric(runs, monkeypatch):

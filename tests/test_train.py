@@ -105,8 +105,9 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_shards):
     assert json.loads(marker.read_text())["reason"] == "SIGTERM"
     step = json.loads(marker.read_text())["step"]
     assert (run_dir / "checkpoints" / f"checkpoint_{step:08d}").is_dir()
+    # A shorter run changes the schedule: a different trajectory, so the resume must be forced.
     resumed = launch(["--config", str(config), "--output_dir", str(run_dir), "--train.max_steps",
-                      str(step + 2)], processes=2)
+                      str(step + 2), "--resume", "force"], processes=2)
     assert resumed.returncode == 0, explain(resumed)
     assert f"at step {step}" in resumed.stdout
 
@@ -194,3 +195,14 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path, tiny_shards, capsy
     assert train.main(args) == 0
     assert "already complete at step 2" in capsys.readouterr().out
     assert (tmp_path / "run" / "results.json").read_text() == before
+
+
+def test_decoding_on_the_device_trains_to_the_same_weights(tmp_path, tiny_shards):
+    """data.decode=device (here the CPU is the device) computes the same pixels as the workers,
+    so the whole run ends with the same weights."""
+    config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 3})
+    for decode in ("workers", "device"):
+        code = train.main(["--config", str(config), "--output_dir", str(tmp_path / decode), f"--data.decode={decode}"])
+        assert code == 0
+    workers, device = _final_weights(tmp_path / "workers"), _final_weights(tmp_path / "device")
+    assert all(torch.equal(workers[k], device[k]) for k in workers)

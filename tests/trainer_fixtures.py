@@ -28,7 +28,7 @@ def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
     values = {
         "base": "demo",
         "data": {"root": str(shards), "image_size": 64, "batch_size": 8, "workers": 1,
-                 "shuffle_buffer": 16, "eval_batch_size": 32},
+                 "shuffle_block_shards": 2, "eval_batch_size": 32},
         "train": {"epochs": 2, "log_every_steps": 2, "image_log_every_steps": 0,
                   "agree_every_steps": 2},
         "schedule": {"warmup_steps": 2},
