@@ -10,7 +10,6 @@ run). To run the preemption test with the real trainer, it is the second entry o
 """
 
 import json
-import os
 import subprocess
 import sys
 import time

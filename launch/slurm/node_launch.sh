@@ -13,13 +13,25 @@
 # launcher's direct children. SIGTERM (scancel, preemption) reaches everything as usual; the
 # launcher forwards it to the ranks too and gives them 30 s.
 #
+# Network interfaces: GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME reach the ranks as the job's
+# environment has them (exported at submission, or set per node by the site, e.g. a TaskProlog);
+# this script never sets them, it only logs them when they are set.
+#
 # Exit status: the launcher's, except that a run stopped by a signal reports 75 whatever the
 # launcher says: torchrun turns a rank's 75 into its own 1, so the launcher cannot tell a clean
 # stop from a crash. train.sbatch requeues after a stop it asked for or one the trainer reports
 # (OUTPUT_DIR/preempted.json), never after a crash.
 set -uo pipefail
+# The trainer's "stopped after a checkpoint, resume me" exit code (rsc_dist/contracts.py).
+EXIT_PREEMPTED=75
 
 : "${SLURM_NODEID:?node_launch.sh runs under srun (SLURM_NODEID unset)}"
+
+for var in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+  if [ -n "${!var:-}" ]; then
+    echo "[node_launch $(hostname -s) node $SLURM_NODEID] $var=${!var}" >&2
+  fi
+done
 
 (
   trap '' USR1
@@ -46,7 +58,7 @@ while kill -0 "$launcher" 2>/dev/null; do
 done
 
 if [ "$rc" -ne 0 ] && [ -n "$stopped_by" ]; then
-  echo "[node_launch $(hostname -s) node $SLURM_NODEID] launcher exited $rc after SIG$stopped_by: reporting 75 (stopped, resume me)" >&2
-  rc=75
+  echo "[node_launch $(hostname -s) node $SLURM_NODEID] launcher exited $rc after SIG$stopped_by: reporting $EXIT_PREEMPTED (stopped, resume me)" >&2
+  rc=$EXIT_PREEMPTED
 fi
 exit "$rc"
