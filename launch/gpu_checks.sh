@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of this project in one call, for a lent single-GPU machine whose
-# image has torch, torchvision, accelerate and transformers but not webdataset or deepspeed.
-# Results go to $OUT (default ./gpu_out): one log and JSON per step, and summary.md.
+# image has torch, torchvision, accelerate and transformers but not webdataset, torchcodec or
+# deepspeed. Results go to $OUT (default ./gpu_out): one log and JSON per step, and summary.md.
 #
-# Prepare on the dev machine (fills .whl/ with webdataset, deepspeed and what they need):
-#   . .venv/bin/activate && bash ../shared/tools/gpu-wheels.sh
-#   pip download -q --no-deps -d .whl pytest==9.2.0 pluggy iniconfig   # for the cuda-marked tests
+# Prepare on the dev machine (fills .whl/ with webdataset, torchcodec, deepspeed, pytest):
+#   . .venv/bin/activate && bash launch/gpu_wheels.sh
 # Run through the device tool with carry [".whl"] and a timeout that leaves room for a rerun:
 #   WANDB_MODE=disabled bash launch/gpu_checks.sh
 # Steps are independent: a failing step is recorded in summary.md and the next one runs.
@@ -42,12 +41,17 @@ step bench_resnet50_compile 300 "${bench[@]}" --arch resnet50 --resolution 224 -
 # Input pipeline on JPEGs of a realistic size (384 px drawings), the PACS ResNet-50 recipe.
 step shards 240 bash -c "python3 -m data_prep synth --out /tmp/gpu_src --image-size 384 --images-per-class 100 \
   && python3 -m data_prep convert --format pacs --src /tmp/gpu_src --out /tmp/gpu_shards --workers 8 --no-progress"
-step bench_input_r50 240 python3 -m rsc_dist.bench_input --config pacs_resnet50 --shards /tmp/gpu_shards \
-  --workers 14 --steps 40 --data.classes=[] --model.pretrained=null --data.batch_size=128 \
-  --train.mixed_precision=bf16
-step bench_input_r18 240 python3 -m rsc_dist.bench_input --config pacs_resnet18 --shards /tmp/gpu_shards \
-  --workers 14 --steps 40 --data.classes=[] --model.pretrained=null --data.batch_size=128 \
-  --train.mixed_precision=bf16
+# Decoding in 8 loader workers vs on the GPU (nvJPEG batch decode + batched augmentation),
+# ResNet-50 and ResNet-18 at 224 px, bf16, channels_last (the presets' default). Target: training
+# from shards at >= 0.95 of the in-memory rate.
+for arch in resnet50 resnet18; do
+  for decode in workers device; do
+    step "bench_input_${arch}_${decode}" 200 python3 -m rsc_dist.bench_input --config pacs_resnet18 \
+      --shards /tmp/gpu_shards --workers 8 --steps 40 --decode "$decode" --model.arch="$arch" \
+      --data.classes=[] --model.pretrained=null --data.batch_size=128 --data.flip_double=false \
+      --data.image_size=224 --train.mixed_precision=bf16
+  done
+done
 
 # The trainer on one GPU, bf16, demo data; then the cuda-marked tests (DeepSpeed ZeRO-1/2/3).
 step train_demo_bf16 300 accelerate launch --num_processes 1 --mixed_precision bf16 rsc_dist/train.py \
