@@ -270,6 +270,9 @@ def _coerce(value, annotation, key: str, origin: str):
     kind = typing.get_origin(annotation)
     if kind is Literal:
         allowed = typing.get_args(annotation)
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: take the word back
+            words = ("off", "no", "false", "n") if value is False else ("on", "yes", "true", "y")
+            value = next((w for w in words if w in allowed), value)
         if value not in allowed:
             raise ConfigError(f"{origin}: {key} must be one of {allowed}; got {value!r}")
         return value

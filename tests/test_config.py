@@ -26,6 +26,26 @@ def test_released_recipe_values():
     assert domainbed.rsc.mode == "channel" and domainbed.train.max_steps == 5000
 
 
+def test_choice_words_that_yaml_reads_as_booleans():
+    assert load_config("demo", ["--wandb.log_model=off"]).wandb.log_model == "off"
+    assert load_config("demo", ["--wandb.log_model", "best"]).wandb.log_model == "best"
+    with pytest.raises(ConfigError, match="wandb.log_model must be one of"):
+        load_config("demo", ["--wandb.log_model=yes"])
+
+
+def test_help_lists_every_field_with_its_default_and_doc(capsys):
+    from rsc_dist.config import describe_fields
+    from rsc_dist.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    rows = describe_fields()
+    assert len(rows) > 60 and all(doc for _, _, doc in rows)
+    for flag, kind, doc in rows:
+        assert flag in text and kind in text and doc in text
+
+
 def test_overrides_are_typed():
     config = load_config("demo", ["--rsc.p_batch=0.25", "--data.target", "photo,cartoon",
                                   "--train.max_steps=7", "--model.pretrained=null", "--data.flip_double=true"])
