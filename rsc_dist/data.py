@@ -43,6 +43,16 @@ class DataError(ValueError):
     """A shard or sample that cannot be used; the message names the file and the sample."""
 
 
+def error_line(exc: BaseException) -> str:
+    """An error's own message on one line, also when a loader worker raised it: the loader
+    re-raises it with the worker's traceback in the text, the original message last."""
+    text = str(exc).strip() or type(exc).__name__
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split("Error: ", 1)[1] if "Error: " in last else last
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading samples by offset
 

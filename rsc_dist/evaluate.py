@@ -31,6 +31,7 @@ import torch
 from rsc_dist import checkpoints, cpu_launch, engine
 from rsc_dist.config import Config, ConfigError, load_config
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK
+from rsc_dist.data import DataError, error_line
 
 
 class EvaluateError(ConfigError):
@@ -218,9 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         weights, config_path = locate(Path(args.checkpoint))
         accelerator = make_accelerator(load_run_config(config_path, overrides))
         result = evaluate_checkpoint(Path(args.checkpoint), overrides, args.domains, accelerator)
-    except (ConfigError, FileNotFoundError) as exc:
-        text = str(exc).strip() or type(exc).__name__
-        print(f"rsc_dist.evaluate: error: {text.splitlines()[0]}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, DataError) as exc:
+        print(f"rsc_dist.evaluate: error: {error_line(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_CONFIG
     if accelerator.is_main_process:
         print(f"{args.checkpoint}\n{format_table(result)}")

@@ -17,6 +17,7 @@ The batch quantities have one name each, used everywhere (streams, checkpoints, 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class DataPlan:
 
     # -- batch quantities (see the module docstring) ----------------------------------------
 
-    @property
+    @functools.cached_property
     def groups(self) -> dict[str, list[ShardRef]]:
         """Sampling group -> its training shards, in a fixed (sorted) order."""
         def nonempty(refs):

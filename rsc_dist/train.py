@@ -28,7 +28,7 @@ from rsc_dist import build, checkpoints, cpu_launch, engine, loop, observe
 from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
                              trajectory_fingerprint, trajectory_settings)
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
-from rsc_dist.data import DataError
+from rsc_dist.data import DataError, error_line
 from rsc_dist.plan import DataPlan, data_root
 
 
@@ -177,18 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return run(config, args)
     except (ConfigError, FileNotFoundError, DataError) as exc:
-        print(f"rsc_dist.train: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        print(f"rsc_dist.train: error: {error_line(exc)}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-
-
-def one_line(exc: BaseException) -> str:
-    """The message itself, also when a loader worker raised it: the loader re-raises it with the
-    worker's traceback in the text, the original message on its last line."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        return last.split("Error: ", 1)[1] if "Error: " in last else last
-    return text
 
 
 if __name__ == "__main__":
