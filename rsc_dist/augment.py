@@ -263,12 +263,20 @@ def _apply(out: torch.Tensor, rows: list[int], op, *args: torch.Tensor) -> None:
         first, count = part[0], len(part)
         if part[-1] - first + 1 == count:  # consecutive rows: a view, no gather/scatter
             view = out.narrow(0, first, count)
-            view.copy_(op(view, *(arg.narrow(0, first, count).to(out.device) for arg in args)))
+            view.copy_(op(view, *(_to(arg.narrow(0, first, count), out.device) for arg in args)))
             continue
         index_cpu = torch.tensor(part, dtype=torch.long)
-        index = index_cpu.to(out.device, non_blocking=True)
-        result = op(out.index_select(0, index), *(arg.index_select(0, index_cpu).to(out.device) for arg in args))
+        index = _to(index_cpu, out.device)
+        result = op(out.index_select(0, index), *(_to(arg.index_select(0, index_cpu), out.device) for arg in args))
         out.index_copy_(0, index, result)
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without making the host wait: a copy from pageable
+    memory to a GPU is synchronous, one from pinned memory is not."""
+    if device.type == "cpu":
+        return tensor
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def _crop_resize(image: torch.Tensor, row: list[float], size: int) -> torch.Tensor:

@@ -165,7 +165,7 @@ def device_images(batch: dict, device) -> torch.Tensor:
                 except ValueError as reason:
                     raise DataError(f"sample {key}: cannot decode: {reason}") from None
         raise DataError(f"batch of samples {batch['keys'][:3]}...: cannot decode on {device}: {exc}") from None
-    return augment_batch(decoded, batch["params"].to(device, non_blocking=True))
+    return augment_batch(decoded, batch["params"])  # parameters stay on the CPU: they steer Python
 
 
 # ---------------------------------------------------------------------------------------------
