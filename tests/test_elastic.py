@@ -1,6 +1,8 @@
 """Elastic resume: a checkpoint written by W ranks continues on W' ranks with the exact global
 sequence. With frozen BatchNorm statistics and the same global batch, 2 ranks to step k then
-1 process to step 2k (and 1 -> 2) end with the weights of an uninterrupted 1-process run."""
+1 process to step 2k (and 1 -> 2) end with the weights of an uninterrupted 1-process run, and
+every step along the way masks the same number of samples with nearly the same loss (the
+per-step metrics, all ranks reduced, read back from the TensorBoard events)."""
 
 import pytest
 import torch
@@ -10,6 +12,14 @@ from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: 
 
 pytestmark = pytest.mark.slow
 K = 3
+
+
+def _per_step(run_dir, key):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(key)}
 
 
 def _weights(run_dir):
@@ -24,16 +34,16 @@ def elastic_config(tmp_path_factory, tiny_shards):
                          data={"global_batch_size": 16, "batch_size": 999, "workers": 1},
                          optim={"lr": 0.002}, rsc={"p_batch": 0.5},
                          train={"max_steps": 2 * K, "checkpoint_every_steps": K, "agree_every_steps": 1,
-                                "eval_every_steps": 2 * K})
+                                "eval_every_steps": 2 * K, "tracker": "tensorboard", "log_every_steps": 1})
     whole = tmp / "whole"
     result = launch(["--config", str(config), "--output_dir", str(whole)], processes=1)
     assert result.returncode == 0, explain(result)
-    return config, _weights(whole)
+    return config, _weights(whole), whole
 
 
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, elastic_config, first, second):
-    config, expected = elastic_config
+    config, expected, whole = elastic_config
     run_dir = tmp_path / "run"
     args = ["--config", str(config), "--output_dir", str(run_dir)]
     cut = launch(args + [f"--train.stop_at_step={K}"], processes=first)
@@ -44,6 +54,11 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, elas
     got = _weights(run_dir)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    masked, masked_whole = _per_step(run_dir, "train/masked_fraction"), _per_step(whole, "train/masked_fraction")
+    assert sorted(masked) == sorted(masked_whole) == list(range(1, 2 * K + 1))
+    assert masked == masked_whole and any(masked.values())
+    loss, loss_whole = _per_step(run_dir, "train/loss"), _per_step(whole, "train/loss")
+    assert all(abs(loss[s] - loss_whole[s]) <= 1e-4 * abs(loss_whole[s]) for s in loss_whole)
 
 
 def test_a_changed_global_batch_is_refused_with_the_way_out(tmp_path, tiny_shards):
