@@ -217,7 +217,7 @@ class TrainStream(IterableDataset):
         if self._reader is None:
             self._reader = ShardReader()
         share = rank_slice(step, self.rank, self.world_size, self.global_batch_per_group, len(self.groups))
-        images, params, keys, labels, domains = [], [], [], [], []
+        images, params, keys, labels, domains, ids = [], [], [], [], [], []
         for group, (order, positions) in enumerate(zip(self.orders(), share.positions)):
             located = order.locate(self.epoch, positions)
             by_shard: dict[int, list[int]] = {}
@@ -227,6 +227,7 @@ class TrainStream(IterableDataset):
             for position, (shard, index) in zip(positions, located):
                 sample = raw[shard][index]
                 seed = mix_seed(self.seed, group, self.epoch, position)
+                ids.append(seed)
                 data = image_bytes(sample)
                 if self.decode_on_device and is_jpeg(data):
                     # Only the header is read here; the pixels are decoded on the device.
@@ -242,8 +243,11 @@ class TrainStream(IterableDataset):
                 label, domain = labels_of(sample)
                 labels.append(label)
                 domains.append(domain)
+        # sample_id: the sample's identity in the global order (its augmentation seed); RSC's
+        # random-score ablation seeds from it, so it too is independent of the rank layout.
         batch = {"label": torch.tensor(labels, dtype=torch.long),
-                 "domain": torch.tensor(domains, dtype=torch.long), "step": step}
+                 "domain": torch.tensor(domains, dtype=torch.long),
+                 "sample_id": torch.tensor(ids, dtype=torch.int64), "step": step}
         if self.decode_on_device:
             batch.update(encoded=images, params=torch.stack(params), keys=keys)
         else:

@@ -104,6 +104,7 @@ class StepInputs:
     mode: str  # this step's spatial/channel draw
     p_batch: float
     pixels: torch.Tensor  # the augmented uint8 images (before flip doubling), for mask grids
+    sample_ids: torch.Tensor | None = None  # each image's identity in the global order (int64)
 
 
 def prepare_batch(config: Config, batch: dict, device, step: int, steps_per_epoch: int) -> StepInputs:
@@ -115,18 +116,20 @@ def prepare_batch(config: Config, batch: dict, device, step: int, steps_per_epoc
         pixels = batch["image"].to(device, non_blocking=True)
     images = pixels
     labels = batch["label"].to(device, non_blocking=True)
+    ids = batch["sample_id"].to(device, non_blocking=True) if "sample_id" in batch else None
     if config.data.flip_double:
         images = torch.cat([images, images.flip(-1)])
         labels = torch.cat([labels, labels])
+        ids = torch.cat([ids, ~ids]) if ids is not None else None  # the mirror image: another identity
     images = normalize_on_device(images, config.data.mean, config.data.std,
                                  channels_last=config.model.channels_last)
     epoch = step // steps_per_epoch
     schedule = p_batch_schedule(config.rsc.p_batch_schedule, config.rsc.p_batch)
     return StepInputs(images, labels, draw_mode(config.rsc.mode, config.run.seed, step),
-                      schedule(epoch, step), pixels)
+                      schedule(epoch, step), pixels, ids)
 
 
-def train_step(accelerator, model, optimizer, scheduler, inputs: StepInputs, generator=None) -> dict:
+def train_step(accelerator, model, optimizer, scheduler, inputs: StepInputs, sample_seeds=None) -> dict:
     """Forward (RSC inside the model), one backward, optimizer and schedule step.
 
     Returns device tensors only (no host sync): loss, correct count, masked fraction.
@@ -134,7 +137,7 @@ def train_step(accelerator, model, optimizer, scheduler, inputs: StepInputs, gen
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits, mask = model(inputs.images, inputs.labels, mode=inputs.mode,
-                                 p_batch=inputs.p_batch, generator=generator, return_mask=True)
+                                 p_batch=inputs.p_batch, sample_seeds=sample_seeds, return_mask=True)
             loss = F.cross_entropy(logits.float(), inputs.labels)
         accelerator.backward(loss)
         optimizer.step()

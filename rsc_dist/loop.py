@@ -82,12 +82,12 @@ def train(run: Run) -> tuple[int, observe.Meter]:
 def _train_step(run: Run, batch: dict, step: int):
     config, accelerator = run.config, run.accelerator
     inputs = engine.prepare_batch(config, batch, accelerator.device, step, run.plan.steps_per_epoch)
-    generator = None
+    sample_seeds = None
     if config.rsc.strategy == "random":
-        # On the device: CPU-drawn scores would need a blocking copy every step.
-        generator = torch.Generator(device=accelerator.device).manual_seed(
-            mix_seed(config.run.seed, step, accelerator.process_index))
-    out = engine.train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs, generator)
+        # Per sample and step, from the sample's identity in the global order: the random
+        # scores then do not depend on how the global batch is split over ranks.
+        sample_seeds = inputs.sample_ids ^ mix_seed(config.run.seed, step)
+    out = engine.train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs, sample_seeds)
     run.stop.track_loss(out["loss"])
     return out, inputs
 

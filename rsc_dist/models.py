@@ -78,6 +78,7 @@ class RSCModel(nn.Module):
         mode: str = "spatial",
         p_batch: float = DEFAULT_P_BATCH,
         generator: torch.Generator | None = None,
+        sample_seeds: Tensor | None = None,
         return_mask: bool = False,
     ):
         """Logits (N, K). With ``return_mask=True``: (logits, mask or None)."""
@@ -94,6 +95,7 @@ class RSCModel(nn.Module):
                 p_batch=p_batch,
                 strategy=self.rsc.strategy,
                 generator=generator,
+                sample_seeds=sample_seeds,
                 process_group=self.rsc.process_group,
                 capacity=self.rsc.capacity,
             )

@@ -116,10 +116,13 @@ def channel_and_spatial_scores(
     *,
     strategy: Strategy = "top_gradient",
     generator: torch.Generator | None = None,
+    sample_seeds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample channel scores (N, C) and spatial scores (N, H, W).
 
     Scores are computed in at least float32 (never in bf16/fp16, where near-ties collapse).
+    Strategy "random" draws from ``sample_seeds`` when given (each sample's scores a function of
+    its own seed, so independent of how the batch is split over ranks), else from ``generator``.
     """
     z = features.detach().to(torch.promote_types(features.dtype, torch.float32))
     if strategy == "top_gradient":
@@ -135,11 +138,46 @@ def channel_and_spatial_scores(
         return z.mean(dim=(2, 3)), z.mean(dim=1)
     if strategy == "random":
         n, c, h, w = z.shape
+        if sample_seeds is not None:
+            seeds = sample_seeds.to(z.device, torch.int64)
+            return (hashed_uniform(seeds, c, salt=1).to(z.dtype),
+                    hashed_uniform(seeds, h * w, salt=2).to(z.dtype).view(n, h, w))
         gen_device = generator.device if generator is not None else z.device
         s_channel = torch.rand((n, c), generator=generator, device=gen_device)
         s_spatial = torch.rand((n, h, w), generator=generator, device=gen_device)
         return s_channel.to(z.device), s_spatial.to(z.device)
     raise ValueError(f"unknown RSC strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def _as_int64(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+_SPLITMIX = tuple(_as_int64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical shift of int64 values (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix(x: Tensor) -> Tensor:
+    """SplitMix64's finalizer on int64 tensors (products wrap modulo 2**64), on any device."""
+    x = x + _SPLITMIX[0]
+    x = (x ^ _shift_right(x, 30)) * _SPLITMIX[1]
+    x = (x ^ _shift_right(x, 27)) * _SPLITMIX[2]
+    return x ^ _shift_right(x, 31)
+
+
+def hashed_uniform(seeds: Tensor, count: int, *, salt: int = 0) -> Tensor:
+    """(N, count) float32 in [0, 1): value j of row i is a hash of (seeds[i], salt, j).
+
+    Counter-based, on the seeds' device, no generator state and no host sync: the same seed
+    gives the same row in any batch, on any rank.
+    """
+    counters = _splitmix(torch.arange(count, device=seeds.device, dtype=torch.int64) + (salt << 32))
+    bits = _splitmix(_splitmix(seeds)[:, None] ^ counters[None, :])
+    return (_shift_right(bits, 40).to(torch.float32) / float(1 << 24))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +294,7 @@ def rsc_mask(
     p_batch: float = DEFAULT_P_BATCH,
     strategy: Strategy = "top_gradient",
     generator: torch.Generator | None = None,
+    sample_seeds: Tensor | None = None,
     process_group=None,
     capacity: int | None = None,
 ) -> Tensor:
@@ -270,7 +309,9 @@ def rsc_mask(
         p_spatial, p_channel: fraction of locations / channels muted per sample.
         p_batch: fraction of the batch that keeps its mask (Step 4); 0 masks no sample.
         strategy: "top_gradient" (the method), "top_activation" or "random" (ablations).
-        generator: source of the scores for strategy "random".
+        generator: source of the scores for strategy "random" (when no ``sample_seeds``).
+        sample_seeds: (N,) int64 per-sample seeds for strategy "random": each sample's scores
+            depend on its seed only, so N ranks draw what one process draws.
         process_group: when given, the batch-percentage threshold is computed over the global
             batch of all ranks in the group (one all-gather); None selects within this rank.
         capacity: the largest local batch size of any rank; lets the all-gather skip a size
@@ -286,7 +327,7 @@ def rsc_mask(
         _check_logits(logits_full, features.shape[0], targets)
         reset()
         s_channel, s_spatial = channel_and_spatial_scores(
-            features, head, targets, strategy=strategy, generator=generator
+            features, head, targets, strategy=strategy, generator=generator, sample_seeds=sample_seeds
         )
         keep = feature_mask(s_channel, s_spatial, mode, p_spatial=p_spatial, p_channel=p_channel)
         keep_value = keep.to(features.dtype)

@@ -27,6 +27,10 @@ def _entry(fn, rank, world_size, init_file, error_dir, args, port):
                               LOCAL_WORLD_SIZE=str(world_size))
         fn(rank, world_size, *args)
         if dist.is_initialized():
+            # Both ranks done before either tears gloo down: a rank that destroys its group
+            # while its peer still has the connection open was seen to abort at exit (SIGABRT,
+            # "terminate called without an active exception") on a loaded machine.
+            dist.barrier()
             dist.destroy_process_group()
     except BaseException:
         Path(error_dir, f"rank{rank}.txt").write_text(traceback.format_exc())

@@ -23,11 +23,12 @@ def _global_batch(step):
     return images, torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
 
 
-def _train(rank, world_size, out_dir, algorithm):
+def _train(rank, world_size, out_dir, algorithm, strategy="top_gradient"):
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == world_size
     config = load_config("demo", [f"--algorithm={algorithm}", "--rsc.mode=spatial+channel",
-                                  "--rsc.p_batch=0.5", "--optim.lr=0.05", "--schedule.warmup_steps=0"])
+                                  "--rsc.p_batch=0.5", "--optim.lr=0.05", "--schedule.warmup_steps=0",
+                                  f"--rsc.strategy={strategy}"])
     local = GLOBAL_BATCH // world_size
     torch.manual_seed(0)
     model = build_training_model(config, CLASSES, accelerator, capacity=local)
@@ -42,9 +43,11 @@ def _train(rank, world_size, out_dir, algorithm):
     for step in range(STEPS):
         images, labels = _global_batch(step)
         part = slice(rank * local, (rank + 1) * local)
-        inputs = engine.prepare_batch(config, {"image": images[part], "label": labels[part]},
+        ids = torch.arange(GLOBAL_BATCH, dtype=torch.int64) * 7919 + step  # identities in the global order
+        inputs = engine.prepare_batch(config, {"image": images[part], "label": labels[part], "sample_id": ids[part]},
                                       accelerator.device, step, steps_per_epoch=100)
-        out = engine.train_step(accelerator, model, optimizer, scheduler, inputs)
+        seeds = inputs.sample_ids ^ 12345 if strategy == "random" else None  # as the loop does
+        out = engine.train_step(accelerator, model, optimizer, scheduler, inputs, seeds)
         masked.append(out["mask"])
     if rank == 0:
         state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
@@ -52,10 +55,11 @@ def _train(rank, world_size, out_dir, algorithm):
     torch.save(masked, Path(out_dir, f"masks_world{world_size}_rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("algorithm", ["rsc", "erm"])
-def test_two_ranks_reach_the_weights_of_one_process(tmp_path, algorithm):
-    run_on_ranks(_train, 1, str(tmp_path), algorithm, env_init=True)
-    run_on_ranks(_train, 2, str(tmp_path), algorithm, env_init=True)
+@pytest.mark.parametrize("algorithm, strategy", [("rsc", "top_gradient"), ("erm", "top_gradient"), ("rsc", "random")])
+def test_two_ranks_reach_the_weights_of_one_process(tmp_path, algorithm, strategy):
+    """The random-score ablation too: its scores are seeded per sample, not per rank."""
+    run_on_ranks(_train, 1, str(tmp_path), algorithm, strategy, env_init=True)
+    run_on_ranks(_train, 2, str(tmp_path), algorithm, strategy, env_init=True)
     single, double = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
     moved = 0
     for name, value in single.items():
