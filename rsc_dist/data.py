@@ -142,14 +142,17 @@ def labels_of(sample: dict) -> tuple[int, int]:
         raise DataError(f"{_where(sample)}: bad or missing class/domain field: {exc}") from None
 
 
-def decode_sample(sample: dict) -> tuple[torch.Tensor, int, int]:
-    """uint8 (3, H, W) RGB image, class index, domain index; DataError naming the sample."""
-    data = image_bytes(sample)
+def decode_checked(sample: dict, data: bytes) -> torch.Tensor:
+    """uint8 (3, H, W) RGB from ``data`` = image_bytes(sample) (already pixel-checked)."""
     try:
-        image = decode_rgb(data)
+        return decode_rgb(data)
     except (ValueError, RuntimeError) as exc:
         raise DataError(f"{_where(sample)}: cannot decode: {exc}") from None
-    return (image, *labels_of(sample))
+
+
+def decode_sample(sample: dict) -> tuple[torch.Tensor, int, int]:
+    """uint8 (3, H, W) RGB image, class index, domain index; DataError naming the sample."""
+    return (decode_checked(sample, image_bytes(sample)), *labels_of(sample))
 
 
 def device_images(batch: dict, device) -> torch.Tensor:
@@ -235,7 +238,7 @@ class TrainStream(IterableDataset):
                     images.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                     params.append(draw_params(self.augment, height, width, seed))
                 else:  # PNG/WebP in device mode are decoded here and join the batch decoded
-                    image, _, _ = decode_sample(sample)
+                    image = decode_checked(sample, data)
                     row = draw_params(self.augment, image.shape[-2], image.shape[-1], seed)
                     images.append(image if self.decode_on_device else augment_one(image, row))
                     params.append(row)

@@ -61,8 +61,7 @@ class TrainState:
 
     step: int = 0  # global batches trained on (the data position derives from it)
     data_order: dict = field(default_factory=dict)  # plan.data_order() at save time
-    fingerprint: str = ""  # config.trajectory_fingerprint at save time
-    settings: dict = field(default_factory=dict)  # config.trajectory_settings at save time
+    settings: dict = field(default_factory=dict)  # config.trajectory_settings at save time (what it hashes)
     forced_resumes: list = field(default_factory=list)  # what --resume force continued despite
     best: dict = field(default_factory=dict)  # evaluation at the best source-validation step
     last: dict = field(default_factory=dict)  # the most recent evaluation
@@ -70,7 +69,7 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "best": self.best, "last": self.last, "history": self.history,
-                "data_order": self.data_order, "fingerprint": self.fingerprint, "settings": self.settings,
+                "data_order": self.data_order, "settings": self.settings,
                 "forced_resumes": self.forced_resumes}
 
     def load_state_dict(self, state: dict) -> None:
@@ -78,7 +77,6 @@ class TrainState:
         self.history = state["history"]
         # Checkpoints of the rank-dependent order (before order_version 2) have "stream_layout".
         self.data_order = state.get("data_order", {"order_version": 1, **state.get("stream_layout", {})})
-        self.fingerprint = state.get("fingerprint", "")
         self.settings = state.get("settings", {})
         self.forced_resumes = state.get("forced_resumes", [])
 

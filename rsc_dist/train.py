@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 
 from rsc_dist import build, checkpoints, cpu_launch, engine, loop, observe
 from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
-                             trajectory_fingerprint, trajectory_settings)
+                             trajectory_settings)
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.data import DataError, error_line
 from rsc_dist.plan import DataPlan, data_root
@@ -77,8 +77,7 @@ def _run(config: Config, args: argparse.Namespace, run_dir: Path, accelerator) -
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
 
     model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
-    state = engine.TrainState(data_order=plan.data_order(), fingerprint=trajectory_fingerprint(config),
-                              settings=trajectory_settings(config))
+    state = engine.TrainState(data_order=plan.data_order(), settings=trajectory_settings(config))
     accelerator.register_for_checkpointing(scheduler, state)
     resume_from(accelerator, state, run_dir, args.resume)
     if accelerator.is_main_process:
@@ -107,15 +106,14 @@ def resume_from(accelerator, state: engine.TrainState, run_dir: Path, resume: st
     """Load the checkpoint ``resume`` names (the newest that loads, for auto/force) and check it
     continues this run: same trajectory settings and sample order. A difference is a ConfigError
     listing it (exit 2) unless ``resume`` is "force", which is recorded."""
-    expected = {"fingerprint": state.fingerprint, "settings": state.settings, "data_order": state.data_order}
+    expected = {"settings": state.settings, "data_order": state.data_order}
     force = resume == "force"
     checkpoint = checkpoints.load_for_resume(accelerator, run_dir, "auto" if force else resume)
     if checkpoint is None:
         return
     accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     changes = resume_differences(state, expected)
-    state.fingerprint, state.settings, state.data_order = (
-        expected["fingerprint"], expected["settings"], expected["data_order"])
+    state.settings, state.data_order = expected["settings"], expected["data_order"]
     if not changes:
         return
     listing = "\n".join(f"  {change}" for change in changes)
@@ -140,15 +138,10 @@ def resume_differences(state: engine.TrainState, expected: dict) -> list[str]:
             hint = (f" (with another number of processes, pass --data.global_batch_size={old})"
                     if key == "global_batch" else "")
             changes.append(f"data order {key}: {old!r} -> {new!r}{hint}")
-    if state.fingerprint != expected["fingerprint"]:
-        old_settings, new_settings = state.settings, expected["settings"]
-        before = len(changes)
-        for key in sorted(set(old_settings) | set(new_settings)):
-            if old_settings.get(key) != new_settings.get(key):
-                changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
-        if len(changes) == before:  # same values, another fingerprint: another rsc_dist version
-            changes.append(f"settings fingerprint {state.fingerprint or 'none'} -> {expected['fingerprint']} "
-                           "(same values: the checkpoint was written by another version of rsc_dist)")
+    old_settings, new_settings = state.settings, expected["settings"]
+    for key in sorted(set(old_settings) | set(new_settings)):
+        if old_settings.get(key) != new_settings.get(key):
+            changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
     return changes
 
 

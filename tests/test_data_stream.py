@@ -89,8 +89,8 @@ def test_more_steps_than_data_cycle_through_new_passes(tiny_shards):
 
 def test_resuming_reads_and_decodes_nothing_that_was_skipped(tiny_shards, monkeypatch):
     decoded, read = [], []
-    real_decode, real_read = data.decode_sample, data.ShardReader.read
-    monkeypatch.setattr(data, "decode_sample", lambda s: decoded.append(s["__key__"]) or real_decode(s))
+    real_decode, real_read = data.decode_checked, data.ShardReader.read
+    monkeypatch.setattr(data, "decode_checked", lambda s, d: decoded.append(s["__key__"]) or real_decode(s, d))
     monkeypatch.setattr(data.ShardReader, "read",
                         lambda self, shard, indices: read.extend(indices) or real_read(self, shard, indices))
     _batches(_stream(tiny_shards, steps=6, global_batch=4), epoch=0, start=4, workers=0)

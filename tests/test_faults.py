@@ -93,7 +93,7 @@ def test_a_checkpoint_of_the_old_sample_order_is_refused_clearly(tmp_path, tiny_
         state = torch.load(state_file, weights_only=False)
         if isinstance(state, dict) and "data_order" in state:
             state.pop("data_order")
-            state.pop("fingerprint")
+            state.pop("settings")
             state["stream_layout"] = {"world_size": 1, "workers": 1, "batch_per_rank": 8, "steps_per_epoch": 4}
             torch.save(state, state_file)
     capsys.readouterr()
