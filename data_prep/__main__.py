@@ -21,6 +21,8 @@ from data_prep.images import MAX_PIXELS
 from data_prep.manifest import REPORT_NAME, ManifestError
 from data_prep.records import ConvertError
 
+NO_VAL_LINES = 10  # console lines for (domain, class) pairs without val; the report has all
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n\n")[0])
@@ -34,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="max bytes per shard (approximate)")
     c.add_argument("--workers", type=int, default=default_workers(), help="processes writing shards")
     c.add_argument("--strict", action="store_true", help="any skipped input or warning is an error")
-    c.add_argument("--val-fraction", type=float, default=0.1,
-                   help="held-out share of each (domain, class) where the layout has no split files (DomainBed: 0.2)")
+    c.add_argument("--val-fraction", type=float, default=None,
+                   help="ask for a seeded random holdout of this share of each (domain, class) as val (DomainBed: "
+                        "0.2); without it a layout's own splits are used (PACS stops if its split files are "
+                        "missing) and layouts without any hold out 0.1")
     c.add_argument("--seed", type=int, default=0, help="seed of the holdout and of the sample order in shards")
     c.add_argument("--classes-from", help="shard root whose class order to reuse (e.g. ImageNet's for a sketch set)")
     c.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
@@ -69,6 +73,13 @@ def _convert(args) -> int:
     print(f"wrote {summary.num_samples} samples in {summary.num_shards} shards to {summary.out} "
           f"({summary.reused_shards} shards reused); skipped {summary.skipped}, re-encoded {summary.reencoded}, "
           f"warnings {summary.warnings}; details in {summary.out / REPORT_NAME}")
+    print("val: " + ("the layout's own split" if summary.holdout is None
+                     else f"a seeded random holdout of {summary.holdout:g} per (domain, class) (--val-fraction)"))
+    for line in summary.no_val[:NO_VAL_LINES]:
+        print(f"warning: no_val: {line}")
+    if len(summary.no_val) > NO_VAL_LINES:
+        print(f"warning: no_val: ... {len(summary.no_val) - NO_VAL_LINES} more (domain, class) pairs without val; "
+              f"all in {summary.out / REPORT_NAME}")
     return 0
 
 

@@ -10,6 +10,7 @@ inputs (paths, sizes, mtimes, keys, labels) are unchanged and builds the rest.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -20,15 +21,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep import DATA_PREP_VERSION, SPLITS
-from data_prep.formats import FORMATS, ScanOptions
+from data_prep.formats import FORMATS, ScanOptions, layout_hint
 from data_prep.images import MAX_PIXELS
 from data_prep.keys import assign_keys
 from data_prep.parallel import unordered_map
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, load_manifest, write_json_atomic, write_manifest
 from data_prep.plan import PlannedSample, ShardJob, cut_into_shards, sample_order
-from data_prep.records import STRICT_ACTIONS, ConvertError, Layout, Problem, SourceRecord
+from data_prep.records import STRICT_ACTIONS, ConvertError, Layout, LayoutNotFound, Problem, SourceRecord
 from data_prep.shard_writer import STATE_DIR, ShardResult, reuse_or_build, state_path
 from data_prep.tree import collect_listing_problems
+from data_prep.val_check import no_val_problems, val_gaps
 
 DEFAULT_SHARD_SAMPLES = 256  # small DG datasets still give enough shards for many ranks x workers
 DEFAULT_SHARD_BYTES = 256 * 2**20
@@ -46,6 +48,8 @@ class ConvertSummary:
     skipped: int
     reencoded: int
     warnings: int
+    holdout: float | None = None  # the random holdout's fraction; None: the layout's own splits
+    no_val: tuple[str, ...] = ()  # one line per (domain, class) without a val sample
 
 
 def default_workers() -> int:
@@ -66,25 +70,50 @@ def _check_paths(src: Path, out: Path) -> None:
         raise ConvertError(f"--out {out} is not empty and holds no data_prep output; choose an empty folder")
 
 
+def _refuse_replacing_another_conversion(out: Path, fmt: str, src: Path) -> None:
+    """A conversion rewrites its whole --out: another --src or --format there would replace the
+    root silently (a second convert never adds domains to a first one)."""
+    try:
+        previous = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["converter"]
+        old_fmt, old_src = previous["format"], previous["args"]["src"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable manifest: nothing listed that would be lost
+    if old_fmt == fmt and os.path.realpath(old_src) == os.path.realpath(src):
+        return
+    hint = ("; for ImageNet-Sketch next to ImageNet in one root, put sketch/ beside train/ and val/ and convert "
+            "once with --format imagenet" if {fmt, old_fmt} <= {"imagenet", "imagenet_sketch"} else "")
+    raise ConvertError(f"--out {out} holds the conversion of {old_src} (--format {old_fmt}); converting {src} "
+                       f"(--format {fmt}) there would replace it: choose another --out, or delete it first{hint}")
+
+
 def _pin_classes(layout: Layout, pinned: tuple[str, ...], origin: Path) -> None:
-    """Re-index labels to a class order fixed elsewhere (--classes-from)."""
+    """Re-index labels to a class order fixed elsewhere (--classes-from); name the classes of that
+    order a domain has no image of (their indices stay reserved)."""
     unknown = sorted(set(layout.classes) - set(pinned))
     if unknown:
         raise ConvertError(f"classes {unknown[:10]} are not in {origin / MANIFEST_NAME}")
     index = {name: i for i, name in enumerate(pinned)}
     layout.records = [replace(r, label=index[layout.classes[r.label]]) for r in layout.records]
     layout.classes = list(pinned)
+    for domain in layout.domains:
+        present = {r.label for r in layout.records if r.domain == domain}
+        missing = [name for i, name in enumerate(pinned) if i not in present]
+        if missing and present:
+            layout.warn("class_missing", domain, f"{len(missing)} classes of {origin / MANIFEST_NAME} have no "
+                        f"images in {domain!r} (their indices stay reserved): {missing[:10]}")
 
 
-def _drop_empty_domains(layout: Layout) -> None:
+def _drop_empty_domains(layout: Layout, src: Path, fmt: str) -> None:
     present = {r.domain for r in layout.records}
     for domain in layout.domains:
         if domain not in present:
             layout.skip("empty_domain", domain, "no image of this domain remains; domain left out")
     layout.domains = [d for d in layout.domains if d in present]
     if not layout.domains:
-        raise ConvertError("no images found: every domain is empty; problems found:"
-                           + "".join(f"\n  {p.kind} {p.file}: {p.detail}" for p in layout.problems[:20]))
+        kinds = sorted({p.kind for p in layout.problems})
+        first = "; ".join(f"{p.kind} {p.file}" for p in layout.problems[:3])
+        found = f"; {len(layout.problems)} problems ({', '.join(kinds)}), first: {first}" if first else ""
+        raise LayoutNotFound(f"no images found in {src}: every domain is empty{found}; {layout_hint(fmt)}")
     for domain in layout.domains:
         if not _DOMAIN_NAME.match(domain):
             raise ConvertError(f"domain name {domain!r} is not usable as a folder name ([A-Za-z0-9_-])")
@@ -208,7 +237,7 @@ def _report_payload(fmt: str, problems: list[Problem], num_samples: int) -> dict
 
 def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_samples: int = DEFAULT_SHARD_SAMPLES,
             shard_bytes: int = DEFAULT_SHARD_BYTES, workers: int | None = None, strict: bool = False,
-            val_fraction: float = 0.1, seed: int = 0, classes_from: str | os.PathLike | None = None,
+            val_fraction: float | None = None, seed: int = 0, classes_from: str | os.PathLike | None = None,
             progress: bool = True, max_pixels: int = MAX_PIXELS) -> ConvertSummary:
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
@@ -216,20 +245,29 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
         raise ConvertError("--shard-samples and --shard-bytes must be positive")
     if max_pixels < 1:
         raise ConvertError(f"--max-pixels must be positive, got {max_pixels}")
-    if not 0.0 <= val_fraction < 1.0:
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
         raise ConvertError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     src, out = Path(src).absolute(), Path(out).absolute()
     _check_paths(src, out)
+    _refuse_replacing_another_conversion(out, fmt, src)
+    pinned = None if classes_from is None else load_manifest(classes_from).classes
     with collect_listing_problems(src) as listing_problems:
-        layout = FORMATS[fmt](src, ScanOptions(val_fraction=val_fraction, seed=seed))
+        try:
+            layout = FORMATS[fmt](src, ScanOptions(val_fraction=val_fraction, seed=seed, pinned_classes=pinned))
+        except LayoutNotFound as error:
+            raise LayoutNotFound(f"{error}; {layout_hint(fmt)}") from None
     layout.problems += listing_problems
-    if classes_from is not None:
-        _pin_classes(layout, load_manifest(classes_from).classes, Path(classes_from))
-    _drop_empty_domains(layout)
+    if val_fraction is not None and layout.holdout is None:
+        raise ConvertError(f"--val-fraction {val_fraction:g} asks for a random holdout, but {src} (--format {fmt}) "
+                           "has its own split for every domain, so none would be made: leave --val-fraction out")
+    if pinned is not None:
+        _pin_classes(layout, pinned, Path(classes_from))
+    _drop_empty_domains(layout, src, fmt)
     stats, stat_problems = _stat_records(layout, src)
     keys, key_problems = assign_keys([record for record, _ in stats])
     samples = _planned_samples(layout, stats, keys)
-    problems = layout.problems + key_problems + stat_problems
+    planned_gaps = val_gaps(record for record, _ in stats)
+    problems = layout.problems + key_problems + stat_problems + no_val_problems(planned_gaps, layout.classes)
     if strict:
         _raise_if_strict(problems, None)  # before writing anything
 
@@ -242,6 +280,10 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
     _clear_previous_output(out, jobs)
     results = _run_jobs(out, jobs, workers=workers or default_workers(), progress=progress)
     problems += [p for r in results for p in r.problems]
+    skipped_now = {p.file for r in results for p in r.problems if p.action == "skipped"}
+    written = (record for record, _ in stats if record.src not in skipped_now)
+    problems += no_val_problems({gap: n for gap, n in val_gaps(written).items() if gap not in planned_gaps},
+                                layout.classes)
     filled = {r.file.split("/")[0] for r in results if r.num_samples}
     problems += [Problem("empty_domain", "warning", d, "every image of this domain was skipped; it has no samples")
                  for d in layout.domains if d not in filled]
@@ -251,10 +293,11 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
     write_json_atomic(out / REPORT_NAME, _report_payload(fmt, problems, num_samples))
     if strict:
         _raise_if_strict(problems, out)
-    args = {"src": str(src), "shard_samples": shard_samples, "shard_bytes": shard_bytes, "val_fraction": val_fraction,
+    args = {"src": str(src), "shard_samples": shard_samples, "shard_bytes": shard_bytes, "val_fraction": layout.holdout,
             "seed": seed, "strict": strict, "classes_from": None if classes_from is None else str(Path(classes_from).absolute()),
             "max_pixels": max_pixels}
     skipped = sum(p.action == "skipped" for p in problems)
     write_manifest(out, _manifest_payload(fmt, layout, results, args, skipped))
     return ConvertSummary(out, num_samples, sum(1 for r in results if r.num_samples), sum(r.reused for r in results),
-                          skipped, sum(p.action == "reencoded" for p in problems), sum(p.action == "warning" for p in problems))
+                          skipped, sum(p.action == "reencoded" for p in problems), sum(p.action == "warning" for p in problems),
+                          layout.holdout, tuple(p.detail for p in problems if p.kind == "no_val"))

@@ -13,6 +13,27 @@ class ConvertError(Exception):
     """The dataset would be wrong if we went on: the message names the file at fault."""
 
 
+class LayoutNotFound(ConvertError):
+    """--src does not hold the layout --format reads; the converter adds the accepted layouts."""
+
+
+DEFAULT_VAL_FRACTION = 0.1  # held-out share of each (domain, class) for layouts without a validation split
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """val_fraction None: not asked for. A layout with official splits then uses them and stops if
+    they are missing; a layout without any holds out DEFAULT_VAL_FRACTION."""
+
+    val_fraction: float | None = None
+    seed: int = 0
+    pinned_classes: tuple[str, ...] | None = None  # --classes-from: the class order to take
+
+    @property
+    def holdout_fraction(self) -> float:
+        return DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction
+
+
 @dataclass(frozen=True)
 class SourceRecord:
     path: Path  # absolute path of the image file
@@ -51,6 +72,7 @@ class Layout:
     domains: list[str]
     records: list[SourceRecord]
     problems: list[Problem] = field(default_factory=list)
+    holdout: float | None = None  # the fraction a seeded random holdout used, None when none was made
 
     def skip(self, kind: str, file: str, detail: str) -> None:
         self.problems.append(Problem(kind, "skipped", file, detail))

@@ -61,7 +61,7 @@ def test_bad_image_content_is_skipped_and_reported(tree, tmp_path, kind, capsys)
 def test_images_decode_image_handles_are_copied_unchanged(tree, tmp_path, kind):
     data = image_bytes(kind)
     write(tree / "photo/dog/special.img", data)
-    _convert("imagefolder", tree, tmp_path / "out")
+    _convert("imagefolder", tree, tmp_path / "out", val_fraction=0.5)  # 0.1 of 2 leaves no val: no_val
     assert image_of(read_all_samples(tmp_path / "out")["photo/dog/special.img"]) == data
     assert _problems(tmp_path / "out") == {}
 
@@ -175,7 +175,7 @@ def test_strict_turns_a_content_skip_into_an_error_without_manifest(tree, tmp_pa
     _convert("imagefolder", tree, out)  # a valid earlier output must not survive as a stale manifest
     write(tree / "art/horse/zero.jpg", b"")
     assert main(["convert", "--format", "imagefolder", "--src", str(tree), "--out", str(out), "--strict",
-                 "--workers", "1", "--no-progress"]) == 1
+                 "--val-fraction", "0.5", "--workers", "1", "--no-progress"]) == 1
     assert "empty_file: art/horse/zero.jpg" in capsys.readouterr().err
     assert not (out / MANIFEST_NAME).exists()
     assert _problems(out)["art/horse/zero.jpg"]["kind"] == "empty_file"
@@ -301,7 +301,7 @@ def test_pixel_bomb_is_skipped_from_its_header(tree, tmp_path, capsys):
                        "detail": "too_many_pixels: 30000x30000 > 89478485"}
     assert load_manifest(out).converter["args"]["max_pixels"] == 89478485
     assert main(["convert", "--format", "imagefolder", "--src", str(tree), "--out", str(out), "--strict",
-                 "--workers", "1", "--no-progress"]) == 1
+                 "--val-fraction", "0.5", "--workers", "1", "--no-progress"]) == 1
     assert "too_many_pixels: photo/dog/bomb.png: too_many_pixels: 30000x30000 > 89478485" in capsys.readouterr().err
 
 

@@ -17,7 +17,7 @@ from data_prep.formats.listed import (records_for, require_disjoint, unique_entr
                                       warn_unlisted)
 from data_prep.holdout import split_holdout
 from data_prep.listfiles import class_names_from_entries, read_list_file
-from data_prep.records import ConvertError, Layout
+from data_prep.records import Layout, LayoutNotFound
 from data_prep.tree import list_files_here
 
 LIST_FILE = re.compile(r"^(?P<domain>[A-Za-z0-9]+)_(?P<role>train|test)\.txt$")
@@ -30,7 +30,7 @@ def scan_domainnet(src: Path, options) -> Layout:
         if match:
             lists.setdefault(match["domain"], {})[match["role"]] = path
     if not lists:
-        raise ConvertError(f"{src}: no DomainNet list files ({{domain}}_train.txt / {{domain}}_test.txt)")
+        raise LayoutNotFound(f"no DomainNet list files ({{domain}}_train.txt, {{domain}}_test.txt) in {src}")
 
     layout = Layout(classes=[], domains=sorted(lists), records=[])
     entries = {domain: {role: unique_entries(read_list_file(path, first_label=0), layout)
@@ -46,8 +46,9 @@ def scan_domainnet(src: Path, options) -> Layout:
         require_disjoint(train, test)
         common = dict(src=src, image_root=src, domain=domain, layout=layout)
         layout.records += split_holdout(records_for(train, split="train", **common),
-                                        fraction=options.val_fraction, seed=options.seed)
+                                        fraction=options.holdout_fraction, seed=options.seed)
         layout.records += records_for(test, split="test", **common)
         warn_unlisted(src=src, image_root=src, domain=domain, listed={e.path for e in train + test}, layout=layout)
+    layout.holdout = options.holdout_fraction
     warn_missing_classes(layout)
     return layout

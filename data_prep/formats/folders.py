@@ -14,7 +14,7 @@ from pathlib import Path
 
 from data_prep.holdout import split_holdout
 from data_prep.keys import sanitize_key
-from data_prep.records import ConvertError, Layout, SourceRecord
+from data_prep.records import ConvertError, Layout, LayoutNotFound, SourceRecord
 from data_prep.tree import list_files_here, list_files_recursive, list_subdirs, relative_posix, stem_path
 
 SPLIT_FOLDERS = {"train": "train", "crossval": "val", "val": "val", "test": "test"}
@@ -77,8 +77,10 @@ def scan_domain_folders(src: Path, domain_dirs: list[Path], *, val_fraction: flo
     records = [SourceRecord(f.path, relative_posix(f.path, src), f.domain, class_index[f.class_name],
                             f.split or "", f.hint) for f in found]
     fixed = [r for r in records if r.split]
-    layout.records = sorted(fixed + split_holdout([r for r in records if not r.split],
-                                                  fraction=val_fraction, seed=seed), key=lambda r: r.src)
+    undecided = [r for r in records if not r.split]
+    if undecided:
+        layout.holdout = val_fraction
+    layout.records = sorted(fixed + split_holdout(undecided, fraction=val_fraction, seed=seed), key=lambda r: r.src)
     return layout
 
 
@@ -88,13 +90,14 @@ def _named_domain_dirs(src: Path, root: Path, expected_sets: list[tuple[str, ...
     expected = max(expected_sets, key=lambda names: sum(n in present for n in names))
     dirs = [present[name] for name in expected if name in present]
     if not dirs:
-        raise ConvertError(f"{root}: no {layout_name} domain folder found; expected {' / '.join(map(str, expected_sets))}")
+        raise LayoutNotFound(f"no {layout_name} domain folder in {root}: expected "
+                             f"{' or '.join('{' + ','.join(names) + '}' for names in expected_sets)}")
     return dirs, [n for n in expected if n not in present], sorted(set(present) - set(expected))
 
 
 def _scan_named(src: Path, root: Path, expected_sets, layout_name: str, options) -> Layout:
     dirs, missing, unexpected = _named_domain_dirs(src, root, expected_sets, layout_name)
-    layout = scan_domain_folders(src, dirs, val_fraction=options.val_fraction, seed=options.seed)
+    layout = scan_domain_folders(src, dirs, val_fraction=options.holdout_fraction, seed=options.seed)
     for name in missing:
         layout.warn("domain_missing", relative_posix(root, src) + "/" + name, f"{layout_name} domain folder is missing")
     for name in unexpected:
@@ -105,7 +108,10 @@ def _scan_named(src: Path, root: Path, expected_sets, layout_name: str, options)
 def scan_imagefolder(src: Path, options) -> Layout:
     """Any src/{domain}/{class}/**/image tree; every non-hidden top-level folder is a domain."""
     layout_root_files = list_files_here(src)
-    layout = scan_domain_folders(src, list_subdirs(src), val_fraction=options.val_fraction, seed=options.seed)
+    domain_dirs = list_subdirs(src)
+    if not domain_dirs:
+        raise LayoutNotFound(f"no domain folder in {src}")
+    layout = scan_domain_folders(src, domain_dirs, val_fraction=options.holdout_fraction, seed=options.seed)
     for stray in layout_root_files:
         layout.skip("outside_class_folder", relative_posix(stray, src), "file is not inside a domain folder")
     return layout
