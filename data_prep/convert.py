@@ -257,12 +257,12 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
         except LayoutNotFound as error:
             raise LayoutNotFound(f"{error}; {layout_hint(fmt)}") from None
     layout.problems += listing_problems
-    if val_fraction is not None and layout.holdout is None:
-        raise ConvertError(f"--val-fraction {val_fraction:g} asks for a random holdout, but {src} (--format {fmt}) "
-                           "has its own split for every domain, so none would be made: leave --val-fraction out")
     if pinned is not None:
         _pin_classes(layout, pinned, Path(classes_from))
     _drop_empty_domains(layout, src, fmt)
+    if val_fraction is not None and layout.holdout is None:
+        raise ConvertError(f"--val-fraction {val_fraction:g} asks for a random holdout, but {src} (--format {fmt}) "
+                           "has its own split for every domain, so none would be made: leave --val-fraction out")
     stats, stat_problems = _stat_records(layout, src)
     keys, key_problems = assign_keys([record for record, _ in stats])
     samples = _planned_samples(layout, stats, keys)

@@ -116,10 +116,14 @@ def make_class_tree(root: Path, domains: list[str], classes: list[str], per_clas
 
 
 def make_pacs(src: Path, domains=("art_painting", "photo"), classes=("dog", "horse"), per_class: int = 4,
-              *, test_extra: int = 1) -> dict[str, bytes]:
-    """PACS kfold tree with split files: image 0 of each class -> crossval, the last `test_extra` only in
-    test_kfold (so they become split "test"), the rest -> train; labels 1-based."""
-    files = make_class_tree(src / "kfold", list(domains), list(classes), per_class)
+              *, test_extra: int = 1, images: str = "kfold", labels: str = ".") -> dict[str, bytes]:
+    """PACS tree with split files: image 0 of each class -> crossval, the last `test_extra` only in
+    test_kfold (so they become split "test"), the rest -> train; labels 1-based. `images` and `labels`
+    are the folders (below src) of the images and the split files: the authors' kfold/ with the
+    lists on top by default; images="pacs_data/pacs_data", labels="pacs_label" is pacs_data.zip and
+    pacs_label.zip as they extract."""
+    files = make_class_tree(src / images, list(domains), list(classes), per_class)
+    (src / labels).mkdir(parents=True, exist_ok=True)
     for domain in domains:
         lines = {"train": [], "crossval": [], "test": []}
         for label, class_name in enumerate(classes, start=1):
@@ -131,8 +135,8 @@ def make_pacs(src: Path, domains=("art_painting", "photo"), classes=("dog", "hor
                 elif i < per_class - test_extra:
                     lines["train"].append(line)
         for role, role_lines in lines.items():
-            (src / f"{domain}_{role}_kfold.txt").write_text("\n".join(role_lines) + "\n")
-    return {f"kfold/{k}": v for k, v in files.items()}
+            (src / labels / f"{domain}_{role}_kfold.txt").write_text("\n".join(role_lines) + "\n")
+    return {f"{images}/{k}": v for k, v in files.items()}
 
 
 def make_domainnet(src: Path, domains=("clipart", "real"), classes=("The_Eiffel_Tower", "aircraft_carrier", "zebra"),
