@@ -155,6 +155,18 @@ def make_domainnet(src: Path, domains=("clipart", "real"), classes=("The_Eiffel_
     return files
 
 
+def corrupt_first_image(root: Path, domain: str, split: str = "train") -> Path:
+    """Zero 64 bytes of the first image of a shard (the JPEG header; the shard's size and the
+    manifest stay as they are, so only decoding finds it); returns the shard's path."""
+    manifest = load_manifest(root)
+    shard = manifest.shards(domain, split)[0]
+    path = manifest.root / shard.file
+    with open(path, "r+b") as handle:
+        handle.seek(shard.sample_offsets[0] + 512)  # past the first member's tar header
+        handle.write(b"\0" * 64)
+    return path
+
+
 def read_all_samples(root: Path) -> dict[str, dict]:
     """{src: sample} over every shard the manifest lists; sample has split and domain names added."""
     manifest = load_manifest(root)

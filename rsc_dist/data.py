@@ -336,6 +336,9 @@ def _kill_loader_workers() -> None:
     # hook terminates daemonic children with SIGTERM, which loader workers ignore, and then
     # joins them: a run that died with a loader still open (a data error raised from a worker)
     # would wait at exit forever. SIGKILL cannot be ignored.
+    # The loader's SIGCHLD handler would report each kill as "DataLoader worker ... is killed by
+    # signal" with a traceback, after the run's own error line.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()

@@ -170,8 +170,18 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return run(config, args)
     except (ConfigError, FileNotFoundError, DataError) as exc:
+        _close_progress_bars()
         print(f"rsc_dist.train: error: {error_line(exc)}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+
+
+def _close_progress_bars() -> None:
+    """End an open progress bar's line, so the error starts its own (and is the last: an open bar
+    would be drawn again when the interpreter exits)."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
 
 
 if __name__ == "__main__":
