@@ -27,7 +27,7 @@ from pathlib import Path
 from data_prep import DATA_PREP_VERSION
 from data_prep.convert import convert
 from data_prep.index import index_manifest
-from data_prep.manifest import ManifestError, load_manifest
+from data_prep.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from data_prep.parallel import close_in_workers
 from data_prep.synth import SYNTH_MARKER, SYNTH_VERSION, write_demo_dataset
 
@@ -106,6 +106,9 @@ def ensure_demo_shards(cache_dir: str | Path, *, image_size: int = 64, images_pe
         manifest = _complete_manifest(shards, src)
         if manifest is None:
             _ensure_source(base, src, image_size=image_size, images_per_class=images_per_class, seed=seed)
+            # A cache moved from elsewhere lists its old src: the converter would refuse to replace
+            # another source's conversion; this folder is the demo's own.
+            (shards / MANIFEST_NAME).unlink(missing_ok=True)
             convert("pacs", src, shards, shard_samples=DEMO_SHARD_SAMPLES, workers=workers, seed=seed, progress=False)
         elif manifest.format_version < 2:  # cached by an older data_prep: add the sample offsets in place
             try:

@@ -49,6 +49,16 @@ def test_ensure_demo_shards_recovers_from_an_interruption(tmp_path):
     assert not (root.parent / ".src.999.tmp").exists()
 
 
+def test_a_moved_cache_is_rebuilt_in_place(tmp_path):
+    """Its manifest names the old src: the converter refuses another source's root, the demo does not."""
+    root = ensure_demo_shards(tmp_path / "cache", **SMALL)
+    reference = tree_bytes(root, with_state=False)
+    os.rename(tmp_path / "cache", tmp_path / "moved")
+    moved = ensure_demo_shards(tmp_path / "moved", **SMALL)
+    assert load_manifest(moved).converter["args"]["src"] == str(moved.parent / "src")
+    assert tree_bytes(moved, with_state=False).keys() == reference.keys()
+
+
 def test_other_parameters_get_their_own_folder(tmp_path):
     small = ensure_demo_shards(tmp_path / "cache", **SMALL)
     other = ensure_demo_shards(tmp_path / "cache", image_size=16, images_per_class=5, seed=1)
