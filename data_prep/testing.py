@@ -136,7 +136,7 @@ def make_pacs(src: Path, domains=("art_painting", "photo"), classes=("dog", "hor
                     lines["train"].append(line)
         for role, role_lines in lines.items():
             (src / labels / f"{domain}_{role}_kfold.txt").write_text("\n".join(role_lines) + "\n")
-    return {f"{images}/{k}": v for k, v in files.items()}
+    return {(Path(images) / k).as_posix(): v for k, v in files.items()}
 
 
 def make_domainnet(src: Path, domains=("clipart", "real"), classes=("The_Eiffel_Tower", "aircraft_carrier", "zebra"),

@@ -40,9 +40,12 @@ def _splits(out: Path) -> dict[str, str]:
 # --- PACS: pacs_data.zip, the kfold link, --src at the image folder -----------------------------
 
 
-def test_pacs_data_zip_layout_converts_with_the_official_split(tmp_path):
+@pytest.mark.parametrize("images, labels", [("pacs_data/pacs_data", "pacs_label"),  # the zips as they extract
+                                            ("images", "splits"),  # Dassl
+                                            (".", "pacs_label")])
+def test_published_pacs_layouts_convert_with_the_official_split(tmp_path, images, labels):
     make_pacs(tmp_path / "kfold_layout")
-    files = make_pacs(tmp_path / "PACS", images="pacs_data/pacs_data", labels="pacs_label")
+    files = make_pacs(tmp_path / "PACS", images=images, labels=labels)
     _convert("pacs", tmp_path / "kfold_layout", tmp_path / "reference")
     _convert("pacs", tmp_path / "PACS", tmp_path / "out", strict=True)
     assert sorted(read_all_samples(tmp_path / "out")) == sorted(files)

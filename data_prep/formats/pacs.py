@@ -73,8 +73,8 @@ def _image_folder(src: Path, domains: list[str]) -> Path | None:
 def _split_files_near(src: Path) -> Path | None:
     """A folder above src holding split files: --src was probably the image folder."""
     for parent in list(src.parents)[:2]:
-        if any(SPLIT_FILE.match(p.name) for p in parent.glob("*_kfold.txt")) or (
-                (parent / "pacs_label").is_dir() and any((parent / "pacs_label").glob("*_kfold.txt"))):
+        folders = (parent, parent / "pacs_label", parent / "splits")
+        if any(SPLIT_FILE.match(path.name) for folder in folders for path in folder.glob("*_kfold.txt")):
             return parent
     return None
 
@@ -142,12 +142,10 @@ def scan_pacs(src: Path, options) -> Layout:
         layout.records += records_for(extra_test, split="test", **common)
         warn_unlisted(src=src, image_root=image_root, domain=domain,
                       listed=listed | {e.path for e in extra_test}, layout=layout)
-    split_folders = {os.path.realpath(p.parent) for roles in split_files.values() for p in roles.values()}
+    split_paths = [os.path.realpath(path) for roles in split_files.values() for path in roles.values()]
     for folder in list_subdirs(image_root):
-        holds_split_files = any(f == os.path.realpath(folder) or f.startswith(os.path.realpath(folder) + os.sep)
-                                for f in split_folders)
-        if folder.name not in split_files and not holds_split_files and (image_root != src or
-                                                                         folder.name not in IMAGE_FOLDERS):
+        holds_split_files = any(path.startswith(os.path.realpath(folder) + os.sep) for path in split_paths)
+        if folder.name not in split_files and not holds_split_files:  # e.g. pacs_label/ when images are in src
             layout.warn("unlisted_files", relative_posix(folder, src), "folder has no split files; left out")
     warn_missing_classes(layout)
     return layout
