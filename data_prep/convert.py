@@ -213,7 +213,8 @@ def _run_jobs(out: Path, jobs: list[ShardJob], *, workers: int, progress: bool) 
     return sorted(results, key=lambda r: r.file)
 
 
-def _manifest_payload(fmt: str, layout: Layout, results: list[ShardResult], args: dict, skipped: int) -> dict:
+def _manifest_payload(fmt: str, layout: Layout, results: list[ShardResult], args: dict, skipped: int,
+                      no_val: list[tuple[str, str]]) -> dict:
     splits = {d: {s: {"num_samples": 0, "shards": []} for s in SPLITS} for d in layout.domains}
     for result in results:
         if not result.num_samples:
@@ -226,7 +227,7 @@ def _manifest_payload(fmt: str, layout: Layout, results: list[ShardResult], args
                                 "sample_offsets": list(result.sample_offsets)})
     return {"format_version": FORMAT_VERSION, "dataset": fmt, "classes": layout.classes, "domains": layout.domains,
             "splits": splits, "converter": {"format": fmt, "args": args, "data_prep_version": DATA_PREP_VERSION},
-            "skipped": skipped, "report": REPORT_NAME}
+            "skipped": skipped, "report": REPORT_NAME, "no_val": [list(pair) for pair in no_val]}
 
 
 def _report_payload(fmt: str, problems: list[Problem], num_samples: int) -> dict:
@@ -282,8 +283,9 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
     problems += [p for r in results for p in r.problems]
     skipped_now = {p.file for r in results for p in r.problems if p.action == "skipped"}
     written = (record for record, _ in stats if record.src not in skipped_now)
-    problems += no_val_problems({gap: n for gap, n in val_gaps(written).items() if gap not in planned_gaps},
-                                layout.classes)
+    late_gaps = {gap: n for gap, n in val_gaps(written).items() if gap not in planned_gaps}
+    problems += no_val_problems(late_gaps, layout.classes)
+    no_val = sorted((domain, layout.classes[label]) for domain, label in {**planned_gaps, **late_gaps})
     filled = {r.file.split("/")[0] for r in results if r.num_samples}
     problems += [Problem("empty_domain", "warning", d, "every image of this domain was skipped; it has no samples")
                  for d in layout.domains if d not in filled]
@@ -297,7 +299,7 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, shard_s
             "seed": seed, "strict": strict, "classes_from": None if classes_from is None else str(Path(classes_from).absolute()),
             "max_pixels": max_pixels}
     skipped = sum(p.action == "skipped" for p in problems)
-    write_manifest(out, _manifest_payload(fmt, layout, results, args, skipped))
+    write_manifest(out, _manifest_payload(fmt, layout, results, args, skipped, no_val))
     return ConvertSummary(out, num_samples, sum(1 for r in results if r.num_samples), sum(r.reused for r in results),
                           skipped, sum(p.action == "reencoded" for p in problems), sum(p.action == "warning" for p in problems),
                           layout.holdout, tuple(p.detail for p in problems if p.kind == "no_val"))

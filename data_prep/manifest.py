@@ -84,6 +84,7 @@ class Manifest:
     skipped: int
     report: str
     format_version: int = FORMAT_VERSION
+    no_val: tuple[tuple[str, str], ...] = ()  # (domain, class) pairs with train and no val samples
 
     @property
     def num_classes(self) -> int:
@@ -235,4 +236,13 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     return Manifest(root=root, dataset=reader.get(raw, "dataset", str, ""), classes=classes, domains=domains,
                     splits=MappingProxyType(splits), converter=MappingProxyType(converter),
                     skipped=reader.count(raw, "skipped", ""), report=reader.get(raw, "report", str, ""),
-                    format_version=version)
+                    format_version=version, no_val=_no_val(reader, raw))
+
+
+def _no_val(reader: _Reader, raw: dict) -> tuple[tuple[str, str], ...]:
+    """The "no_val" list, [[domain, class], ...]; manifests written before the val check lack it: ()."""
+    pairs = raw.get("no_val", [])
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2
+                                              and all(isinstance(x, str) for x in p) for p in pairs):
+        raise reader.fail("no_val", "expected a list of [domain, class] pairs")
+    return tuple((domain, name) for domain, name in pairs)

@@ -207,6 +207,7 @@ def test_holdout_leaving_a_class_without_val_is_reported_per_domain_and_class(tm
     out = capsys.readouterr().out
     gaps = _problems(tmp_path / "out", "no_val")
     assert set(gaps) == {"art/horse", "photo/horse"}
+    assert load_manifest(tmp_path / "out").no_val == (("art", "horse"), ("photo", "horse"))
     assert gaps["photo/horse"]["action"] == "warning"
     assert "class 'horse' of domain 'photo' has 2 train and 0 val samples" in gaps["photo/horse"]["detail"]
     assert out.count("warning: no_val: ") == 2 and "warnings 2" in out
@@ -226,4 +227,5 @@ def test_a_val_image_skipped_while_writing_is_a_late_no_val(tmp_path):
     write(tmp_path / "PACS/kfold/art_painting/dog/img0.jpg", image_bytes("jpeg_truncated"))
     summary = _convert("pacs", tmp_path / "PACS", tmp_path / "out")
     assert set(_problems(tmp_path / "out", "no_val")) == {"art_painting/dog"}
+    assert load_manifest(tmp_path / "out").no_val == (("art_painting", "dog"),)
     assert summary.no_val == (_problems(tmp_path / "out", "no_val")["art_painting/dog"]["detail"],)
