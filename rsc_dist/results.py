@@ -6,11 +6,12 @@
 One table per dataset and metric: rows are methods (the algorithm, plus whatever else tells the
 runs apart: architecture, RSC mode or percentages, preset, ...), columns are the target domains
 and their average, cells are mean +- sample std over seeds in percent with the number of seeds.
-"best" is the evaluation each run's selection rule chose (train.selection, recorded in its
-results.json; --selection RULE applies another rule to every run's history after the fact: source_val_mean,
-source_val_pooled, last, or oracle, the best-target-accuracy step, labelled as an oracle in every
-output), "last" the final step; both by default. The average column averages the per-target means; its
-std is over each seed's average, when every target has the same seeds. `--paper` adds the paper's reported numbers for the
+"best" is the evaluation each run's selection rule chose (its train.selection, recorded in its
+results.json); --selection RULE applies another rule to every run's history after the fact:
+source_val_mean, source_val_pooled, last, or oracle (the best-target-accuracy step, labelled as
+an oracle in every output). "last" is the final step; both tables by default. The average
+column averages the per-target means; its std is over each seed's average, when every target
+has the same seeds. `--paper` adds the paper's reported numbers for the
 (dataset, architecture) pairs it knows; `--top5` adds top-5 tables. Writes OUT/results.md and
 OUT/results.csv (one tidy row per cell) and, with --wandb, logs each table as a wandb.Table in
 one W&B run (job type "results"): online with an API key, else offline under OUT/wandb/ (upload
