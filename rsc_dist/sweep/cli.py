@@ -132,7 +132,9 @@ def run_one(sweep: Sweep, out: Path, index: int | None) -> int:
     if states[run.name] == "done":
         print(f"run {run.name} is finished already ({out / run.relative}); nothing to do")
         return 0
-    command = [sys.executable, "-m", "rsc_dist.train", *run.trainer_args(sweep.preset, out)]
+    from rsc_dist.sweep.launch_local import trainer_command
+
+    command = [*trainer_command(), *run.trainer_args(sweep.preset, out)]
     print(f"run {index} of sweep {sweep.name}: {run.name} -> {' '.join(command)}", flush=True)
-    os.execv(sys.executable, command)
+    os.execv(command[0], command)
     return 1  # not reached

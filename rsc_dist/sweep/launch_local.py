@@ -91,6 +91,13 @@ def make_slots(devices: str, parallel: int | None) -> list[Slot]:
     return [Slot(None, threads) for _ in range(parallel)]
 
 
+def trainer_command(python: str = sys.executable) -> list[str]:
+    """How a run is started: the trainer module, or RSC_TRAIN_SCRIPT (as train.sbatch reads it;
+    the tests use a stand-in trainer with the same contract)."""
+    script = os.environ.get("RSC_TRAIN_SCRIPT")
+    return [python, script] if script else [python, "-m", "rsc_dist.train"]
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -148,7 +155,7 @@ class LocalSweep:
     # --- runs ---------------------------------------------------------------------------------
 
     def start(self, run: RunSpec, slot: Slot) -> None:
-        command = [self.python, "-m", "rsc_dist.train", *run.trainer_args(self.sweep.preset, self.out)]
+        command = [*trainer_command(self.python), *run.trainer_args(self.sweep.preset, self.out)]
         log_path = self.out / "logs" / f"{run.name}.log"
         log = open(log_path, "a")
         log.write(f"\n=== {time.strftime('%F %T')} start on {slot.describe()}: {' '.join(command)}\n")
@@ -174,7 +181,9 @@ class LocalSweep:
             self.event(event="end", run=name, rc=rc, seconds=seconds)
             if rc == EXIT_OK and (folder / RESULTS_FILE).is_file():
                 self.done.append(name)
-            elif rc == EXIT_PREEMPTED or (folder / PREEMPTED_MARKER).is_file():
+            elif rc == EXIT_PREEMPTED or (folder / PREEMPTED_MARKER).is_file() or self.stop_requested:
+                # Checkpointed and stopped, or ended by the stop this sweep asked for (a run still
+                # starting up, before the trainer handles signals): resumable, not failed.
                 self.stopped.append(name)
             else:
                 self.failed.append(name)
