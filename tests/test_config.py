@@ -83,3 +83,42 @@ def test_preset_file_errors(tmp_path):
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(str(loop))
+
+
+def test_every_preset_names_its_selection_rule():
+    """Paper recipes: the released code's pooled source validation; domainbed_*: DomainBed's
+    training-domain validation (the mean over source domains). Named in each file, not inherited."""
+    import yaml
+
+    from rsc_dist.config import PRESET_DIR
+
+    for name in PRESETS:
+        named = (yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()).get("train") or {}).get("selection")
+        expected = "source_val_mean" if name.startswith("domainbed_") else "source_val_pooled"
+        assert named == expected, f"{name}.yaml: train.selection is {named!r}, expected {expected!r}"
+        assert load_config(name).train.selection == expected
+
+
+def test_commands_in_preset_comments_are_accepted_by_data_prep():
+    """A preset comment that shows a data_prep command or option must name real ones."""
+    import re
+
+    from data_prep.__main__ import _parser
+    from rsc_dist.config import PRESET_DIR
+
+    convert = next(a for a in _parser()._subparsers._group_actions[0].choices.items() if a[0] == "convert")[1]
+    options = {s for action in convert._actions for s in action.option_strings}
+    formats = next(a.choices for a in convert._actions if "--format" in a.option_strings)
+    checked = 0
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        comments = " ".join(line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line)
+        for command in re.findall(r"data_prep convert ([^;()]*)", comments):
+            tokens = command.split()
+            for i, token in enumerate(tokens):
+                if token == "--format":
+                    assert tokens[i + 1] in formats, f"{path.name}: --format {tokens[i + 1]} is not a format"
+            checked += 1
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)(?![\w.])", comments):
+            if "data_prep" in comments:
+                assert flag in options, f"{path.name}: {flag} is not an option of data_prep convert"
+    assert checked >= 2
