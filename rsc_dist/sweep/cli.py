@@ -23,7 +23,7 @@ import yaml
 
 from rsc_dist.contracts import EXIT_CONFIG
 from rsc_dist.sweep.spec import Sweep, SweepError, load_sweep
-from rsc_dist.sweep.state import check_finished_runs
+from rsc_dist.sweep.state import check_finished_runs, write_record
 
 LAUNCHERS = ("print", "local", "slurm", "wandb", "one")
 
@@ -134,6 +134,7 @@ def run_one(sweep: Sweep, out: Path, index: int | None) -> int:
         return 0
     from rsc_dist.sweep.launch_local import trainer_command
 
+    write_record(sweep, out)
     command = [*trainer_command(), *run.trainer_args(sweep.preset, out)]
     print(f"run {index} of sweep {sweep.name}: {run.name} -> {' '.join(command)}", flush=True)
     os.execv(command[0], command)

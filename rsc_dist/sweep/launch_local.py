@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rsc_dist.contracts import EXIT_OK, EXIT_PREEMPTED, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.sweep.spec import RunSpec, Sweep, SweepError
-from rsc_dist.sweep.state import DONE, check_finished_runs
+from rsc_dist.sweep.state import DONE, check_finished_runs, write_record
 
 EVENTS_FILE = "sweep_events.jsonl"
 _PR_SET_PDEATHSIG = 1
@@ -214,6 +214,7 @@ class LocalSweep:
         lock.flush()
 
         states = check_finished_runs(self.sweep.runs, self.out)
+        write_record(self.sweep, self.out)
         queue = [run for run in self.sweep.runs if states[run.name] != DONE]
         self.skipped = len(self.sweep.runs) - len(queue)
         self.done = [run.name for run in self.sweep.runs if states[run.name] == DONE]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from rsc_dist.sweep.spec import Sweep, SweepError
-from rsc_dist.sweep.state import DONE, check_finished_runs
+from rsc_dist.sweep.state import DONE, check_finished_runs, write_record
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
@@ -59,6 +59,7 @@ def run_slurm(sweep: Sweep, out: Path, sbatch_options: list[str], max_parallel: 
     if not shutil.which("sbatch"):
         raise SweepError("sbatch not found: run this on a SLURM login node (or --dry-run to see the job)")
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    write_record(sweep, out)
     Path(env["RSC_TASK_FILE"]).write_text("\n".join(lines) + "\n")
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
     if result.returncode != 0:

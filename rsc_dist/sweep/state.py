@@ -58,3 +58,25 @@ def check_finished_runs(runs: list[RunSpec], out: Path) -> dict[str, str]:
                          "sweep file asks for now (found -> expected):\n" + "\n".join(stale[:10])
                          + "\nuse another --out for the changed sweep, or remove those folders")
     return states
+
+
+RECORD_FILE = "sweep.json"
+
+
+def write_record(sweep, out: Path) -> Path:
+    """OUT/sweep.json: the sweep's runs with their method, target, seed, trial and searched
+    values, so that selection across trials (rsc_dist.sweep.select) knows which runs are the
+    same hyperparameter setting. Written by every launcher that runs something (never by a
+    dry run), atomically: W&B trials may write it at the same time (with the same content)."""
+    import os
+    import tempfile
+
+    record = {"name": sweep.name, "file": str(sweep.path.resolve()), "preset": sweep.preset,
+              "runs": [{"name": r.name, "folder": str(r.relative), "method": r.method, "target": r.target,
+                        "seed": r.seed, "trial": r.trial, "hparams": r.hparams} for r in sweep.runs]}
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".sweep.json.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, out / RECORD_FILE)
+    return out / RECORD_FILE
