@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace, sweep: Sweep, out: Path, dry_run: bool) -> int:
     launcher = args.launcher
-    if launcher == "print" or (dry_run and launcher in ("local", "one")):
+    if launcher == "print" or (dry_run and launcher == "local"):
         return print_runs(sweep, out, args.commands or dry_run)
     if launcher == "local":
         from rsc_dist.sweep.launch_local import run_local
@@ -105,7 +106,7 @@ def dispatch(args: argparse.Namespace, sweep: Sweep, out: Path, dry_run: bool) -
             print(f"wrote {path} ({len(sweep.runs)} trials); next: wandb sweep --project PROJECT {path}",
                   file=sys.stderr)
         return 0
-    return run_one(sweep, out, args.index)
+    return run_one(sweep, out, args.index, dry_run)
 
 
 def print_runs(sweep: Sweep, out: Path, commands: bool) -> int:
@@ -122,20 +123,23 @@ def print_runs(sweep: Sweep, out: Path, commands: bool) -> int:
     return 0
 
 
-def run_one(sweep: Sweep, out: Path, index: int | None) -> int:
+def run_one(sweep: Sweep, out: Path, index: int | None, dry_run: bool) -> int:
     """Exec the trainer for run ``index`` (a W&B trial): the trainer becomes this process, so the
-    agent's forwarded signals reach it directly."""
+    agent's forwarded signals reach it directly. A dry run prints the command instead."""
     if index is None or not 0 <= index < len(sweep.runs):
         raise SweepError(f"--launcher one needs --index between 0 and {len(sweep.runs) - 1}; got {index}")
     run = sweep.runs[index]
+    from rsc_dist.sweep.launch_local import trainer_command
+
+    command = [*trainer_command(), *run.trainer_args(sweep.preset, out)]
+    if dry_run:
+        print(shlex.join(command))
+        return 0
     states = check_finished_runs([run], out)
     if states[run.name] == "done":
         print(f"run {run.name} is finished already ({out / run.relative}); nothing to do")
         return 0
-    from rsc_dist.sweep.launch_local import trainer_command
-
     write_record(sweep, out)
-    command = [*trainer_command(), *run.trainer_args(sweep.preset, out)]
-    print(f"run {index} of sweep {sweep.name}: {run.name} -> {' '.join(command)}", flush=True)
+    print(f"run {index} of sweep {sweep.name}: {run.name} -> {shlex.join(command)}", flush=True)
     os.execv(command[0], command)
     return 1  # not reached

@@ -196,9 +196,11 @@ def _expand(path: Path, raw: dict, extra_overrides: dict) -> Sweep:
 
     known = config_fields()
     fixed = dict(_mapping(raw.get("overrides"), f"{where}: overrides"))
-    fixed.update(extra_overrides)
     for key in fixed:
         _check_field(key, f"{where}: overrides", known)
+    for key in extra_overrides:
+        _check_field(key, "--set", known)
+    fixed.update(extra_overrides)
     space = _mapping(raw.get("space"), f"{where}: space")
     for key in space:
         _check_field(key, f"{where}: space", known)
