@@ -5,11 +5,12 @@ results.json, the per-domain result table and the console accuracy table.
 Key layout (docs/wandb.md says how to read it): every metric is plotted against
 ``trainer/step`` (the trainer's optimizer-independent step; ``trainer/epoch`` beside it);
 ``train/*`` and ``perf/*`` every ``train.log_every_steps``; at each evaluation ``val/acc``,
-``val/acc_<source>``, ``target/acc_<target>``, ``target/top5_<target>``, the domain-independent
-``target/acc`` / ``target/top5`` (mean over the target domains) and ``best/val_acc``,
-``best/target_acc`` (the target accuracy at the best source-validation step so far: the
-paper's model selection); ``rsc/masks`` images. At the end: ``results/per_domain`` (table),
-``results.json`` (run file) and, with ``wandb.log_model=best``, the best model as an artifact.
+``val/acc_mean``, ``val/acc_<source>``, ``target/acc_<target>``, ``target/top5_<target>``, the
+domain-independent ``target/acc`` / ``target/top5`` (mean over the target domains) and
+``best/val_acc``, ``best/target_acc`` (the target accuracy at the evaluation train.selection
+chose so far; ``best/selection`` in the summary names the rule); ``rsc/masks`` images. At the
+end: ``results/per_domain`` (table), ``results.json`` (run file) and, with
+``wandb.log_model=best``, the best model as an artifact.
 """
 
 from __future__ import annotations
@@ -200,8 +201,9 @@ def evaluation_metrics(evaluation: dict, best: dict | None = None) -> dict:
         if per_domain:
             values[key] = mean_or_none(per_domain.values())
     if best:
-        if best.get("val_acc") is not None:
-            values["best/val_acc"] = best["val_acc"]
+        for key in ("val_acc", "val_acc_mean"):
+            if best.get(key) is not None:
+                values[f"best/{key}"] = best[key]
         if best.get("target_acc"):
             values["best/target_acc"] = mean_or_none(best["target_acc"].values())
             values.update({f"best/target_acc_{d}": a for d, a in best["target_acc"].items()})
@@ -454,7 +456,8 @@ def best_model_artifact(run, results: dict, run_dir: Path):
                 "fingerprint": results.get("fingerprint")}
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"model-{run.id}")
     artifact = wandb.Artifact(safe, type="model", metadata=metadata,
-                              description=f"best source-validation step {best.get('step')} of run {run.name}")
+                              description=f"step {best.get('step')} of run {run.name}, chosen by "
+                                          f"{results.get('selection')}")
     folder = Path(run_dir) / "checkpoints" / "best"
     for path in files:
         artifact.add_file(str(path), name=str(path.relative_to(folder)))

@@ -122,3 +122,40 @@ def test_commands_in_preset_comments_are_accepted_by_data_prep():
             if "data_prep" in comments:
                 assert flag in options, f"{path.name}: {flag} is not an option of data_prep convert"
     assert checked >= 2
+
+
+def test_the_default_run_folder_follows_the_resolved_global_batch():
+    """Planted defect: 1 and 2 processes with a per-process batch (global batch 32 vs 64) shared a
+    run folder, so the second run was refused instead of starting its own."""
+    demo = load_config("demo")
+    assert demo.resolved_output_dir(1) != demo.resolved_output_dir(2)
+    # A global batch fixed over process counts keeps the folder: an elastic resume finds it.
+    fixed = load_config("demo", ["--data.global_batch_size=64"])
+    assert fixed.resolved_output_dir(1) == fixed.resolved_output_dir(2) == fixed.resolved_output_dir(4)
+    # ... and it is the folder of the per-process batch that resolves to the same global batch.
+    assert fixed.resolved_output_dir(2) == demo.resolved_output_dir(2)
+    balanced = load_config("demo", ["--data.sampling=balanced"])
+    assert balanced.resolved_output_dir(1) != balanced.resolved_output_dir(2)
+    # The selection rule decides what checkpoints/best/ holds: it is part of the run.
+    assert load_config("demo", ["--train.selection=last"]).resolved_output_dir(1) != demo.resolved_output_dir(1)
+    # Settings that change nothing about the trajectory keep it.
+    assert load_config("demo", ["--train.log_every_steps=3"]).resolved_output_dir(1) == demo.resolved_output_dir(1)
+
+
+def test_the_trainer_names_its_folder_with_the_launchers_process_count(monkeypatch, tmp_path):
+    from rsc_dist import build, train
+
+    seen = []
+
+    def stop(config, run_dir):
+        seen.append(run_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "make_accelerator", stop)
+    monkeypatch.chdir(tmp_path)
+    config, args = train.resolve_config(["--config", "demo"])
+    for world_size in ("2", "1"):
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(config, args)
+    assert seen == [config.resolved_output_dir(2).resolve(), config.resolved_output_dir(1).resolve()]

@@ -120,6 +120,9 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_shards):
     marker = run_dir / "preempted.json"
     assert marker.exists(), f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
     assert json.loads(marker.read_text())["reason"] == "SIGTERM"
+    # As README says: the launcher itself dies of the signal (a shell shows 143), not 75 or 1;
+    # the marker is what tells a script to rerun.
+    assert proc.returncode == -signal.SIGTERM, f"exit {proc.returncode}"
     step = json.loads(marker.read_text())["step"]
     assert (run_dir / "checkpoints" / f"checkpoint_{step:08d}").is_dir()
     # A shorter run changes the schedule: a different trajectory, so the resume must be forced.
@@ -223,3 +226,28 @@ def test_decoding_on_the_device_trains_to_the_same_weights(tmp_path, tiny_shards
         assert code == 0
     workers, device = _final_weights(tmp_path / "workers"), _final_weights(tmp_path / "device")
     assert all(torch.equal(workers[k], device[k]) for k in workers)
+
+
+def test_a_source_without_validation_data_is_refused_unless_selection_needs_none(tmp_path, tiny_shards, capsys):
+    """Planted defect: a source domain with 0 val samples was accepted, and the FIRST evaluation
+    was reported as best. A rule that ranks by source validation now refuses at start."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    info = json.loads((shards / "_info.json").read_text())
+    info["splits"]["painting"]["val"] = {"num_samples": 0, "shards": []}
+    (shards / "_info.json").write_text(json.dumps(info))
+    config = tiny_config(tmp_path, shards, train={"max_steps": 4, "eval_every_steps": 2})
+    run = ["--config", str(config), "--output_dir", str(tmp_path / "run")]
+    for rule in ("source_val_pooled", "source_val_mean"):
+        assert train.main(run + [f"--train.selection={rule}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"train.selection={rule}" in err[0] and "painting" in err[0]
+        assert "cartoon" not in err[0] and "--train.selection=last" in err[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert train.main(run + ["--train.selection=last"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [e["step"] for e in results["history"]] == [2, 4] and results["best"]["step"] == 4
+    assert results["selection"] == "last" and results["history"][0]["val_n"]["painting"] == 0
+    assert results["history"][0]["val_acc_mean"] is None and results["history"][0]["val_acc"] is not None
