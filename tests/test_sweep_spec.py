@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rsc_dist.config import load_config
+from rsc_dist.config import load_config, to_dict
 from rsc_dist.sweep.cli import main as sweep_main
 from rsc_dist.sweep.space import Distribution, unit
 from rsc_dist.sweep.spec import SweepError, load_sweep
@@ -183,7 +183,7 @@ def test_a_finished_run_made_with_other_settings_is_not_counted(tmp_path):
     sweep = load_sweep(path)
     out = tmp_path / "out"
     (out / sweep.runs[0].relative).mkdir(parents=True)
-    config = json.loads(json.dumps(__import__("rsc_dist.config", fromlist=["to_dict"]).to_dict(sweep.runs[0].config())))
+    config = to_dict(sweep.runs[0].config())
     (out / sweep.runs[0].relative / "results.json").write_text(json.dumps({"config": config}))
     assert check_finished_runs(sweep.runs, out) == {sweep.runs[0].name: "done"}
     config["optim"]["lr"] = 0.02
