@@ -161,7 +161,9 @@ def resume_differences(state: engine.TrainState, expected: dict) -> list[str]:
             hint = (f" (with another number of processes, pass --data.global_batch_size={old})"
                     if key == "global_batch" else "")
             changes.append(f"data order {key}: {old!r} -> {new!r}{hint}")
-    old_settings, new_settings = state.settings, expected["settings"]
+    old_settings, new_settings = dict(state.settings), expected["settings"]
+    if old_settings:  # saved before train.selection existed, when the pooled accuracy chose best/
+        old_settings.setdefault("train.selection", "source_val_pooled")
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
             changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")

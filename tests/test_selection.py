@@ -84,3 +84,16 @@ def test_summarized_records_list_every_source_and_target_with_its_count():
     from rsc_dist import contracts
 
     assert contracts.layout_problems(summary, contracts.EVALUATION_RECORD) == []
+
+
+def test_a_checkpoint_from_before_train_selection_continues_under_the_pooled_rule():
+    """Such checkpoints chose best/ by the pooled accuracy: resuming under that rule is the same
+    run; under another rule it is a listed change (refused without --resume force)."""
+    from rsc_dist.train import resume_differences
+
+    order = {"order_version": 2, "global_batch": 8}
+    old = engine.TrainState(data_order=dict(order), settings={"optim.lr": 0.01})
+    same = {"data_order": order, "settings": {"optim.lr": 0.01, "train.selection": "source_val_pooled"}}
+    assert resume_differences(old, same) == []
+    other = {"data_order": order, "settings": {"optim.lr": 0.01, "train.selection": "source_val_mean"}}
+    assert resume_differences(old, other) == ["train.selection: 'source_val_pooled' -> 'source_val_mean'"]
