@@ -198,3 +198,12 @@ def test_the_example_sweeps_expand(capsys):
         assert sweep.runs, path
         for run in sweep.runs[:3]:
             assert load_config(sweep.preset, list(run.overrides)).algorithm == run.method
+
+
+def test_a_preset_file_beside_the_sweep_is_found_from_anywhere(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"base": "demo", "optim": {"lr": 0.05}}))
+    path = write(tmp_path, {"preset": "mine.yaml", "methods": ["erm"], "targets": ["sketch"]})
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(path)
+    assert sweep.preset == str(tmp_path / "mine.yaml")
+    assert sweep.runs[0].config().optim.lr == 0.05

@@ -26,6 +26,7 @@ METHOD-TARGET-tTT-sS and folder OUT/METHOD/TARGET/tTT-sS.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +109,14 @@ def config_fields() -> set[str]:
     return {flag[2:] for flag, _, _ in describe_fields()} | {"algorithm"}
 
 
-def _check_field(name: str, where: str, known: set[str]) -> None:
-    import difflib
+def _unknown(what: str, name, known, otherwise: str) -> SweepError:
+    close = difflib.get_close_matches(str(name), sorted(known), n=1)
+    return SweepError(f"{what} {name!r}" + (f"; did you mean {close[0]}?" if close else f"; {otherwise}"))
 
+
+def _check_field(name: str, where: str, known: set[str]) -> None:
     if not isinstance(name, str) or name not in known:
-        close = difflib.get_close_matches(str(name), sorted(known), n=1)
-        hint = f"; did you mean {close[0]}?" if close else "; `python -m rsc_dist.train --help` lists them"
-        raise SweepError(f"{where}: unknown config field {name!r}{hint}")
+        raise _unknown(f"{where}: unknown config field", name, known, "`python -m rsc_dist.train --help` lists them")
     if name in RESERVED:
         raise SweepError(f"{where}: {name} is set by {RESERVED[name]}, not here")
 
@@ -150,11 +152,7 @@ def load_sweep(path: Path | str, extra_overrides: dict | None = None) -> Sweep:
         raise SweepError(f"{path}: a sweep file is a mapping (preset:, methods:, ...)")
     for key in raw:
         if key not in KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), KEYS, n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(KEYS)}"
-            raise SweepError(f"{path}: unknown key {key!r}{hint}")
+            raise _unknown(f"{path}: unknown key", key, KEYS, f"known: {', '.join(KEYS)}")
     return _expand(path, raw, extra_overrides or {})
 
 
@@ -166,9 +164,9 @@ def _expand(path: Path, raw: dict, extra_overrides: dict) -> Sweep:
     if "preset" not in raw:
         raise SweepError(f"{where}: missing key 'preset' (a preset name such as pacs_resnet18, or a YAML path)")
     preset = str(raw["preset"])
-    beside = path.parent / preset
-    if preset.endswith((".yaml", ".yml")) and beside.is_file():
-        preset = str(beside.resolve())
+    if preset.endswith((".yaml", ".yml")):  # a file: beside the sweep file, else from here; absolute
+        beside = path.parent / preset      # so every launcher's trainer finds it from any directory
+        preset = str((beside if beside.is_file() else Path(preset)).resolve())
     methods = raw.get("methods", ["rsc"])
     methods = methods if isinstance(methods, list) else [methods]
     for method in methods:
