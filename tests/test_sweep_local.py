@@ -29,7 +29,9 @@ def setup(tmp_path: Path, fail: str = "") -> tuple[Path, Path, dict]:
                                      "targets": ["sketch"], "seeds": [0, 1]}))
     wrapper = tmp_path / "trainer.py"
     wrapper.write_text(
-        "import os, sys\n"
+        "import json, os, sys\n"
+        f"with open({str(tmp_path / 'env.jsonl')!r}, 'a') as f:\n"
+        "    f.write(json.dumps({k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')}) + '\\n')\n"
         "args = sys.argv[1:] + ['--fake.steps=' + os.environ.get('FAKE_STEPS', '6'),\n"
         "                       '--fake.step_time=' + os.environ.get('FAKE_STEP_TIME', '0.05'), '--fake.ckpt_every=2']\n"
         f"if {fail!r} and '--run.name=sw-{fail}' in args:\n"
@@ -39,9 +41,9 @@ def setup(tmp_path: Path, fail: str = "") -> tuple[Path, Path, dict]:
     return sweep, tmp_path / "out", env
 
 
-def launch(sweep: Path, out: Path, env: dict, *extra) -> subprocess.Popen:
+def launch(sweep: Path, out: Path, env: dict, devices: str = "cpu") -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "rsc_dist.sweep", str(sweep), "--launcher", "local", "--out",
-                             str(out), "--devices", "cpu", "--parallel", "2", *extra],
+                             str(out), "--devices", devices, "--parallel", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
 
 
@@ -91,6 +93,10 @@ def test_a_failed_run_does_not_stop_the_others_and_rerunning_retries_only_it(tmp
         running += 1 if e["event"] == "start" else -1
         most = max(most, running)
     assert most == 2
+    # CPU runs: no GPU, the cores divided between the 2 runs at a time.
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    seen = [json.loads(line) for line in (tmp_path / "env.jsonl").read_text().splitlines()]
+    assert seen == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads}] * 4
 
     # Fixed (the crash no longer happens): a rerun starts only that run, which resumes.
     fixed = tmp_path / "trainer_ok.py"
@@ -106,9 +112,10 @@ def test_a_failed_run_does_not_stop_the_others_and_rerunning_retries_only_it(tmp
 
 
 def test_ctrl_c_stops_every_run_with_a_checkpoint_and_a_rerun_resumes(tmp_path):
+    """On "GPUs" 3 and 5 (the stand-in trainer never touches them): one each, never shared."""
     sweep, out, env = setup(tmp_path)
     env["FAKE_STEPS"], env["FAKE_STEP_TIME"] = "2000", "0.02"
-    p = launch(sweep, out, env)
+    p = launch(sweep, out, env, devices="3,5")
     wait_for(lambda: len([e for e in events(out) if e["event"] == "start"]) == 2
              and all(any(f["event"] == "checkpoint" for f in fake_events(out, e["run"]))
                      for e in events(out) if e["event"] == "start"), 60, "two runs with a checkpoint")
@@ -124,7 +131,7 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint_and_a_rerun_resumes(tmp_path):
     assert len([e for e in events(out) if e["event"] == "start"]) == 2, "no run may start after Ctrl-C"
 
     env["FAKE_STEPS"] = "1"  # the stopped runs are past it: they resume and finish at once
-    p = launch(sweep, out, env)
+    p = launch(sweep, out, env, devices="3,5")
     log, _ = p.communicate(timeout=120)
     assert p.returncode == 0, log
     for run in running:
@@ -132,6 +139,16 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint_and_a_rerun_resumes(tmp_path):
         assert starts[0] == 0 and starts[1] > 0 and len(starts) == 2, (run, starts)
     starts = [e["run"] for e in events(out) if e["event"] == "start"]
     assert len(starts) == 6 and all(starts.count(run) == 2 for run in running)
+    # One GPU per run: replay the events; a device is never held by two runs at once.
+    holder = {}
+    for e in events(out):
+        if e["event"] == "start":
+            assert e["device"] in ("GPU 3", "GPU 5") and e["device"] not in holder.values(), e
+            holder[e["run"]] = e["device"]
+        else:
+            del holder[e["run"]]
+    seen = [json.loads(line)["CUDA_VISIBLE_DEVICES"] for line in (tmp_path / "env.jsonl").read_text().splitlines()]
+    assert sorted(set(seen)) == ["3", "5"] and len(seen) == 6
 
 
 def test_a_killed_launcher_leaves_no_run_behind(tmp_path):
