@@ -457,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="log the tables to W&B (offline under OUT/wandb/ without an API key)")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "rsc_dist"))
     args = p.parse_args(argv)
+    from rsc_dist.sweep import select as sweep_select  # a sweep's folder: selection across its trials
+
+    if args.selection and sweep_select.is_sweep(args.runs_dir):
+        return sweep_select.report(args.runs_dir, args.selection, args.out)
     try:
         runs = find_runs(args.runs_dir, args.selection)
         metrics = METRICS if args.metric == "both" else (args.metric,)

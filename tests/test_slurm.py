@@ -195,15 +195,22 @@ def test_exit_paths_crash_cancel_and_trainer_initiated_stop(cluster, tmp_path):
 
 
 def test_sweep_array_requeues_only_the_signalled_task_then_tables(cluster, tmp_path):
-    env = dict(cluster.env, **job_env(tmp_path))
-    p = subprocess.run(["bash", str(SWEEP), "demo", "--runs", str(tmp_path / "runs"), "--name", "sw",
-                        "--seeds", "0", "--algorithms", "rsc,erm", "--targets", "photo", "--",
-                        "--fake.steps=40", "--fake.step_time=0.25", "--fake.ckpt_every=5"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    # The sweep file is validated against the real config; the stand-in trainer gets its knobs
+    # from a wrapper (RSC_TRAIN_SCRIPT), as train.sbatch runs whatever that names.
+    wrapper = tmp_path / "trainer.py"
+    wrapper.write_text("import os, sys\n"
+                       f"os.execv(sys.executable, [sys.executable, {str(FAKE.script)!r}, *sys.argv[1:], "
+                       "'--fake.steps=40', '--fake.step_time=0.25', '--fake.ckpt_every=5'])\n")
+    sweep_file = tmp_path / "sw.yaml"
+    sweep_file.write_text(json.dumps({"name": "sw", "preset": "demo", "methods": ["rsc", "erm"],
+                                      "targets": ["photo"], "seeds": [0]}))
+    env = {**cluster.env, **job_env(tmp_path), "RSC_TRAIN_SCRIPT": str(wrapper)}
+    sweep_dir = tmp_path / "runs" / "sw"
+    p = subprocess.run(["bash", str(SWEEP), str(sweep_file), "--out", str(sweep_dir)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     array = p.stdout.split("submitted array job ")[1].split()[0]
-    sweep_dir = tmp_path / "runs" / "sw"
-    dirs = {0: sweep_dir / "rsc" / "photo" / "seed0", 1: sweep_dir / "erm" / "photo" / "seed0"}
+    dirs = {0: sweep_dir / "rsc" / "photo" / "t00-s0", 1: sweep_dir / "erm" / "photo" / "t00-s0"}
 
     # The victim: the task whose own job id IS the array's id. `scontrol requeue $SLURM_JOB_ID`
     # there would requeue every task of the array; the script must name ARRAY_TASK.
@@ -225,8 +232,8 @@ def test_sweep_array_requeues_only_the_signalled_task_then_tables(cluster, tmp_p
     assert len(starts_log(dirs[v])) == 2 and len(starts_log(dirs[1 - v])) == 1
     for i, algorithm in ((0, "rsc"), (1, "erm")):
         start = events(dirs[i])[0]
-        assert {"--algorithm=" + algorithm, "--data.target=photo", "--run.seed=0", "--wandb.group=sw",
-                f"--run.name=sw-{algorithm}-photo-seed0", "--output_dir", str(dirs[i])} <= set(start["argv"])
+        assert {"--algorithm=" + algorithm, "--data.target=photo", "--run.seed=0", "--run.experiment=sw",
+                f"--run.name=sw-{algorithm}-photo-t00-s0", "--output_dir", str(dirs[i])} <= set(start["argv"])
         assert (sweep_dir / "logs" / f"sw-{array}_{i}.out").exists()
 
     # And the sweep's table.
@@ -237,7 +244,6 @@ def test_sweep_array_requeues_only_the_signalled_task_then_tables(cluster, tmp_p
         acc = json.loads((d / "results.json").read_text())["best"]["target_acc"]["photo"]
         assert f"| {algorithm} | {100 * acc:.2f} (1) | {100 * acc:.2f} (1) |" in r.stdout
     # Running the sweep again submits nothing: every run has its results.json.
-    again = subprocess.run(["bash", str(SWEEP), "demo", "--runs", str(tmp_path / "runs"), "--name", "sw",
-                            "--seeds", "0", "--algorithms", "rsc,erm", "--targets", "photo"],
-                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    again = subprocess.run(["bash", str(SWEEP), str(sweep_file), "--out", str(sweep_dir)],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert "(0 to run, 2 already finished)" in again.stdout and "nothing to submit" in again.stdout

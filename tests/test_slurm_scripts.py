@@ -1,4 +1,4 @@
-"""launch/ without a cluster: shellcheck, accelerate configs, sweep.sh --dry-run, node_launch.sh's
+"""launch/ without a cluster: shellcheck, accelerate configs, sweep.sh (dry run, submission), node_launch.sh's
 signal handling. The tests against a real SLURM are in test_slurm.py."""
 
 import json
@@ -116,72 +116,81 @@ def test_node_launch_forwards_usr1_to_the_ranks_and_reports_75(tmp_path):
     assert "forwarding to the trainer ranks" in log
 
 
-# --- sweep.sh --dry-run --------------------------------------------------------------------
+# --- sweep.sh: a sweep file submitted as an array job (rsc_dist.sweep --launcher slurm) ------
 
 
 def sweep(*args, env=None, check=True):
     p = subprocess.run(["bash", str(LAUNCH / "slurm" / "sweep.sh"), *args], capture_output=True, text=True,
-                       env=dict(os.environ, **(env or {})), cwd=ROOT, timeout=60)
+                       env=dict(os.environ, RSC_VENV=sys.prefix, **(env or {})), cwd=ROOT, timeout=120)
     if check:
         assert p.returncode == 0, p.stderr
     return p
 
 
-def test_sweep_dry_run_lists_every_run(tmp_path):
-    p = sweep("pacs_resnet18", "--dry-run", "--runs", str(tmp_path), "--name", "tab2", "--seeds", "0,1",
-              "--max-parallel", "3", "--sbatch=--time=2:00:00", "--", "--data.root=/shared/pacs")
+def test_sweep_dry_run_lists_every_run_and_writes_nothing(tmp_path):
+    out = tmp_path / "tab2"
+    # --dry-run last, after every other option: still a dry run.
+    p = sweep("launch/sweeps/pacs_resnet18.yaml", "--out", str(out), "--max-parallel", "3",
+              "--sbatch=--time=2:00:00", "--set", "data.root=/shared/pacs", "--dry-run")
     lines = p.stdout.splitlines()
     submit = next(line for line in lines if " sbatch " in line)
     tasks = [line for line in lines if line.startswith("# task ")]
-    assert len(tasks) == 2 * 4 * 2  # algorithms x PACS domains x seeds
-    assert f"RSC_TASK_FILE={tmp_path}/tab2/tasks-" in submit
-    for part in ("--job-name=tab2", "--array=0-15%3", f"--output={tmp_path}/tab2/logs/%x-%A_%a.out",
-                 "--time=2:00:00", "launch/slurm/train.sbatch --config pacs_resnet18 --data.root=/shared/pacs"):
+    assert len(tasks) == 2 * 4 * 3  # methods x PACS domains x seeds
+    assert f"RSC_TASK_FILE={out}/tasks-" in submit
+    for part in ("--job-name=pacs_r18", "--array=0-23%3", f"--output={out}/logs/%x-%A_%a.out",
+                 "--gpus-per-node=1", "--time=2:00:00", "launch/slurm/train.sbatch --config pacs_resnet18"):
         assert part in submit, part
     runs = set()
     for line in tasks:
         args = line.split(": ", 1)[1].split()
-        assert args[:4] == ["train.py", "--config", "pacs_resnet18", "--data.root=/shared/pacs"]
+        assert args[:3] == ["train.py", "--config", "pacs_resnet18"]
         opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
-        out = args[args.index("--output_dir") + 1]
-        assert opts["wandb.group"] == "tab2"
-        assert out == f"{tmp_path}/tab2/{opts['algorithm']}/{opts['data.target']}/seed{opts['run.seed']}"
+        assert opts["data.root"] == "/shared/pacs" and opts["run.experiment"] == "pacs_r18"
+        folder = f"{opts['algorithm']}/{opts['data.target']}/t00-s{opts['run.seed']}"
+        assert args[args.index("--output_dir") + 1] == f"{out}/{folder}"
         runs.add((opts["algorithm"], opts["data.target"], opts["run.seed"]))
     assert runs == {(a, t, s) for a in ("rsc", "erm") for t in ("art_painting", "cartoon", "photo", "sketch")
-                    for s in ("0", "1")}
-    assert not (tmp_path / "tab2").exists(), "--dry-run must not write anything"
+                    for s in ("0", "1", "2")}
+    assert not out.exists(), "--dry-run must not write anything"
 
 
-def test_sweep_skips_finished_runs_and_knows_each_presets_domains(tmp_path):
-    done = tmp_path / "s" / "erm" / "sketch" / "seed0"
+def test_sweep_submits_the_unfinished_runs_once(tmp_path):
+    """With an sbatch stand-in: the task file holds one line per unfinished run, the command is the
+    array job of train.sbatch, and finished runs are not submitted again."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "sbatch.txt"
+    (bin_dir / "sbatch").write_text(f'#!/usr/bin/env bash\n{{ printf "%s\\n" "$@"; echo "TASKS=$RSC_TASK_FILE"; }} > {record}\necho 4242\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "sw"
+    sweep_file = tmp_path / "sw.yaml"
+    sweep_file.write_text(yaml.safe_dump({"preset": "demo", "methods": ["rsc", "erm"], "targets": ["photo"],
+                                          "seeds": [0]}))
+    done = out / "erm" / "photo" / "t00-s0"
     done.mkdir(parents=True)
-    (done / "results.json").write_text("{}")
-    p = sweep("demo", "--dry-run", "--runs", str(tmp_path), "--name", "s", "--seeds", "0",
-              "--targets", "photo,sketch", "--algorithms", "rsc,erm")
-    assert "(3 to run, 1 already finished)" in p.stdout
-    assert "erm/sketch" not in p.stdout
-    for preset, domains in (("vlcs_alexnet", "Caltech101 LabelMe SUN09 VOC2007"),
-                            ("officehome_resnet18", "Art Clipart Product Real_World"),
-                            ("domainbed_pacs_resnet50", "art_painting cartoon photo sketch"),
-                            ("demo", "photo cartoon sketch painting")):
-        out = sweep(preset, "--dry-run", "--seeds", "0", "--algorithms", "rsc", "--runs", str(tmp_path)).stdout
-        found = [a.split("=", 1)[1] for a in out.split() if a.startswith("--data.target=")]
-        assert found == domains.split(), preset
-    # ImageNet: the preset's own target (ImageNet-Sketch), no --data.target, folder "default".
-    out = sweep("imagenet_resnet50", "--dry-run", "--seeds", "0", "--algorithms", "erm", "--runs", str(tmp_path),
-                "--name", "in").stdout
-    assert "--data.target" not in out and f"{tmp_path}/in/erm/default/seed0" in out
+    (done / "results.json").write_text(json.dumps({"config": {"algorithm": "erm"}}))
+    p = sweep(str(sweep_file), "--out", str(out), env=env)
+    assert "submitted array job 4242 (1 tasks)" in p.stdout and "(1 to run, 1 already finished)" in p.stdout
+    argv = record.read_text().splitlines()
+    task_file = Path(argv[-1].split("=", 1)[1])
+    assert argv[:-1] == ["--parsable", "--job-name=sw", "--array=0-0", f"--output={out}/logs/%x-%A_%a.out",
+                         str(LAUNCH / "slurm" / "train.sbatch"), "--config", "demo"]
+    (line,) = task_file.read_text().splitlines()
+    assert line.split("\t")[:3] == ["--algorithm=rsc", "--data.target=photo", "--run.seed=0"]
+    assert line.split("\t")[-4:] == ["--output_dir", str(out / "rsc" / "photo" / "t00-s0"), "--resume", "auto"]
+    assert (out / "array_jobs.txt").read_text().startswith("4242\t")
+    assert json.loads((out / "sweep.json").read_text())["name"] == "sw"
 
 
 @pytest.mark.parametrize("args, message", [
-    (["pacs_resnet18", "--seeds", "0,x"], "--seeds: 'x' is not"),
-    (["pacs_resnet18", "--algorithms", "rsc,dro"], "--algorithms: 'dro' is not rsc or erm"),
-    (["mystery_preset"], "no default target domains for preset 'mystery_preset'"),
-    (["pacs_resnet18", "--frobnicate"], "unknown option --frobnicate"),
-    (["pacs_resnet18", "--name", "a b"], "--name: 'a b'"),
+    (["pacs_resnet18", "--seeds", "0,1"], "pacs_resnet18: no such sweep file"),
+    (["launch/sweeps/demo.yaml", "--launcher", "local"], "sweep.sh always submits to SLURM"),
+    (["launch/sweeps/demo.yaml", "--", "--data.root=X", "--dry-run"], "not after --"),
+    (["launch/sweeps/demo.yaml", "--set", "data.rot=X", "--dry-run"], "unknown config field 'data.rot'"),
 ])
 def test_sweep_rejects_bad_arguments(args, message):
-    p = sweep(*args, "--dry-run", check=False)
+    p = sweep(*args, check=False)
     assert p.returncode == 2 and message in p.stderr, p.stderr
 
 
