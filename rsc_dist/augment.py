@@ -37,8 +37,6 @@ from typing import Sequence
 
 import torch
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 # --------------------------------------------------------------------------------------------
 # Configuration and parameters
@@ -241,6 +239,134 @@ COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue) 
 
 
 # --------------------------------------------------------------------------------------------
+# Crop + resize of a whole batch: two batched matrix products
+# --------------------------------------------------------------------------------------------
+#
+# torchvision resizes a uint8 CPU image (``resized_crop`` / ``resize``, bilinear, antialias) with
+# ATen's Pillow-SIMD kernel: per axis, a triangle filter whose support is the scale factor when
+# downscaling (1 when upscaling), centres at ``scale * (i + 0.5)`` (align_corners=False),
+# weights normalized to sum 1 and rounded to int16 at a precision ``p`` chosen from the largest
+# weight; each output is ``(2**(p-1) + sum(pixel * weight)) >> p`` clamped to uint8, the
+# horizontal pass first (to a uint8 buffer), then the vertical one. The weights below are
+# computed with the same float64 operations for every sample at once, and each pass is ONE
+# batched matrix product whose per-sample matrix holds those integers at the crop's columns
+# (rows) of the padded batch, with the flip folded in. The products are exact: pixels are
+# 8-bit integers and each weight is split into two parts of at most 8 bits (hi * 128 + lo), so
+# every product and partial sum is an integer below 2**24, exact in float32 -- also where
+# float32 matrix products run in TF32 or bf16 (8+ significant bits). Exact means independent of
+# the summation order, the padding and the device: the same uint8 pixels as torchvision's CPU
+# kernel for one image, in a batch of any size, on any device. (The lo part's sum stays below
+# 2**24 while an output pixel reads at most 518 input pixels: a crop side up to 258 x the output
+# side; beyond, float32 rounding may move a value by a fraction of a level.)
+
+_LO_BITS = 7  # weight = hi * 2**7 + lo: hi < 2**8, lo < 2**7
+
+
+def _axis_weights(in_sizes: torch.Tensor, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATen's antialiased bilinear int16 weights for N input lengths -> ``out_size``, batched.
+
+    Returns (first, weights, precision): int64 (N, S) index of each output's first tap, int64
+    (N, S, K) weights (0 past each output's taps; K = the most taps in the batch) and int64
+    (N,) precision bits. Same float64 operation sequence as ATen's
+    ``_compute_indices_int16_weights_aa`` (UpSampleKernel.cpp).
+    """
+    length = in_sizes.to(torch.float64).unsqueeze(1)  # (N, 1)
+    scale = length / out_size
+    downscale = scale >= 1.0
+    support = torch.where(downscale, scale, 1.0)
+    invscale = torch.where(downscale, 1.0 / scale, 1.0)
+    taps = int(support.max().ceil().item()) * 2 + 1
+    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)  # (N, S)
+    first = (center - support + 0.5).to(torch.int64).clamp_(min=0)  # C++ casts truncate, as .to()
+    count = torch.minimum((center + support + 0.5).to(torch.int64), in_sizes.unsqueeze(1)) - first
+    k = torch.arange(taps)
+    distance = ((k + first.unsqueeze(-1)).to(torch.float64) - center.unsqueeze(-1) + 0.5) * invscale.unsqueeze(-1)
+    weights = (1.0 - distance.abs()).clamp_(min=0.0)
+    weights = torch.where(k < count.unsqueeze(-1), weights, 0.0)
+    total = weights.cumsum(-1)[..., -1:]  # a sequential sum, as the C++ loop (cumsum is, on CPU)
+    weights = torch.where(total != 0, weights / total, weights)
+    # Precision: the first p < 22 where round(w_max * 2**(p + 1)) reaches 2**15, else 22.
+    w_max = weights.flatten(1).amax(1, keepdim=True)
+    reaches = (0.5 + w_max * torch.exp2(torch.arange(1, 23, dtype=torch.float64))) >= float(1 << 15)
+    precision = torch.where(reaches.any(1), reaches.to(torch.int8).argmax(1), 22)
+    weights = (0.5 + weights * torch.exp2(precision.to(torch.float64)).view(-1, 1, 1)).to(torch.int64)
+    return first, weights, precision
+
+
+def _pass_matrix(in_sizes: torch.Tensor, offsets: torch.Tensor, out_size: int, span: int,
+                 reverse: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (N, span, 2S) matrices of one pass, and the (N,) int32 precision bits, on ``device``.
+
+    Sample n reads ``in_sizes[n]`` positions from ``offsets[n]`` of a ``span``-long axis; output
+    position j lands in column j (S - 1 - j where ``reverse``) holding the weight's hi part, and
+    in column S + that holding its lo part.
+    """
+    first, weights, precision = _axis_weights(in_sizes, out_size)
+    count, size, taps = weights.shape
+    rows = (first + offsets.unsqueeze(1)).unsqueeze(-1) + torch.arange(taps)  # (N, S, K) input positions
+    rows = rows.clamp_(max=span - 1)  # past-the-end taps have weight 0; scatter_add keeps the real one
+    reverse = reverse.view(-1, 1, 1)
+    rows = torch.where(reverse, rows.flip(1), rows)  # output j written to column S - 1 - j
+    weights = torch.where(reverse, weights.flip(1), weights)
+    index = torch.cat([rows, rows], dim=1).transpose(1, 2)  # (N, K, 2S): row of each (tap, column)
+    values = torch.cat([weights >> _LO_BITS, weights & ((1 << _LO_BITS) - 1)], dim=1).transpose(1, 2)
+    matrix = torch.zeros(count, span, 2 * size, dtype=torch.float32, device=device)
+    matrix.scatter_add_(1, _to(index, device), _to(values.to(torch.float32), device))
+    return matrix, _to(precision.to(torch.int32), device)
+
+
+def _round_pass(sums: torch.Tensor, precision: torch.Tensor, dims: int) -> torch.Tensor:
+    """uint8 of ``(2**(p-1) + hi * 2**7 + lo) >> p``, clamped, from float32 (..., 2S, ...) sums
+    whose hi parts fill the first half of dimension ``dims`` and lo parts the second."""
+    hi, lo = sums.to(torch.int32).chunk(2, dim=dims)
+    shape = (-1,) + (1,) * (hi.ndim - 1)
+    bias = (1 << (precision - 1)).view(shape)
+    total = lo.add(hi, alpha=1 << _LO_BITS).add_(bias)
+    return total.bitwise_right_shift_(precision.view(shape)).clamp_(0, 255).to(torch.uint8)
+
+
+def _pad_batch(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """uint8 (N, 3, Hmax, Wmax), image n in the top-left corner, zeros elsewhere; two ops for
+    any N: one flat concatenation of every image, scattered into place by a mask."""
+    heights = torch.tensor([image.shape[-2] for image in images])
+    widths = torch.tensor([image.shape[-1] for image in images])
+    height, width = int(heights.max()), int(widths.max())
+    device = images[0].device
+    flat = torch._chunk_cat(list(images), 0, 1)[0]  # each image flattened in (C, H, W) order
+    heights, widths = _to(heights, device).view(-1, 1, 1, 1), _to(widths, device).view(-1, 1, 1, 1)
+    inside = ((torch.arange(height, device=device).view(1, 1, height, 1) < heights)
+              & (torch.arange(width, device=device).view(1, 1, 1, width) < widths))  # (N, 1, H, W)
+    padded = torch.zeros(len(images), 3, height, width, dtype=torch.uint8, device=device)
+    return padded.masked_scatter_(inside, flat)
+
+
+def _crop_resize_batch(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int,
+                       flip: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, S, S): each image's box (top, left, height, width: int64 (N, 4), CPU)
+    resized to S x S as torchvision's resized_crop (bilinear, antialias), flipped where ``flip``.
+
+    A constant number of ops for any N and any sizes: the padded batch is cut to the window
+    spanning every box, then one matrix product per axis.
+    """
+    padded = _pad_batch(images)
+    count, device = len(images), padded.device
+    top, left, height, width = boxes.unbind(1)
+    row0, col0 = int(top.min()), int(left.min())
+    rows, cols = int((top + height).max()) - row0, int((left + width).max()) - col0
+    window = padded[:, :, row0:row0 + rows, col0:col0 + cols]
+    across, across_bits = _pass_matrix(width, left - col0, size, cols, flip, device)  # (N, cols, 2S)
+    down, down_bits = _pass_matrix(height, top - row0, size, rows, torch.zeros_like(flip), device)
+    # Horizontal pass (first, as ATen): (N, 3 * rows, cols) @ (N, cols, 2S).
+    sums = torch.bmm(window.to(torch.float32).reshape(count, 3 * rows, cols), across)
+    horizontal = _round_pass(sums, across_bits, dims=-1).view(count, 3, rows, size)
+    # Vertical pass: (N, 2S, rows) @ (N, rows, 3 * S), channels moved next to the columns.
+    lines = horizontal.permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format)
+    sums = torch.bmm(down.transpose(1, 2), lines.view(count, rows, 3 * size))  # (N, 2S, 3S)
+    out = _round_pass(sums, down_bits, dims=1)  # (N, S, 3S)
+    return out.view(count, size, 3, size).permute(0, 2, 1, 3).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
 # The two paths
 # --------------------------------------------------------------------------------------------
 
@@ -279,12 +405,6 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)
 
 
-def _crop_resize(image: torch.Tensor, row: list[float], size: int) -> torch.Tensor:
-    top, left, height, width = (int(v) for v in row[TOP:WIDTH + 1])
-    return TF.resized_crop(image, top, left, height, width, [size, size],
-                           interpolation=InterpolationMode.BILINEAR, antialias=True)
-
-
 def _check_params(params: torch.Tensor, count: int) -> tuple[torch.Tensor, list[list[float]], int]:
     params = torch.as_tensor(params).to("cpu", torch.float64)
     if params.ndim == 1:
@@ -314,8 +434,7 @@ def augment_batch(images: Sequence[torch.Tensor], params: torch.Tensor) -> torch
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3 or image.device != device:
             raise ValueError(f"expected uint8 (3, H, W) images on {device}, got {image.dtype} "
                              f"{tuple(image.shape)} on {image.device}")
-    out = torch.stack([_crop_resize(image, row, size) for image, row in zip(images, rows)])
-    _apply(out, [n for n, row in enumerate(rows) if row[FLIP]], horizontal_flip)
+    out = _crop_resize_batch(images, params[:, TOP:WIDTH + 1].to(torch.int64), size, params[:, FLIP] != 0)
     factors = params[:, FACTORS]
     jitter = [n for n, row in enumerate(rows) if row[JITTER]]
     for position in range(4):
@@ -333,12 +452,13 @@ def augment_one(image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 def eval_resize(images: torch.Tensor | Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """Resize((S, S)) bilinear antialias: (3, H, W) -> (3, S, S), or a list -> (N, 3, S, S)."""
-    def resize(image: torch.Tensor) -> torch.Tensor:
-        return TF.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-
-    if isinstance(images, torch.Tensor) and images.ndim == 3:
-        return resize(images)
-    return torch.stack([resize(image) for image in images])
+    single = isinstance(images, torch.Tensor) and images.ndim == 3
+    images = [images] if single else list(images)
+    if not images:
+        raise ValueError("empty batch")
+    boxes = torch.tensor([[0, 0, image.shape[-2], image.shape[-1]] for image in images], dtype=torch.int64)
+    out = _crop_resize_batch(images, boxes, size, torch.zeros(len(images), dtype=torch.bool))
+    return out[0] if single else out
 
 
 # --------------------------------------------------------------------------------------------
