@@ -379,14 +379,16 @@ def test_cuda_device_path_matches_the_cpu_path():
 
     What differs, and the bounds held:
     - decode: nvJPEG's IDCT / chroma upsampling is not libjpeg-turbo's: mean |diff| < 1 level;
-    - crop+resize: CPU resizes uint8 with a fixed-point antialias kernel, CUDA in float then
-      rounds: at most 1 level apart (checked with jitter and grayscale off);
+    - crop+resize: the same int16 weights and exact float64 products on both devices, but the
+      weights' normalizing sum is a parallel scan on CUDA (sequential on CPU, as ATen), which
+      can move an int16 weight by one: at most 1 level apart (checked with jitter and
+      grayscale off);
     - colour ops, flip, grayscale: the same float32 operations (the blend's fused step in
       float64) on both devices: at most 1 level apart given the same input (expected equal);
-    - whole path: a 1-level resize difference is amplified by the jitter chain (up to
-      1.4**3 with color_jitter=0.4, and more at hue/grayscale rounding edges): on CPU, a float
-      resize in place of the uint8 one moved 0.3% of values by more than 2 levels (max 6), so
-      the whole path is held to 2/255 for 99% of values and 0.5 level on average, not for all.
+    - whole path: a 1-level difference (decode, resize) is amplified by the jitter chain (up
+      to 1.4**3 with color_jitter=0.4, and more at hue/grayscale rounding edges): on CPU, a
+      float resize in place of the uint8 one moved 0.3% of values by more than 2 levels (max
+      6), so the whole path is held to 2/255 for 99% of values and 0.5 level on average.
     """
     augment = Augment(48, crop_scale=(0.3, 1.0), color_jitter=0.4, grayscale=0.2)
     samples = _samples()
@@ -561,3 +563,19 @@ def test_prefetch_raises_a_data_error_when_its_batch_is_asked_for():
     assert next(iterator)["step"] == 0  # batch 1 is already decoded (and failed) at this point
     with pytest.raises(data.DataError, match="cannot decode"):
         next(iterator)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_prefetch_on_a_side_stream_equals_the_plain_path():
+    """DevicePrefetch on CUDA: the work runs on a side stream, the images come out equal to the
+    plain device path's and are readable on the consumer's stream."""
+    from rsc_dist import data
+
+    batches = _device_batches(Augment(48, crop_scale=(0.3, 1.0)), 4)
+    plain = [data.device_images(batch, "cuda") for batch in batches]
+    prefetch = data.DevicePrefetch(iter(batches), "cuda")
+    out = [batch["image"].float().mean() for batch in prefetch]  # consumed on the default stream
+    assert prefetch.stream is not None and prefetch.stream != torch.cuda.current_stream()
+    torch.cuda.synchronize()
+    assert [value.item() for value in out] == [images.float().mean().item() for images in plain]
