@@ -42,7 +42,7 @@ if ((dry)); then
     --train.mixed_precision=no)
   launch=(--cpu --mixed_precision no) train_steps=2 pytest_args=(--collect-only)
 else
-  device=(--device cuda) amp=bf16 rounds=(--rounds 3 --steps 10) bench_size=(--resolution 224 --batch 256)
+  device=(--device cuda) amp=bf16 rounds=(--rounds 2 --steps 10) bench_size=(--resolution 224 --batch 256)
   variants=()
   synth_size=384 per_class=100 input_args=(--workers 8 --steps 40 --data.batch_size=128 --data.image_size=224
     --train.mixed_precision=bf16)

@@ -6,8 +6,9 @@ implementation, used by both paths:
 
 - worker path: :func:`augment_one` (one decoded ``uint8 (3, H, W)`` CPU image);
 - device path: :func:`decode_batch` (every JPEG of the batch in one TorchCodec call, on the
-  device) then :func:`augment_batch` (per-sample crop+resize, then batched flip, colour jitter
-  with per-sample factors and per-sample op order, grayscale).
+  device) then :func:`augment_batch` (crop+resize+flip of the whole batch as two batched
+  matrix products, colour jitter with per-sample factors and per-sample op order, grayscale),
+  in a number of tensor ops that does not grow with the batch.
 
 ``augment_one`` is ``augment_batch`` with a batch of one, so the two paths cannot drift.
 
@@ -17,6 +18,8 @@ as the reference): with ``torch.manual_seed(seed)``, that pipeline draws exactly
 pixels (tests/test_augment.py checks this). The colour ops reproduce
 ``torchvision.transforms.v2.functional`` on uint8 images:
 
+- crop + resize (+ flip): ATen's uint8 antialiased bilinear kernel, its int16 weights computed
+  the same way and applied by exact products (section "Crop + resize of a whole batch");
 - brightness: ``x * f`` in float32, clamped, truncated to uint8;
 - contrast / saturation: torchvision blends with ``x.mul(f).add_(other, alpha=1 - f)``, which
   PyTorch evaluates as a fused multiply-add (one rounding) on CPUs with FMA and on CUDA. With
@@ -239,10 +242,6 @@ def to_grayscale(images: torch.Tensor) -> torch.Tensor:
     return _luma(images).to(torch.uint8).expand(images.shape).contiguous()
 
 
-def horizontal_flip(images: torch.Tensor) -> torch.Tensor:
-    return images.flip(-1)
-
-
 # Per op id (0 b, 1 c, 2 s, 3 h): the kernel, on images and per-sample factor forms; and what
 # makes those forms from float64 factors (once per batch, not once per subset).
 _KERNELS = (_brightness, _contrast, _saturation, _hue)
@@ -372,7 +371,7 @@ def _pad_batch(images: Sequence[torch.Tensor], heights: torch.Tensor, widths: to
 
 def _crop_resize_batch(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]], size: int,
                        flips: Sequence[bool]) -> torch.Tensor:
-    """uint8 (N, 3, S, S), channels_last: each image's box (top, left, height, width) resized
+    """uint8 (N, 3, S, S): each image's box (top, left, height, width) resized
     to S x S as torchvision's resized_crop (bilinear, antialias), flipped where ``flips``.
 
     A constant number of ops for any N and any sizes: the padded batch is cut to the window
@@ -415,7 +414,9 @@ def _crop_resize_batch(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[
     sums = torch.bmm(matrix[count * tiles:], lines(across, start[count:]))  # (N*T, TILE, T*TILE * 3)
     down = _round_pass(sums.view(count, -1), bias[count:], unit[count:])
     out = down.view(count, tiles * _TILE, tiles * _TILE, 3)[:, :size, :size]  # (N, S, S, 3)
-    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    # The standard layout on both paths: a model computes in float, and another memory layout
+    # can change its roundings (the device path trains to the same weights: tests/test_train.py).
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
