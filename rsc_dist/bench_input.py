@@ -121,7 +121,8 @@ def augment_costs(sizes=(32, 256), image_size: int = 224, repeats: int = 2) -> l
         paths = {"worker (augment_one per image)": lambda: [A.augment_one(image, row) for image, row in zip(images, params)],
                  "device (augment_batch, whole subsets)": lambda: A.augment_batch(images, params)}
         for path, run in paths.items():
-            A._CPU_CHUNK_ELEMENTS = chunk if path.startswith("worker") else 1 << 40
+            worker = path.startswith("worker")  # the device rows run as on an accelerator
+            A._CPU_CHUNK_ELEMENTS, A._CPU_PER_IMAGE_RESIZE = (chunk, True) if worker else (1 << 40, False)
             with CountOps() as ops:
                 run()
             times = []
@@ -130,7 +131,7 @@ def augment_costs(sizes=(32, 256), image_size: int = 224, repeats: int = 2) -> l
                 run()
                 times.append(time.process_time() - start)
             rows.append({"path": path, "batch": count, "ops": ops.count, "cpu ms": 1000 * min(times)})
-    A._CPU_CHUNK_ELEMENTS = chunk
+    A._CPU_CHUNK_ELEMENTS, A._CPU_PER_IMAGE_RESIZE = chunk, True
     return rows
 
 

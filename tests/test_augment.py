@@ -455,7 +455,8 @@ def test_batched_crop_resize_gives_torchvision_pixels_over_large_factors(size):
     images, boxes = _random_crops(size)
     flips = [index % 2 == 1 for index in range(len(images))]
     batch = A._crop_resize_batch(images, boxes, size, flips)
-    resized = eval_resize(images, size)
+    resized = A._crop_resize_batch(images, [(0, 0, *image.shape[1:]) for image in images], size,
+                                   [False] * len(images))  # what eval_resize runs on accelerators
     assert batch.shape == resized.shape == (len(images), 3, size, size) and batch.dtype == torch.uint8
     differences, equal = [], 0
     for index, (image, box) in enumerate(zip(images, boxes)):
@@ -491,6 +492,7 @@ def test_device_path_runs_a_constant_number_of_ops_per_batch(monkeypatch):
     at most 600 per training batch. (The count does not depend on the output size while it is
     a multiple of the tile: 32 px outputs keep the 256-image batch fast on a CPU.)"""
     monkeypatch.setattr(A, "_CPU_CHUNK_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(A, "_CPU_PER_IMAGE_RESIZE", False)
     counts, eval_counts = {}, {}
     for count, size in ((32, 224), (32, 32), (256, 32)):
         augment = Augment(size)
@@ -578,3 +580,15 @@ def test_cuda_prefetch_on_a_side_stream_equals_the_plain_path():
     assert prefetch.stream is not None and prefetch.stream != torch.cuda.current_stream()
     torch.cuda.synchronize()
     assert [value.item() for value in out] == [images.float().mean().item() for images in plain]
+
+
+def test_cpu_per_image_resize_and_batched_products_give_the_same_training_and_eval_pixels(monkeypatch):
+    """The worker path (per image, ATen's kernel on a CPU) and the accelerator path (batched
+    matrix products) are one semantics: equal uint8 pixels, jitter and grayscale included."""
+    images, _ = _random_crops(61)
+    augment = Augment(61)
+    params = torch.stack([draw_params(augment, *image.shape[1:], seed) for seed, image in enumerate(images)])
+    per_image = augment_batch(images, params), eval_resize(images, 61)
+    monkeypatch.setattr(A, "_CPU_PER_IMAGE_RESIZE", False)
+    batched = augment_batch(images, params), eval_resize(images, 61)
+    assert torch.equal(per_image[0], batched[0]) and torch.equal(per_image[1], batched[1])
