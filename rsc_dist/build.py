@@ -150,16 +150,62 @@ def configure_deepspeed(accelerator: Accelerator, config: Config, plan: DataPlan
     if plugin is None:
         return
     stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-    half = [key for key in ("bf16", "fp16") if plugin.deepspeed_config.get(key, {}).get("enabled") in (True, "true")]
-    if half:
-        raise ConfigError(f"DeepSpeed {half[0]} casts the weights to {half[0]} but keeps BatchNorm's running "
-                          "statistics in fp32, which fails in backward for these CNNs: launch DeepSpeed with "
-                          "--mixed_precision no (fp32), or use DDP (accelerate_config.yaml) for bf16")
-    if stage == 3 and accelerator.num_processes > 1:
-        raise ConfigError("DeepSpeed ZeRO-3 with several ranks is not supported: evaluation runs the "
-                          "unwrapped model, whose partitioned weights need collectives that ranks with "
-                          "different evaluation lengths do not reach together. Use ZeRO-1/2.")
+    use_deepspeed_mixed_precision(plugin.deepspeed_config)
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = plan.local_forward_batch
     plugin.deepspeed_config["gradient_accumulation_steps"] = config.train.grad_accum
     plugin.deepspeed_config["train_batch_size"] = plan.global_forward_batch * config.train.grad_accum
     plugin.deepspeed_config["gradient_clipping"] = 0.0
+    if stage == 3:
+        # checkpoints/best holds whole weights: get_state_dict gathers the partitions (in the
+        # weights' own dtype, fp32 here, despite the option's "16bit" name).
+        plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def use_deepspeed_mixed_precision(deepspeed_config: dict) -> None:
+    """bf16 for a BatchNorm CNN under DeepSpeed: torch autocast with fp32 weights, not DeepSpeed's
+    own bf16 mode.
+
+    DeepSpeed's bf16 mode (what Accelerate writes for --mixed_precision bf16) casts the weights
+    to bf16 but leaves BatchNorm's running statistics in fp32: backward fails with "Expected
+    running_mean to have type BFloat16" (seen on an H200). Its torch_autocast section keeps the
+    weights and the optimizer in fp32 and runs the forward under torch.autocast, as DDP's bf16
+    does (BatchNorm stays fp32 there).
+    """
+    enabled = [key for key in ("bf16", "fp16") if str(deepspeed_config.get(key, {}).get("enabled")).lower() == "true"]
+    if not enabled:
+        return
+    if enabled == ["fp16"]:
+        raise ConfigError("DeepSpeed with fp16 is not supported for these BatchNorm CNNs (its fp16 mode "
+                          "casts the weights and breaks BatchNorm): use --mixed_precision bf16 or no")
+    deepspeed_config["bf16"] = {"enabled": False}
+    deepspeed_config.pop("fp16", None)
+    # No module is listed as safe to communicate in bf16: gradients are reduced in fp32, as DDP
+    # reduces them under autocast, so the two routes compute the same step.
+    deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+
+
+def zero3_partitions_weights(accelerator: Accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def evaluation_model(config: Config, num_classes: int, accelerator: Accelerator, model):
+    """The module evaluation runs: the prepared model, or under ZeRO-3 a plain copy with the whole
+    weights on every rank.
+
+    ZeRO-3 gathers a layer's partitioned weights inside its forward, a collective; ranks whose
+    evaluation shares hold different numbers of batches would wait on each other there. The
+    copy (one gather per evaluation, every rank at the same point; no RSC, evaluation never
+    masks) runs its forwards without collectives. A ResNet fits whole on every rank.
+    """
+    if not zero3_partitions_weights(accelerator):
+        return model
+    import deepspeed
+
+    module = accelerator.unwrap_model(model)
+    copy = build_model(config.model.arch, num_classes, pretrained=None, rsc=RSCSettings(enabled=False))
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        copy.load_state_dict(module.state_dict(), strict=True)
+    if config.model.channels_last:
+        copy = copy.to(memory_format=torch.channels_last)
+    return copy.to(accelerator.device)

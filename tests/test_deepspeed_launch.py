@@ -5,7 +5,6 @@ ranks (never silently replaced by DDP), and GPU-only requests on a machine witho
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,11 +45,15 @@ def test_deepspeed_request_without_deepspeed_installed_stops(no_cuda, monkeypatc
         build.make_accelerator(_config(), tmp_path)
 
 
-def test_deepspeed_half_precision_is_refused_with_the_reason():
-    plugin = SimpleNamespace(deepspeed_config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}})
-    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
-    with pytest.raises(ConfigError, match="BatchNorm.*--mixed_precision no"):
-        build.configure_deepspeed(accelerator, _config(), plan=None)
+def test_deepspeed_bf16_becomes_torch_autocast_and_fp16_is_refused():
+    config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    build.use_deepspeed_mixed_precision(config)
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []} and not config["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match="fp16 is not supported .* BatchNorm"):
+        build.use_deepspeed_mixed_precision({"fp16": {"enabled": "true"}})
+    untouched = {"bf16": {"enabled": False}}
+    build.use_deepspeed_mixed_precision(untouched)
+    assert "torch_autocast" not in untouched
 
 
 @pytest.mark.parametrize("env, overrides, message", [
