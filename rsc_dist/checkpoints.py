@@ -268,8 +268,10 @@ def check_layout(checkpoint: Path, accelerator) -> None:
     Every rank sees the same files, so every rank refuses alike (no collective)."""
     checkpoint = Path(checkpoint)
     written_by_deepspeed = (checkpoint / DEEPSPEED_DIR).is_dir()
+    written_by_ddp = (checkpoint / MODEL_FILE).exists() or (checkpoint / "optimizer.bin").exists()
     launched_with_deepspeed = accelerator.state.deepspeed_plugin is not None
-    if written_by_deepspeed != launched_with_deepspeed:
+    # (a folder with neither layout is damage, which find_damaged_file names)
+    if (written_by_deepspeed and not launched_with_deepspeed) or (written_by_ddp and launched_with_deepspeed):
         how = "with DeepSpeed" if written_by_deepspeed else "without DeepSpeed (DDP)"
         raise CheckpointError(f"{checkpoint} was written {how} and this launch "
                               f"{'uses' if launched_with_deepspeed else 'does not use'} DeepSpeed: resume with "

@@ -2,9 +2,11 @@
 ranks (never silently replaced by DDP), and GPU-only requests on a machine without CUDA stop
 (exit 2, one line) or run on the CPU as a stand-in with a note saying so."""
 
+import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,3 +108,67 @@ def test_gpu_launch_config_on_cpu_stops_before_training(tmp_path, tiny_shards):
     assert result.returncode != 0, explain(result)
     assert "rsc_dist.train: error: 2 ranks were started with a GPU launch config" in result.stderr, explain(result)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _deepspeed_checkpoint(folder, ranks: int, shards: int):
+    """The files of a ZeRO checkpoint written by ``ranks`` ranks (contents do not matter here)."""
+    (folder / "pytorch_model").mkdir(parents=True)
+    torch.save({}, folder / "pytorch_model" / "mp_rank_00_model_states.pt")
+    for rank in range(shards):
+        torch.save({}, folder / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    for rank in range(ranks):
+        torch.save({}, folder / f"random_states_{rank}.pkl")
+    torch.save({}, folder / "custom_checkpoint_0.pkl")
+    return folder
+
+
+def _launched(deepspeed: bool, processes: int):
+    plugin = SimpleNamespace(deepspeed_config={}) if deepspeed else None
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=processes)
+
+
+def test_deepspeed_checkpoint_on_another_rank_count_or_engine_is_refused(tmp_path):
+    from rsc_dist.checkpoints import CheckpointError, check_layout, find_damaged_file
+
+    checkpoint = _deepspeed_checkpoint(tmp_path / "checkpoint_00000004", ranks=2, shards=2)
+    assert find_damaged_file(checkpoint) is None
+    check_layout(checkpoint, _launched(deepspeed=True, processes=2))  # what wrote it: loads
+    with pytest.raises(CheckpointError, match="ZeRO shards of 2 ranks and this launch has 4: resume with "
+                                              "--num_processes 2"):
+        check_layout(checkpoint, _launched(deepspeed=True, processes=4))
+    with pytest.raises(CheckpointError, match="written with DeepSpeed and this launch does not use DeepSpeed"):
+        check_layout(checkpoint, _launched(deepspeed=False, processes=2))
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    (ddp / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"written without DeepSpeed \(DDP\) and this launch uses DeepSpeed"):
+        check_layout(ddp, _launched(deepspeed=True, processes=2))
+    # A shard missing is damage (skipped for the previous checkpoint), not another rank count.
+    lacking = _deepspeed_checkpoint(tmp_path / "checkpoint_00000008", ranks=2, shards=1)
+    assert find_damaged_file(lacking) == "pytorch_model holds 1 ZeRO optimizer shard(s) for 2 ranks"
+
+
+# The configs' claims through `accelerate launch`: on a GPU (launch/gpu_checks.sh selects these by
+# the cuda mark) one process on the demo data, bf16 as the GPU configs use it; without one, 2 CPU
+# ranks on the tiny data (ZeRO-3 is launched on CPU ranks by tests/test_deepspeed_train.py).
+_GPU = torch.cuda.is_available()
+_STAGES = [pytest.param(stage, marks=pytest.mark.cuda) for stage in (1, 2, 3)] if _GPU else [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", _STAGES)
+def test_deepspeed_configs_train_through_accelerate_launch(tmp_path, tiny_shards, stage):
+    pytest.importorskip("deepspeed")
+    run = tmp_path / "run"
+    if _GPU:  # pragma: no cover - CI has no GPU
+        processes, args = 1, ["--config", "demo", "--train.max_steps=20", "--train.mixed_precision=bf16",
+                              "--wandb.mode=disabled"]
+    else:
+        processes, args = 2, ["--config", str(tiny_config(tmp_path, tiny_shards, train={"max_steps": 2}))]
+    result = launch_with_config(ACCELERATE_CONFIGS / f"deepspeed_zero{stage}.yaml", processes,
+                                [*args, "--output_dir", str(run)], timeout=900)
+    assert result.returncode == 0, explain(result)
+    last = json.loads((run / "results.json").read_text())["last"]["step"]
+    assert last == (20 if _GPU else 2)
+    shards = list((run / "checkpoints" / f"checkpoint_{last:08d}" / "pytorch_model").glob("*zero_pp_rank_*optim_states.pt"))
+    assert len(shards) == processes  # DeepSpeed's ZeRO layout, not Accelerate's DDP one
