@@ -18,6 +18,7 @@ trainer prints its one-line message and exits 2).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -88,7 +89,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if failure is None:
         try:
-            accelerator.save_state(str(temporary))
+            with _deepspeed_write_failures_deferred(accelerator) as deferred:
+                accelerator.save_state(str(temporary))
+            if deferred:
+                raise deferred[0]
         except Exception as exc:  # noqa: BLE001 - re-raised below unless it is a full disk
             failure = exc
     # One collective instead of a barrier: a rank whose save failed must not leave the others
@@ -106,6 +110,36 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def _deepspeed_write_failures_deferred(accelerator):
+    """Under DeepSpeed, a file write that fails on one rank (a full disk) is kept for later
+    instead of raised: DeepSpeed's save_checkpoint ends with a barrier, which the other ranks
+    would wait in until the collective timeout if this rank left the save early. The list
+    holds the failures; every DeepSpeed file goes through its checkpoint engine's save."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        yield []
+        return
+    writer, failures = wrapped.engine.checkpoint_engine, []
+    original = writer.save
+
+    def save(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - raised by the caller after DeepSpeed's barrier
+            failures.append(exc)
+
+    own = vars(writer).get("save")  # normally None: save is the class's method
+    writer.save = save
+    try:
+        yield failures
+    finally:
+        if own is None:
+            del writer.save
+        else:
+            writer.save = own
 
 
 def _save_error(failure: BaseException | None, what: str, path: Path) -> Exception:
