@@ -3,7 +3,7 @@
 partitioned weights, checkpoints/best as consolidated safetensors that rsc_dist.evaluate reads
 without DeepSpeed, results.json; a stopped run resumed from DeepSpeed's checkpoint (mid-epoch,
 gradient accumulation) ends bit-identical to an uninterrupted one; a damaged ZeRO shard makes
-resuming fall back to the previous checkpoint.
+resuming fall back to the previous checkpoint; SIGTERM to the job saves and the run resumes.
 
 ZeRO-3 because it is the stage that changes the most (the weights themselves are sharded);
 ZeRO-1/2 are compared with DDP step by step in test_deepspeed_equivalence.py.
@@ -12,15 +12,17 @@ ZeRO-1/2 are compared with DDP step by step in test_deepspeed_equivalence.py.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from test_deepspeed_launch import ACCELERATE_CONFIGS, launch_with_config
 from rsc_dist.contracts import PREEMPTED_MARKER
-from trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401  (fixture)
+from trainer_fixtures import REPO, _free_port, explain, tiny_config, tiny_shards  # noqa: F401  (fixture)
 
 pytest.importorskip("deepspeed")
 
@@ -128,3 +130,36 @@ def _assert_same_end(reference, run):
     before = json.loads((reference / "results.json").read_text())
     after = json.loads((run / "results.json").read_text())
     assert after["last"] == before["last"] and after["best"] == before["best"]
+
+
+def test_sigterm_to_a_zero3_job_saves_and_resumes(tmp_path, tiny_shards):
+    """As SLURM or Kubernetes stop a job: SIGTERM to the launcher's whole process group (torchrun
+    forwards it too). The ranks agree, save DeepSpeed's checkpoint, write the marker and exit;
+    the run then resumes from that checkpoint."""
+    config = tiny_config(tmp_path, tiny_shards, train={"epochs": 30, "agree_every_steps": 1})
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO3),
+               "--num_processes", "2", "--main_process_port", str(_free_port()),
+               str(REPO / "rsc_dist" / "train.py"), "--config", str(config), "--output_dir", str(run)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "config.yaml").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(8)  # into the training loop
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    marker = run / PREEMPTED_MARKER
+    assert marker.exists(), f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
+    saved = json.loads(marker.read_text())
+    assert saved["reason"] == "SIGTERM"
+    checkpoint = run / "checkpoints" / f"checkpoint_{saved['step']:08d}"
+    assert len(list((checkpoint / "pytorch_model").glob("*zero_pp_rank_*optim_states.pt"))) == 2
+    # A shorter run changes the schedule (another trajectory), so the resume is forced.
+    resumed = _train(config, run, "--train.max_steps", str(saved["step"] + 2), "--resume", "force")
+    assert resumed.returncode == 0, explain(resumed)
+    assert f"at step {saved['step']}" in resumed.stdout
