@@ -149,13 +149,12 @@ def configure_deepspeed(accelerator: Accelerator, config: Config, plan: DataPlan
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
-    stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
     use_deepspeed_mixed_precision(plugin.deepspeed_config)
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = plan.local_forward_batch
     plugin.deepspeed_config["gradient_accumulation_steps"] = config.train.grad_accum
     plugin.deepspeed_config["train_batch_size"] = plan.global_forward_batch * config.train.grad_accum
     plugin.deepspeed_config["gradient_clipping"] = 0.0
-    if stage == 3:
+    if zero_stage(accelerator) == 3:
         # checkpoints/best holds whole weights: get_state_dict gathers the partitions (in the
         # weights' own dtype, fp32 here, despite the option's "16bit" name).
         plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -184,9 +183,10 @@ def use_deepspeed_mixed_precision(deepspeed_config: dict) -> None:
     deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
 
 
-def zero3_partitions_weights(accelerator: Accelerator) -> bool:
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this run, None without DeepSpeed."""
     plugin = accelerator.state.deepspeed_plugin
-    return plugin is not None and int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    return None if plugin is None else int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def evaluation_model(config: Config, num_classes: int, accelerator: Accelerator, model):
@@ -198,7 +198,7 @@ def evaluation_model(config: Config, num_classes: int, accelerator: Accelerator,
     copy (one gather per evaluation, every rank at the same point; no RSC, evaluation never
     masks) runs its forwards without collectives. A ResNet fits whole on every rank.
     """
-    if not zero3_partitions_weights(accelerator):
+    if zero_stage(accelerator) != 3:
         return model
     import deepspeed
 
