@@ -12,9 +12,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from rsc_dist import engine, observe
+from rsc_dist import engine, methods, observe
 from rsc_dist.config import Config, ConfigError
-from rsc_dist.models import RSCSettings, build_model
+from rsc_dist.models import build_model
 from rsc_dist.plan import DataPlan
 
 # Every collective waits at most this long (a rank that died leaves the others waiting).
@@ -41,20 +41,16 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
     )
 
 
-def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, capacity: int):
-    """The RSC model as configured; ``capacity`` is the local forward batch (the RSC gather size)."""
+def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, capacity: int,
+                         num_domains: int | None = None):
+    """The model with the configured method; ``capacity`` is the local forward batch (the size of
+    a method's fixed-size gathers), ``num_domains`` the manifest's domain count."""
     distributed = accelerator.num_processes > 1
     if config.model.sync_bn and distributed and accelerator.device.type != "cuda":
         raise ConfigError("model.sync_bn=true needs GPUs (torch's SyncBatchNorm has no CPU kernel)")
-    settings = RSCSettings(
-        enabled=config.algorithm == "rsc",
-        strategy=config.rsc.strategy,
-        p_spatial=config.rsc.p_spatial,
-        p_channel=config.rsc.p_channel,
-        process_group=torch.distributed.group.WORLD if distributed and config.rsc.global_selection else None,
-        capacity=capacity,
-    )
-    model = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained, rsc=settings,
+    method = methods.build(config, process_group=torch.distributed.group.WORLD if distributed else None,
+                           capacity=capacity, num_domains=num_domains)
+    model = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained, method=method,
                         freeze_bn=config.model.freeze_bn)
     if config.model.sync_bn and distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -62,14 +58,15 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
         model = model.to(memory_format=torch.channels_last)
     if config.model.compile:
         # In place (Module.compile): state-dict keys stay the same, so checkpoints load
-        # with or without compile. RSC itself stays eager.
+        # with or without compile. The method itself stays eager.
         model.features.compile()
     return model
 
 
 def training_objects(config: Config, plan: DataPlan, accelerator: Accelerator):
     """Model, optimizer and schedule, prepared by Accelerate (DDP or DeepSpeed)."""
-    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch)
+    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
+                                 num_domains=len(plan.domains))
     optimizer = engine.build_optimizer(config, model)
     total_optimizer_steps = math.ceil(plan.total_steps / config.train.grad_accum)
     scheduler = engine.build_scheduler(config, optimizer, total_optimizer_steps)

@@ -1,26 +1,28 @@
-"""Backbones split into ``features(x) -> z`` and ``head(z) -> logits``, and the RSC model.
+"""Backbones split into ``features(x) -> z`` and ``head(z) -> logits``, and the model that joins
+them with the run's method (rsc_dist.methods).
 
-``RSCModel.forward(x, y)`` applies RSC when the module is training and labels are given; it is
-one forward with one backward per step, so DDP, DeepSpeed and gradient accumulation need
-nothing special. Per-step choices (the spatial/channel draw, p_batch) are forward arguments,
-never module state, so a resumed run repeats them exactly.
+``Network.forward(x, y, **draws)`` lets the method act on z between backbone and head when the
+module is training and labels are given; it is one forward with one backward per step, so DDP,
+DeepSpeed and gradient accumulation need nothing special. Per-step choices (RSC's
+spatial/channel draw, p_batch) are forward arguments, never module state, so a resumed run
+repeats them exactly.
 
-    model = build_model("resnet18", num_classes=7, pretrained="torchvision")
-    logits = model(images, labels, mode="spatial", p_batch=1/3)  # training step
-    logits = model(images)                                         # evaluation: never masks
+    model = build_model("resnet18", num_classes=7, pretrained="torchvision", method=RSC())
+    logits = model(images, labels, mode="spatial", p_batch=1/3)         # training step
+    logits, extras = model(images, labels, return_extras=True, **draws)  # extras["mask"]: RSC's
+    logits = model(images)                                                # evaluation: no method
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from rsc_dist.rsc import DEFAULT_P_BATCH, DEFAULT_P_CHANNEL, DEFAULT_P_SPATIAL, PooledLinearHead, rsc_mask
+from rsc_dist.rsc import PooledLinearHead
 
 ARCHS = ("resnet18", "resnet50", "alexnet")
 
@@ -33,33 +35,19 @@ _TORCHVISION_WEIGHTS = {
 }
 
 
-@dataclass(frozen=True)
-class RSCSettings:
-    """The static part of RSC; per-step parts (mode draw, p_batch) are forward arguments."""
+class Network(nn.Module):
+    """A backbone's ``features`` and ``head``, with the method (if any) applied between them
+    in training. The method is a plain object (no parameters, no state), never in the state dict."""
 
-    enabled: bool = True
-    strategy: str = "top_gradient"
-    p_spatial: float = DEFAULT_P_SPATIAL
-    p_channel: float = DEFAULT_P_CHANNEL
-    # Global batch selection: a process group (or None for per-rank selection) and the largest
-    # local batch any rank can hold, so the all-gather needs no size agreement.
-    process_group: object | None = None
-    capacity: int | None = None
-
-
-class RSCModel(nn.Module):
-    """A backbone's ``features`` and ``head`` with RSC applied between them in training."""
-
-    def __init__(self, features: nn.Module, head: nn.Module, rsc: RSCSettings = RSCSettings(),
-                 *, freeze_bn: bool = False):
+    def __init__(self, features: nn.Module, head: nn.Module, method=None, *, freeze_bn: bool = False):
         super().__init__()
         self.features = features
         self.head = head
-        self.rsc = rsc
+        self.method = method
         self.freeze_bn = freeze_bn
         self.train()  # a module starts in training mode; with freeze_bn its BatchNorm layers do not
 
-    def train(self, mode: bool = True) -> "RSCModel":
+    def train(self, mode: bool = True) -> "Network":
         """``freeze_bn``: BatchNorm layers stay in eval mode (running statistics, never updated)
         while the rest trains, as DomainBed fine-tunes; each sample's forward then depends on
         no other sample, so the step does not depend on how the batch is split over ranks."""
@@ -70,39 +58,14 @@ class RSCModel(nn.Module):
                     module.eval()
         return self
 
-    def forward(
-        self,
-        x: Tensor,
-        y: Tensor | None = None,
-        *,
-        mode: str = "spatial",
-        p_batch: float = DEFAULT_P_BATCH,
-        generator: torch.Generator | None = None,
-        sample_seeds: Tensor | None = None,
-        return_mask: bool = False,
-    ):
-        """Logits (N, K). With ``return_mask=True``: (logits, mask or None)."""
+    def forward(self, x: Tensor, y: Tensor | None = None, *, return_extras: bool = False, **draws):
+        """Logits (N, K). With ``return_extras=True``: (logits, the method's extras dict)."""
         z = self.features(x)
-        mask = None
-        if self.training and y is not None and self.rsc.enabled:
-            mask = rsc_mask(
-                z,
-                self.head,
-                y,
-                mode=mode,
-                p_spatial=self.rsc.p_spatial,
-                p_channel=self.rsc.p_channel,
-                p_batch=p_batch,
-                strategy=self.rsc.strategy,
-                generator=generator,
-                sample_seeds=sample_seeds,
-                process_group=self.rsc.process_group,
-                capacity=self.rsc.capacity,
-            )
-            # Step 5 (docs/method.md): the mask is a constant; gradients flow through z only.
-            z = z * mask
+        extras = {}
+        if self.training and y is not None and self.method is not None:
+            z, extras = self.method.transform_features(z, self.head, y, **draws)
         logits = self.head(z)
-        return (logits, mask) if return_mask else logits
+        return (logits, extras) if return_extras else logits
 
 
 class AlexNetHead(nn.Module):
@@ -122,10 +85,11 @@ def build_model(
     num_classes: int,
     *,
     pretrained: str | os.PathLike | None = None,
-    rsc: RSCSettings = RSCSettings(),
+    method=None,
     freeze_bn: bool = False,
-) -> RSCModel:
-    """A torchvision backbone split for RSC.
+) -> Network:
+    """A torchvision backbone split into features and head, with ``method`` (rsc_dist.methods;
+    None: the plain network, as evaluation uses it).
 
     ``pretrained``: None (random init), "torchvision" (the ImageNet weights file in the
     torchvision cache, never downloaded), or a path to a state-dict file. The ImageNet
@@ -140,11 +104,11 @@ def build_model(
         load_imagenet_weights(net, arch, pretrained)
     if arch == "alexnet":
         net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
-        return RSCModel(net.features, AlexNetHead(net.classifier), rsc, freeze_bn=freeze_bn)
+        return Network(net.features, AlexNetHead(net.classifier), method, freeze_bn=freeze_bn)
     features = nn.Sequential(
         net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
     )
-    return RSCModel(features, PooledLinearHead(net.fc.in_features, num_classes), rsc, freeze_bn=freeze_bn)
+    return Network(features, PooledLinearHead(net.fc.in_features, num_classes), method, freeze_bn=freeze_bn)
 
 
 def pretrained_path(arch: str, pretrained: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""Train ERM or RSC with leave-domain-out evaluation, on 1 CPU, N gloo ranks or N GPUs.
+"""Train a DG method (RSC, ERM, CORAL: rsc_dist.methods) with leave-domain-out evaluation, on 1 CPU, N gloo ranks or N GPUs.
 
     accelerate launch rsc_dist/train.py                        # the built-in demo (CPU ok)
     accelerate launch --num_processes 2 rsc_dist/train.py      # 2 ranks (gloo on CPU)
@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # `accelerate launch rsc_dist/train.py` runs this
 
 from accelerate.utils import set_seed
 
-from rsc_dist import build, checkpoints, cpu_launch, engine, loop, observe
+from rsc_dist import build, checkpoints, cpu_launch, engine, loop, methods, observe
 from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
                              trajectory_settings)
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(
         prog="rsc_dist.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train ERM/RSC on webdataset shards. Every config field below can be set with "
+        description=f"Train {'/'.join(m.upper() for m in methods.NAMES)} on webdataset shards. Every config field below can be set with "
         "--section.key=value (or --section.key value); lists are comma-separated or [a,b].",
         epilog=f"config fields (type = default):\n{fields}\n\n"
                "Exit codes: 0 done, 2 config/data error, 3 non-finite loss, 75 stopped (rerun to resume).",
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--resume", default="auto",
                         help="auto (newest checkpoint in the run folder, if any), none, a checkpoint path, "
                         "or force (auto, continuing even where the checkpoint's settings differ)")
-    parser.add_argument("--algorithm", choices=("rsc", "erm"))
+    parser.add_argument("--algorithm", choices=methods.NAMES)
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     return parser.parse_known_args(argv)
 
