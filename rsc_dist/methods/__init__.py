@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 
 from rsc_dist.methods.base import Method
+from rsc_dist.methods.coral import CORAL
 from rsc_dist.methods.erm import ERM
 from rsc_dist.methods.rsc import RSC
 
 # The registry. The first is the default algorithm.
-_REGISTERED: tuple[type[Method], ...] = (RSC, ERM)
+_REGISTERED: tuple[type[Method], ...] = (RSC, ERM, CORAL)
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in _REGISTERED}
 NAMES: tuple[str, ...] = tuple(METHODS)
@@ -45,5 +46,5 @@ def build(config, **context) -> Method:
     return get(config.algorithm).from_config(config, **context)
 
 
-__all__ = ["DEFAULT", "ERM", "METHODS", "Method", "NAMES", "RSC", "build", "get", "section_keys",
+__all__ = ["CORAL", "DEFAULT", "ERM", "METHODS", "Method", "NAMES", "RSC", "build", "get", "section_keys",
            "sections"]
