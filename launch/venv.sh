@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Create or reuse the project's virtual environment at ./.venv and install rsc_dist into it
-# (editable, with the test extra), pinned by constraints.txt. Idempotent: a stamp holding the
-# hash of pyproject.toml and constraints.txt skips the install when nothing changed.
-# Usage (from anywhere): bash launch/venv.sh [extra ...]   e.g. bash launch/venv.sh deepspeed
+# (editable, with the test and deepspeed extras: the DeepSpeed tests run on CPU ranks in CI),
+# pinned by constraints.txt. Idempotent: a stamp holding the hash of pyproject.toml and
+# constraints.txt skips the install when nothing changed.
+# Usage (from anywhere): bash launch/venv.sh [extra]
+# DeepSpeed compiles a small shared-memory communication op with the system C++ compiler (g++,
+# Python headers) the first time a DeepSpeed run starts; it is cached in
+# ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR), about 45 s once per machine.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 python_bin=${PYTHON:-python3}
-extras="test${1:+,$1}"
+extras="test,deepspeed${1:+,$1}"
 if [ ! -x .venv/bin/python ]; then
   echo "[venv] creating .venv with $($python_bin --version)" >&2
   "$python_bin" -m venv .venv

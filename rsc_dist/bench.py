@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 
@@ -185,11 +186,32 @@ def parse_args(argv=None):
     return args
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names; a one-line error (exit 2) for one this machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        _fail(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail(f"--device {name}: this machine has no CUDA GPU (torch sees none); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            _fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type != "cpu":
+        _fail(f"--device {name}: only cpu and cuda are benchmarked here")
+    return device
+
+
+def _fail(message: str) -> None:
+    print(f"rsc_dist.bench: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"cpu ({torch.get_num_threads()} threads)"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -21,24 +22,86 @@ from rsc_dist.plan import DataPlan
 COLLECTIVE_TIMEOUT_S = int(os.environ.get("RSC_DIST_TIMEOUT_S", "1800"))
 
 
+def deepspeed_requested(env=os.environ) -> bool:
+    """True when the launcher asked for DeepSpeed (a DEEPSPEED accelerate config or --use_deepspeed)."""
+    return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
-    # Without CUDA, `accelerate launch --num_processes N` must not become N independent
-    # single-process trainings: cpu=True makes Accelerate form a gloo group from WORLD_SIZE.
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if torch.cuda.is_available() and local_ranks > torch.cuda.device_count():
-        raise ConfigError(f"{local_ranks} processes were started on this node but it has "
-                          f"{torch.cuda.device_count()} GPU(s); pass --num_processes "
-                          f"{torch.cuda.device_count()} (per node) to accelerate launch")
+    check_device_requests(config)
+    use_deepspeed = deepspeed_requested()
+    if use_deepspeed:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("the launch config asks for DeepSpeed (distributed_type: DEEPSPEED) but "
+                              "deepspeed is not installed: bash launch/venv.sh (the default install "
+                              "includes it), or launch without a DeepSpeed config") from None
     precision = None if config.train.mixed_precision == "auto" else config.train.mixed_precision
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
+    group = {"timeout": datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)}
+    if use_deepspeed and not torch.cuda.is_available():
+        # Named, or Accelerate sees no backend for a CPU without cpu=True and counts one process.
+        group["backend"] = "gloo"
+    accelerator = Accelerator(
+        # Without CUDA, `accelerate launch --num_processes N` must not become N independent
+        # single-process trainings: cpu=True makes Accelerate form a gloo group from WORLD_SIZE.
+        # Not under DeepSpeed: Accelerate drops the DeepSpeed plugin when cpu=True, while
+        # DeepSpeed's own CPU accelerator forms the (gloo) group itself.
+        cpu=not torch.cuda.is_available() and not use_deepspeed,
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.grad_accum,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not ranks
         log_with=observe.tracker_name(config),
         project_dir=str(run_dir),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))],
+        kwargs_handlers=[InitProcessGroupKwargs(**group)],
     )
+    if use_deepspeed and accelerator.state.deepspeed_plugin is None:  # never a silent DDP run
+        raise ConfigError("the launch config asks for DeepSpeed but Accelerate did not engage it "
+                          f"(distributed type {accelerator.distributed_type}); nothing was trained")
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise ConfigError(f"the launcher started {expected} ranks but they formed a group of "
+                          f"{accelerator.num_processes}; nothing was trained")
+    return accelerator
+
+
+def check_device_requests(config: Config, env=os.environ) -> None:
+    """Stop (ConfigError) or warn when a GPU-only request meets a machine without CUDA: what was
+    asked for runs as asked, stops with the reason, or runs on the CPU as a stand-in with a note."""
+    if torch.cuda.is_available():
+        local_ranks = int(env.get("LOCAL_WORLD_SIZE", "1"))
+        if local_ranks > torch.cuda.device_count():
+            raise ConfigError(f"{local_ranks} processes were started on this node but it has "
+                              f"{torch.cuda.device_count()} GPU(s); pass --num_processes "
+                              f"{torch.cuda.device_count()} (per node) to accelerate launch")
+        return
+    ranks = int(env.get("WORLD_SIZE", "1"))
+    launcher_precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    precision = launcher_precision if config.train.mixed_precision == "auto" else config.train.mixed_precision
+    if ranks > 1 and config.train.mixed_precision == "auto" and launcher_precision != "no" \
+            and not env.get("RSC_DIST_CPU_RANK") and not deepspeed_requested(env):
+        # accelerate_config.yaml and multinode_ddp.yaml (bf16, one rank per GPU) are GPU configs;
+        # the CPU-rank configs say mixed_precision 'no'.
+        raise ConfigError(f"{ranks} ranks were started with a GPU launch config (mixed_precision "
+                          f"{launcher_precision}, one rank per GPU) but this machine has no CUDA GPU; for "
+                          "CPU ranks use --config_file launch/accelerate/cpu_2proc.yaml (fp32, gloo)")
+    if precision == "fp16":
+        raise ConfigError("mixed_precision fp16 needs a CUDA GPU (loss scaling); this machine has none: "
+                          "use --train.mixed_precision=no, or bf16 (CPU autocast, slow)")
+    if config.model.sync_bn and ranks > 1:
+        raise ConfigError("model.sync_bn=true needs GPUs (torch's SyncBatchNorm has no CPU kernel); "
+                          "this machine has no CUDA GPU: drop --model.sync_bn")
+    notes = []
+    if precision == "bf16":
+        notes.append("mixed_precision bf16 runs as CPU autocast (as asked; slower than fp32 on most CPUs)")
+    if config.model.sync_bn:
+        notes.append("model.sync_bn=true with one process is plain BatchNorm (nothing to synchronize)")
+    if config.data.decode == "device":
+        notes.append("data.decode=device decodes and augments in the training process on the CPU "
+                     "(no CUDA GPU; data.decode=workers spreads it over the loader workers)")
+    if int(env.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"rsc_dist: no CUDA GPU: {note}", file=sys.stderr, flush=True)
 
 
 def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, capacity: int,
@@ -46,8 +109,6 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
     """The model with the configured method; ``capacity`` is the local forward batch (the size of
     a method's fixed-size gathers), ``num_domains`` the manifest's domain count."""
     distributed = accelerator.num_processes > 1
-    if config.model.sync_bn and distributed and accelerator.device.type != "cuda":
-        raise ConfigError("model.sync_bn=true needs GPUs (torch's SyncBatchNorm has no CPU kernel)")
     method = methods.build(config, process_group=torch.distributed.group.WORLD if distributed else None,
                            capacity=capacity, num_domains=num_domains)
     model = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained, method=method,
@@ -85,12 +146,63 @@ def configure_deepspeed(accelerator: Accelerator, config: Config, plan: DataPlan
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
-    stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-    if stage == 3 and accelerator.num_processes > 1:
-        raise ConfigError("DeepSpeed ZeRO-3 with several ranks is not supported: evaluation runs the "
-                          "unwrapped model, whose partitioned weights need collectives that ranks with "
-                          "different evaluation lengths do not reach together. Use ZeRO-1/2.")
+    use_deepspeed_mixed_precision(plugin.deepspeed_config)
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = plan.local_forward_batch
     plugin.deepspeed_config["gradient_accumulation_steps"] = config.train.grad_accum
     plugin.deepspeed_config["train_batch_size"] = plan.global_forward_batch * config.train.grad_accum
     plugin.deepspeed_config["gradient_clipping"] = 0.0
+    if zero_stage(accelerator) == 3:
+        # checkpoints/best holds whole weights: get_state_dict gathers the partitions (in the
+        # weights' own dtype, fp32 here, despite the option's "16bit" name).
+        plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def use_deepspeed_mixed_precision(deepspeed_config: dict) -> None:
+    """bf16 for a BatchNorm CNN under DeepSpeed: torch autocast with fp32 weights, not DeepSpeed's
+    own bf16 mode.
+
+    DeepSpeed's bf16 mode (what Accelerate writes for --mixed_precision bf16) casts the weights
+    to bf16 but leaves BatchNorm's running statistics in fp32: backward fails with "Expected
+    running_mean to have type BFloat16" (seen on an H200). Its torch_autocast section keeps the
+    weights and the optimizer in fp32 and runs the forward under torch.autocast, as DDP's bf16
+    does (BatchNorm stays fp32 there).
+    """
+    enabled = [key for key in ("bf16", "fp16") if str(deepspeed_config.get(key, {}).get("enabled")).lower() == "true"]
+    if not enabled:
+        return
+    if enabled == ["fp16"]:
+        raise ConfigError("DeepSpeed with fp16 is not supported for these BatchNorm CNNs (its fp16 mode "
+                          "casts the weights and breaks BatchNorm): use --mixed_precision bf16 or no")
+    deepspeed_config["bf16"] = {"enabled": False}
+    deepspeed_config.pop("fp16", None)
+    # No module is listed as safe to communicate in bf16: gradients are reduced in fp32, as DDP
+    # reduces them under autocast, so the two routes compute the same step.
+    deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this run, None without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return None if plugin is None else int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def evaluation_model(config: Config, num_classes: int, accelerator: Accelerator, model):
+    """The module evaluation runs: the prepared model, or under ZeRO-3 a plain copy with the whole
+    weights on every rank.
+
+    ZeRO-3 gathers a layer's partitioned weights inside its forward, a collective; ranks whose
+    evaluation shares hold different numbers of batches would wait on each other there. The
+    copy (one gather per evaluation, every rank at the same point; no RSC, evaluation never
+    masks: no method) runs its forwards without collectives. A ResNet fits whole on every rank.
+    """
+    if zero_stage(accelerator) != 3:
+        return model
+    import deepspeed
+
+    module = accelerator.unwrap_model(model)
+    copy = build_model(config.model.arch, num_classes, pretrained=None)
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        copy.load_state_dict(module.state_dict(), strict=True)
+    if config.model.channels_last:
+        copy = copy.to(memory_format=torch.channels_last)
+    return copy.to(accelerator.device)

@@ -8,6 +8,9 @@ Layout of a run folder RUN:
                                            is always complete
     RUN/checkpoints/best/                  model.safetensors (unwrapped weights), evaluation.json,
                                            config.yaml; replaced by rename, never rotated away
+A checkpoint holds Accelerate's save_state files: model.safetensors and optimizer.bin, or under
+DeepSpeed the folder pytorch_model/ (model states and one ZeRO optimizer shard per rank);
+best/ is always whole weights in safetensors, which rsc_dist.evaluate reads without DeepSpeed.
 
 Every failure here that the user can act on is a ``CheckpointError`` (a ``ConfigError``: the
 trainer prints its one-line message and exits 2).
@@ -15,6 +18,7 @@ trainer prints its one-line message and exits 2).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -41,6 +45,9 @@ LOCK_FILE = ".lock"
 MODEL_FILE = "model.safetensors"
 EVALUATION_FILE = "evaluation.json"
 BEST_CONFIG_FILE = "config.yaml"
+# Under DeepSpeed, save_state writes the model and optimizer here: mp_rank_00_model_states.pt
+# and one *zero_pp_rank_R_mp_rank_00_optim_states.pt per rank (ZeRO's shards).
+DEEPSPEED_DIR = "pytorch_model"
 
 # A RuntimeError from torch's zip writer counts as a full disk only when the disk is this full.
 _FULL_DISK_FREE_BYTES = 64 * 2**20
@@ -82,7 +89,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if failure is None:
         try:
-            accelerator.save_state(str(temporary))
+            with _deepspeed_write_failures_deferred(accelerator) as deferred:
+                accelerator.save_state(str(temporary))
+            if deferred:
+                raise deferred[0]
         except Exception as exc:  # noqa: BLE001 - re-raised below unless it is a full disk
             failure = exc
     # One collective instead of a barrier: a rank whose save failed must not leave the others
@@ -100,6 +110,36 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def _deepspeed_write_failures_deferred(accelerator):
+    """Under DeepSpeed, a file write that fails on one rank (a full disk) is kept for later
+    instead of raised: DeepSpeed's save_checkpoint ends with a barrier, which the other ranks
+    would wait in until the collective timeout if this rank left the save early. The list
+    holds the failures; every DeepSpeed file goes through its checkpoint engine's save."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        yield []
+        return
+    writer, failures = wrapped.engine.checkpoint_engine, []
+    original = writer.save
+
+    def save(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - raised by the caller after DeepSpeed's barrier
+            failures.append(exc)
+
+    own = vars(writer).get("save")  # normally None: save is the class's method
+    writer.save = save
+    try:
+        yield failures
+    finally:
+        if own is None:
+            del writer.save
+        else:
+            writer.save = own
 
 
 def _save_error(failure: BaseException | None, what: str, path: Path) -> Exception:
@@ -222,6 +262,7 @@ def load_for_resume(accelerator, run_dir: Path, resume: str) -> Path | None:
         candidates = [path]
     failures: list[str] = []
     for candidate in candidates:
+        check_layout(candidate, accelerator)
         # Torch files are checked first (zip CRCs: a flipped byte that torch.load would read
         # without complaint); safetensors files have no checksum, only their header is checked.
         problem, unexpected = find_damaged_file(candidate), None
@@ -255,6 +296,27 @@ def load_for_resume(accelerator, run_dir: Path, resume: str) -> Path | None:
                           f"checkpoint folder(s), or rerun with --resume none to start over")
 
 
+def check_layout(checkpoint: Path, accelerator) -> None:
+    """Refuse (CheckpointError) a checkpoint this launch cannot load, saying what to run instead:
+    DeepSpeed's layout under DDP or the reverse, or ZeRO shards of another number of ranks.
+    Every rank sees the same files, so every rank refuses alike (no collective)."""
+    checkpoint = Path(checkpoint)
+    written_by_deepspeed = (checkpoint / DEEPSPEED_DIR).is_dir()
+    written_by_ddp = (checkpoint / MODEL_FILE).exists() or (checkpoint / "optimizer.bin").exists()
+    launched_with_deepspeed = accelerator.state.deepspeed_plugin is not None
+    # (a folder with neither layout is damage, which find_damaged_file names)
+    if (written_by_deepspeed and not launched_with_deepspeed) or (written_by_ddp and launched_with_deepspeed):
+        how = "with DeepSpeed" if written_by_deepspeed else "without DeepSpeed (DDP)"
+        raise CheckpointError(f"{checkpoint} was written {how} and this launch "
+                              f"{'uses' if launched_with_deepspeed else 'does not use'} DeepSpeed: resume with "
+                              "the accelerate config that wrote it")
+    ranks = len(list(checkpoint.glob("random_states_*.pkl")))  # Accelerate writes one per rank
+    if written_by_deepspeed and ranks and ranks != accelerator.num_processes:
+        raise CheckpointError(f"{checkpoint} holds DeepSpeed ZeRO shards of {ranks} ranks and this launch has "
+                              f"{accelerator.num_processes}: resume with --num_processes {ranks} (ZeRO's "
+                              "optimizer shards are not re-partitioned; DDP checkpoints resume on any number)")
+
+
 class _Damaged(Exception):
     pass
 
@@ -273,18 +335,31 @@ def find_damaged_file(checkpoint: Path) -> str | None:
     fails its CRC check (this reads the torch files once)."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / MODEL_FILE).exists() and not (checkpoint / "pytorch_model.bin").exists() \
-            and not (checkpoint / "pytorch_model").is_dir():  # DeepSpeed keeps a folder
+            and not (checkpoint / DEEPSPEED_DIR).is_dir():
         return f"{MODEL_FILE} is missing"
-    if not (checkpoint / "optimizer.bin").exists() and not (checkpoint / "pytorch_model").is_dir():
+    if not (checkpoint / "optimizer.bin").exists() and not (checkpoint / DEEPSPEED_DIR).is_dir():
         return "optimizer.bin is missing"
     if not any(checkpoint.glob("custom_checkpoint_*.pkl")):
         return "custom_checkpoint_0.pkl (the training state) is missing"
-    for path in sorted(checkpoint.iterdir()):
+    deepspeed_dir = checkpoint / DEEPSPEED_DIR
+    if deepspeed_dir.is_dir():
+        if not any(deepspeed_dir.glob("*model_states.pt")):
+            return f"{DEEPSPEED_DIR}/mp_rank_00_model_states.pt is missing"
+        shards = len(list(deepspeed_dir.glob("*zero_pp_rank_*_optim_states.pt")))
+        ranks = len(list(checkpoint.glob("random_states_*.pkl")))
+        if shards != ranks:
+            return f"{DEEPSPEED_DIR} holds {shards} ZeRO optimizer shard(s) for {ranks} ranks"
+    # DeepSpeed's files (one optimizer shard per rank, read by that rank only) are checked by
+    # every rank: a damaged shard is then skipped by all ranks alike, before any of them loads
+    # and enters the collectives of a load that another rank has abandoned.
+    files = [*sorted(checkpoint.iterdir()), *(sorted(deepspeed_dir.iterdir()) if deepspeed_dir.is_dir() else [])]
+    for path in files:
         if not path.is_file():
             continue
+        name = path.relative_to(checkpoint).as_posix()
         try:
             if path.stat().st_size == 0:
-                return f"{path.name} is empty"
+                return f"{name} is empty"
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
 
@@ -292,14 +367,14 @@ def find_damaged_file(checkpoint: Path) -> str | None:
                     handle.keys()
             elif path.suffix in (".bin", ".pkl", ".pt"):
                 if not zipfile.is_zipfile(path):
-                    return f"{path.name} is truncated or not a torch file"
+                    return f"{name} is truncated or not a torch file"
                 with zipfile.ZipFile(path) as archive:
                     bad = archive.testzip()
                 if bad:
-                    return f"{path.name} is corrupt (bad CRC in {bad})"
+                    return f"{name} is corrupt (bad CRC in {bad})"
         except Exception as exc:  # noqa: BLE001 - any failure here names this file
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            return f"{path.name} is damaged ({reason})"
+            return f"{name} is damaged ({reason})"
     return None
 
 

@@ -62,6 +62,9 @@ def locate(checkpoint: Path) -> tuple[Path, Path]:
         else:
             raise EvaluateError(f"{checkpoint}: no such checkpoint folder")
     weights = checkpoint / checkpoints.MODEL_FILE
+    if not weights.is_file() and (checkpoint / checkpoints.DEEPSPEED_DIR).is_dir():
+        raise EvaluateError(f"{checkpoint} is a DeepSpeed checkpoint (sharded weights, for resuming): "
+                            "evaluate the run's checkpoints/best, which holds whole weights")
     if not weights.is_file():
         raise EvaluateError(f"{checkpoint} has no {checkpoints.MODEL_FILE}: give a run's checkpoints/best "
                             "or checkpoints/checkpoint_STEP folder")

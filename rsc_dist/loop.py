@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rsc_dist import checkpoints, engine, methods, observe
+from rsc_dist import build, checkpoints, engine, methods, observe
 from rsc_dist.config import Config, to_dict
 from rsc_dist.contracts import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from rsc_dist.data import make_loader
@@ -107,7 +107,9 @@ def _between_steps(run: Run, meter: observe.Meter, eval_loaders: dict) -> int:
                           f"checkpoint in {run.run_dir / 'checkpoints'} is kept")
         return EXIT_NONFINITE
     if evaluate_now:
-        counts = engine.evaluate(accelerator, run.model, eval_loaders, config, len(plan.domains))
+        evaluated = build.evaluation_model(config, plan.manifest.num_classes, accelerator, run.model)
+        counts = engine.evaluate(accelerator, evaluated, eval_loaders, config, len(plan.domains))
+        del evaluated
         evaluation = engine.summarize_evaluation(counts, plan.domains, state.step)
         if state.record_evaluation(evaluation):  # the new best by source validation; every rank
             checkpoints.save_best(accelerator, run.model, run.run_dir, evaluation, to_dict(config))

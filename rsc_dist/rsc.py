@@ -97,8 +97,11 @@ def saliency(features: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor
 
 
 def _autograd_saliency(features: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor) -> Tensor:
-    z_copy = features.detach().requires_grad_(True)
-    with torch.enable_grad():
+    # In fp32 even under autocast, as the closed form is: saliency rounded to bf16 would pick
+    # other locations and channels than the closed form does (e.g. under ZeRO-3, which takes
+    # this path for the GAP + linear head).
+    z_copy = features.detach().to(torch.promote_types(features.dtype, torch.float32)).requires_grad_(True)
+    with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
         logits = head(z_copy)
         true_class_sum = logits.gather(1, targets[:, None]).sum()
         (grad,) = torch.autograd.grad(true_class_sum, inputs=z_copy)

@@ -184,25 +184,3 @@ def test_sweep_rejects_bad_arguments(args, message):
     p = sweep(*args, "--dry-run", check=False)
     assert p.returncode == 2 and message in p.stderr, p.stderr
 
-
-# --- DeepSpeed on a GPU (the configs' claims) --------------------------------------------------
-
-
-@pytest.mark.cuda
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_configs_train_on_a_gpu(tmp_path, stage):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    pytest.importorskip("deepspeed")
-    if not (ROOT / "rsc_dist" / "train.py").exists():
-        pytest.skip("rsc_dist/train.py is not there yet")
-    cmd = [*ACCELERATE, "--config_file", str(LAUNCH / "accelerate" / f"deepspeed_zero{stage}.yaml"),
-           "--num_processes", "1", str(ROOT / "rsc_dist" / "train.py"), "--config", "demo",
-           "--output_dir", str(tmp_path / "run"), "--resume", "auto", "--train.max_steps=20",
-           "--wandb.mode=disabled"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-5000:]
-    result = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert result["last"]["step"] == 20
