@@ -25,6 +25,7 @@ import yaml
 
 from rsc_dist import methods
 from rsc_dist.fields import section, setting
+from rsc_dist.models import ARCHS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -77,7 +78,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["resnet18", "resnet50", "alexnet"] = setting("resnet18", "backbone")
+    arch: Literal[ARCHS] = setting("resnet18", "backbone (rsc_dist.models.BACKBONES)")
     pretrained: str | None = setting(
         None, 'None (random init), "torchvision" (local torchvision cache) or a weights file')
     sync_bn: bool = setting(False, "SyncBatchNorm across ranks (GPUs only)")

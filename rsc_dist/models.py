@@ -16,24 +16,15 @@ repeats them exactly.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from rsc_dist.rsc import PooledLinearHead
-
-ARCHS = ("resnet18", "resnet50", "alexnet")
-
-# The torchvision weights each arch loads for pretrained="torchvision", and the key prefix of
-# the ImageNet classifier layer that is replaced by a fresh one for the task's classes.
-_TORCHVISION_WEIGHTS = {
-    "resnet18": ("ResNet18_Weights", "fc."),
-    "resnet50": ("ResNet50_Weights", "fc."),
-    "alexnet": ("AlexNet_Weights", "classifier.6."),
-}
-
 
 class Network(nn.Module):
     """A backbone's ``features`` and ``head``, with the method (if any) applied between them
@@ -80,6 +71,70 @@ class AlexNetHead(nn.Module):
         return self.classifier(torch.flatten(self.pool(z), 1))
 
 
+class PooledNormHead(nn.Module):
+    """ConvNeXt after its last stage: global average pool, LayerNorm over channels, flatten,
+    linear. The LayerNorm after the pool makes the logits non-linear in z: RSC's saliency then
+    goes through autograd (correct, a little slower than the closed form)."""
+
+    def __init__(self, pool: nn.Module, classifier: nn.Sequential):
+        super().__init__()
+        self.pool = pool
+        self.classifier = classifier
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.classifier(self.pool(z))
+
+
+def _split_resnet(net: nn.Module, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    features = nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
+    return features, PooledLinearHead(net.fc.in_features, num_classes)
+
+
+def _split_alexnet(net: nn.Module, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
+    return net.features, AlexNetHead(net.classifier)
+
+
+def _split_convnext(net: nn.Module, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    net.classifier[2] = nn.Linear(net.classifier[2].in_features, num_classes)
+    return net.features, PooledNormHead(net.avgpool, net.classifier)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered torchvision backbone: how it splits into ``features`` (up to the last
+    feature map z, where RSC acts) and ``head`` (z to logits), and what offline loading needs."""
+
+    name: str  # the torchvision constructor and model.arch's value
+    weights: str  # the torchvision weights enum: its DEFAULT file is what "torchvision" loads
+    classifier_prefix: str  # state-dict prefix of the ImageNet classifier, replaced for the task
+    split: Callable[[nn.Module, int], tuple[nn.Module, nn.Module]]
+    # What RSC's closed form needs: a head that is global average pooling and one linear layer
+    # (rsc.PooledLinearHead, whose class-weight matrix gives the saliency with no backward).
+    # Other heads are scored through autograd.
+    pooled_linear_head: bool
+
+    def weights_file(self) -> str:
+        """The file name of the ImageNet weights in the torchvision cache (TORCH_HOME/hub/checkpoints)."""
+        return os.path.basename(getattr(torchvision.models, self.weights).DEFAULT.url)
+
+
+# The registry: one line per backbone. A new torchvision CNN with a GAP + linear head reuses
+# _split_resnet's pattern and gets RSC's closed form (docs/extending.md).
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone("resnet18", "ResNet18_Weights", "fc.", _split_resnet, True),
+    Backbone("resnet34", "ResNet34_Weights", "fc.", _split_resnet, True),
+    Backbone("resnet50", "ResNet50_Weights", "fc.", _split_resnet, True),
+    Backbone("resnet101", "ResNet101_Weights", "fc.", _split_resnet, True),
+    Backbone("wide_resnet50_2", "Wide_ResNet50_2_Weights", "fc.", _split_resnet, True),
+    Backbone("alexnet", "AlexNet_Weights", "classifier.6.", _split_alexnet, False),
+    Backbone("convnext_tiny", "ConvNeXt_Tiny_Weights", "classifier.2.", _split_convnext, False),
+)}
+ARCHS = tuple(BACKBONES)
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -88,36 +143,29 @@ def build_model(
     method=None,
     freeze_bn: bool = False,
 ) -> Network:
-    """A torchvision backbone split into features and head, with ``method`` (rsc_dist.methods;
-    None: the plain network, as evaluation uses it).
+    """A registered torchvision backbone split into features and head, with ``method``
+    (rsc_dist.methods; None: the plain network, as evaluation uses it).
 
     ``pretrained``: None (random init), "torchvision" (the ImageNet weights file in the
     torchvision cache, never downloaded), or a path to a state-dict file. The ImageNet
     classifier layer is always replaced by a fresh one with ``num_classes`` outputs.
     """
-    if arch not in ARCHS:
+    if arch not in BACKBONES:
         raise ValueError(f"model.arch must be one of {ARCHS}; got {arch!r}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2; got {num_classes}")
     net = getattr(torchvision.models, arch)(weights=None)
     if pretrained not in (None, "", "none"):
         load_imagenet_weights(net, arch, pretrained)
-    if arch == "alexnet":
-        net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
-        return Network(net.features, AlexNetHead(net.classifier), method, freeze_bn=freeze_bn)
-    features = nn.Sequential(
-        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
-    )
-    return Network(features, PooledLinearHead(net.fc.in_features, num_classes), method, freeze_bn=freeze_bn)
+    features, head = BACKBONES[arch].split(net, num_classes)
+    return Network(features, head, method, freeze_bn=freeze_bn)
 
 
 def pretrained_path(arch: str, pretrained: str | os.PathLike) -> Path:
     """Where the weights for ``pretrained`` live: a given path, or the torchvision cache."""
     if str(pretrained) != "torchvision":
         return Path(pretrained).expanduser()
-    weights_enum = getattr(torchvision.models, _TORCHVISION_WEIGHTS[arch][0])
-    filename = os.path.basename(weights_enum.DEFAULT.url)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONES[arch].weights_file()
 
 
 def load_imagenet_weights(net: nn.Module, arch: str, pretrained: str | os.PathLike) -> None:
@@ -139,7 +187,7 @@ def load_imagenet_weights(net: nn.Module, arch: str, pretrained: str | os.PathLi
         raise ValueError(f"cannot read pretrained weights from {path}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    classifier_prefix = _TORCHVISION_WEIGHTS[arch][1]
+    classifier_prefix = BACKBONES[arch].classifier_prefix
     state = {k: v for k, v in state.items() if not k.startswith(classifier_prefix)}
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(classifier_prefix)]
