@@ -1,5 +1,5 @@
 """Checkpoints of a run folder: atomic saves that keep the last K, resuming that survives a damaged
-checkpoint, the best model by source validation, and the lock that keeps one trainer per folder.
+checkpoint, the best model (by train.selection), and the lock that keeps one trainer per folder.
 
 Layout of a run folder RUN:
     RUN/.lock                              held (flock) by the main process of the trainer using RUN

@@ -124,6 +124,10 @@ class TrainConfig:
         10, "ranks agree on stop signals and non-finite loss this often", check="positive")
     stop_at_step: int | None = setting(None, "act as if preempted after this step (tests resume paths)")
     tracker: Literal["wandb", "tensorboard", "none"] = setting("wandb", "where metrics go besides the console")
+    selection: Literal["source_val_pooled", "source_val_mean", "last"] = setting(
+        "source_val_pooled", "which evaluation is best (checkpoints/best/): source_val_pooled = correct/total "
+        "over all source val samples (released code); source_val_mean = mean of the per-source val "
+        "accuracies (DomainBed's training-domain validation); last = the last evaluation")
 
 
 @dataclass(frozen=True)
@@ -162,13 +166,14 @@ class CommonConfig:
     def run_label(self) -> str:
         return f"{self.algorithm}-{self.target_label()}-seed{self.run.seed}"
 
-    def resolved_output_dir(self) -> Path:
-        """The run folder. The default carries the settings' fingerprint, so changing a setting
-        that changes the trajectory starts a new run instead of resuming an unrelated one."""
+    def resolved_output_dir(self, world_size: int) -> Path:
+        """The run folder. The default carries the trajectory fingerprint (with the global batch
+        that ``world_size`` processes resolve to), so changing a setting that changes the
+        trajectory starts a new run instead of resuming an unrelated one."""
         if self.run.output_dir:
             return Path(self.run.output_dir).expanduser()
         return (Path("runs") / self.run.experiment / self.algorithm / self.target_label()
-                / f"seed{self.run.seed}-{trajectory_fingerprint(self)[:8]}")
+                / f"seed{self.run.seed}-{trajectory_fingerprint(self, world_size)[:8]}")
 
 
 # The run configuration: the common sections, then one section per registered method that has
@@ -184,7 +189,9 @@ Config.__doc__ = "The run configuration (rsc_dist.config): common sections and e
 # fast it goes, how often it looks): excluded from the trajectory fingerprint, so they may
 # change when a run is resumed. Keys are dotted; a section name excludes the whole section.
 # The two batch-size settings are excluded because what matters is the global batch they
-# resolve to with the number of processes: checkpoints check that (plan.data_order).
+# resolve to with the number of processes: the fingerprint hashes that (resolved_batch), and
+# checkpoints check it (plan.data_order). train.selection stays in: it decides which weights
+# checkpoints/best/ holds, so a run cannot switch rules halfway.
 NOT_TRAJECTORY = (
     "preset", "run.experiment", "run.name", "run.output_dir", "data.root", "data.workers",
     "data.batch_size", "data.global_batch_size",
@@ -204,8 +211,26 @@ def trajectory_settings(config: "Config") -> dict:
             if not any(key == skip or key.startswith(skip + ".") for skip in skipped)}
 
 
-def trajectory_fingerprint(config: "Config") -> str:
-    text = json.dumps(trajectory_settings(config), sort_keys=True, separators=(",", ":"))
+def resolved_batch(config: "Config", world_size: int) -> dict:
+    """The global batch the batch settings resolve to on ``world_size`` processes, as far as it
+    is known without the data: data.global_batch_size, or data.batch_size x processes (per
+    source domain with sampling=balanced, whose number of groups the data decides)."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be at least 1; got {world_size}")
+    data = config.data
+    if data.global_batch_size:
+        return {"data.resolved_global_batch": data.global_batch_size}
+    if data.sampling == "balanced":
+        return {"data.resolved_global_batch_per_source": data.batch_size * world_size}
+    return {"data.resolved_global_batch": data.batch_size * world_size}
+
+
+def trajectory_fingerprint(config: "Config", world_size: int) -> str:
+    """Hash of the trajectory settings and the resolved global batch: runs that would train
+    differently never share a default run folder, and a run resumed on another number of
+    processes with the same global batch (data.global_batch_size) keeps its folder."""
+    settings = {**trajectory_settings(config), **resolved_batch(config, world_size)}
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

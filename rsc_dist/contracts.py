@@ -11,22 +11,17 @@ Exit codes of ``rsc_dist.train`` (and ``rsc_dist.evaluate``):
     75  stopped on request (SIGTERM/SIGUSR1, train.stop_at_step) after saving a checkpoint;
         rerun the same command to resume (EX_TEMPFAIL)
 
-Launchers (torchrun, ``accelerate launch``) turn a rank's 75 into their own 1, so a stop that
-should be resumed is also announced by the file ``RUN/preempted.json``:
+A stop that should be resumed is also announced by the file ``RUN/preempted.json`` (what the
+launcher itself exits with depends on how the stop reached it; see launch/README.md):
     {"step": <int>, "reason": "<SIGTERM | SIGUSR1 | train.stop_at_step=N>"}
 
-``RUN/results.json`` layout, schema version 2 (version 1 had no "schema_version" key):
-    schema_version   2
-    config           the resolved config (nested dict)
-    fingerprint      hash of the settings that define the run's trajectory
-    algorithm, dataset, arch, seed, targets [..], sources [..]
-    best, last       {"step", "val_acc", "val_per_domain": {D: acc}, "target_acc": {D: acc},
-                      "target_top5": {D: acc}}; best = the best source-validation step
-    best_checkpoint  path of RUN/checkpoints/best (relative to RUN), or null
-    steps            optimizer-independent training steps done
-    throughput_img_s training images per second (forward batch, all ranks)
-    history          every evaluation, in order
-Accuracies are fractions in [0, 1].
+``RUN/results.json``, schema version 3: RESULTS_LAYOUT below is its one description (key ->
+type and meaning); tests/test_contracts.py checks a trainer-written file against it, and
+rsc_dist.results reads versions 1 to 3. Every evaluation (``best``, ``last`` and each entry of
+``history``) is an EVALUATION_RECORD, which keeps per-domain accuracies AND sample counts, so
+any selection rule (rsc_dist/selection.py) can be applied after the fact. Accuracies are
+fractions in [0, 1]. Version 2 had no val_acc_mean/val_n/target_n/selection keys and a
+"num_samples" map instead; version 1 had no "schema_version" key.
 """
 
 from __future__ import annotations
@@ -39,5 +34,87 @@ EXIT_PREEMPTED = 75
 
 PREEMPTED_MARKER = "preempted.json"
 RESULTS_FILE = "results.json"
-RESULTS_SCHEMA_VERSION = 2
+RESULTS_SCHEMA_VERSION = 3
 CONFIG_FILE = "config.yaml"
+
+# Types: int, float, str, dict, list, "null" (JSON null), "{str: float}" / "{str: int}" (a map from
+# domain names), "list[str]", "evaluation" (an EVALUATION_RECORD), "list[evaluation]"; "a|b" = either.
+EVALUATION_RECORD = {
+    "step": ("int", "training steps done when evaluated"),
+    "val_acc": ("float|null", "pooled source validation: correct / total over all source val samples"),
+    "val_acc_mean": ("float|null", "mean over source domains of their val accuracy (DomainBed); "
+                                   "null when a source domain has no val sample"),
+    "val_per_domain": ("{str: float}", "val accuracy of each source domain that has val samples"),
+    "val_n": ("{str: int}", "val samples of EVERY source domain (0 allowed)"),
+    "target_acc": ("{str: float}", "top-1 on each target domain (all of its samples)"),
+    "target_top5": ("{str: float}", "top-5 on each target domain"),
+    "target_n": ("{str: int}", "samples of every target domain"),
+}
+
+RESULTS_LAYOUT = {
+    "schema_version": ("int", "RESULTS_SCHEMA_VERSION"),
+    "config": ("dict", "the resolved config (nested)"),
+    "fingerprint": ("str", "hash of the settings that define the trajectory (part of the default run folder)"),
+    "algorithm": ("str", "rsc | erm"),
+    "dataset": ("str", "data.dataset or the manifest's name"),
+    "arch": ("str", "model.arch"),
+    "seed": ("int", "run.seed"),
+    "targets": ("list[str]", "held-out domains"),
+    "sources": ("list[str]", "training domains"),
+    "selection": ("str", "the rule that chose best (train.selection; rsc_dist/selection.py)"),
+    "best": ("evaluation|null", "the evaluation the selection rule chose (null: it could choose none)"),
+    "last": ("evaluation", "the last evaluation"),
+    "best_checkpoint": ("str|null", "RUN-relative folder with best's weights (checkpoints/best), or null"),
+    "steps": ("int", "training steps done"),
+    "throughput_img_s": ("float", "training images per second, all ranks"),
+    "history": ("list[evaluation]", "every evaluation, in order"),
+    "forced_resumes": ("list", "what each --resume force continued despite: {step, changes}"),
+}
+
+
+def layout_problems(document: dict, layout: dict = RESULTS_LAYOUT, where: str = "") -> list[str]:
+    """Where ``document`` differs from ``layout`` (missing or extra keys, wrong types); [] if none."""
+    if not isinstance(document, dict):
+        return [f"{where or 'document'}: expected an object, got {type(document).__name__}"]
+    problems = [f"{where}{key}: missing" for key in layout if key not in document]
+    problems += [f"{where}{key}: not in the layout" for key in document if key not in layout]
+    for key, (kind, _meaning) in layout.items():
+        if key in document:
+            problems += _type_problems(document[key], kind, f"{where}{key}")
+    return problems
+
+
+def _type_problems(value, kind: str, where: str) -> list[str]:
+    options = kind.split("|")
+    found = []
+    for option in options:
+        found = _one_type_problems(value, option, where)
+        if not found:
+            return []
+    return found if len(options) == 1 else [f"{where}: expected {kind}, got {value!r:.80}"]
+
+
+def _one_type_problems(value, kind: str, where: str) -> list[str]:
+    def number(v, allowed):
+        return isinstance(v, allowed) and not isinstance(v, bool)
+
+    simple = {"int": lambda v: number(v, int), "float": lambda v: number(v, (int, float)),
+              "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict),
+              "list": lambda v: isinstance(v, list), "null": lambda v: v is None}
+    if kind in simple:
+        return [] if simple[kind](value) else [f"{where}: expected {kind}, got {value!r:.80}"]
+    if kind == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return [] if ok else [f"{where}: expected a list of strings, got {value!r:.80}"]
+    if kind in ("{str: float}", "{str: int}"):
+        inner = kind[6:-1]
+        if not isinstance(value, dict):
+            return [f"{where}: expected {kind}, got {value!r:.80}"]
+        return [p for k, v in value.items() for p in _one_type_problems(v, inner, f"{where}.{k}")]
+    if kind == "evaluation":
+        return layout_problems(value, EVALUATION_RECORD, f"{where}.")
+    if kind == "list[evaluation]":
+        if not isinstance(value, list):
+            return [f"{where}: expected a list, got {value!r:.80}"]
+        return [p for i, v in enumerate(value) for p in layout_problems(v, EVALUATION_RECORD, f"{where}[{i}].")]
+    raise ValueError(f"unknown layout type {kind!r} at {where}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rsc_dist import methods
+from rsc_dist import methods, selection
 from rsc_dist.config import Config
 from rsc_dist.data import device_images, normalize_on_device
 
@@ -62,7 +62,7 @@ class TrainState:
     data_order: dict = field(default_factory=dict)  # plan.data_order() at save time
     settings: dict = field(default_factory=dict)  # config.trajectory_settings at save time (what it hashes)
     forced_resumes: list = field(default_factory=list)  # what --resume force continued despite
-    best: dict = field(default_factory=dict)  # evaluation at the best source-validation step
+    best: dict = field(default_factory=dict)  # the evaluation train.selection chose so far ({}: none)
     last: dict = field(default_factory=dict)  # the most recent evaluation
     history: list = field(default_factory=list)
 
@@ -79,12 +79,12 @@ class TrainState:
         self.settings = state.get("settings", {})
         self.forced_resumes = state.get("forced_resumes", [])
 
-    def record_evaluation(self, evaluation: dict) -> bool:
-        """Store an evaluation; True when it is the new best by source validation."""
+    def record_evaluation(self, evaluation: dict, rule: str = "source_val_pooled") -> bool:
+        """Store an evaluation; True when ``rule`` (rsc_dist.selection) makes it the new best.
+        An evaluation the rule cannot score (no source validation) never becomes the best."""
         self.last = evaluation
         self.history.append(evaluation)
-        val = evaluation.get("val_acc")
-        if not self.best or (val is not None and val > self.best.get("val_acc", -1.0)):
+        if selection.replaces(rule, evaluation, self.best):
             self.best = evaluation
             return True
         return False
@@ -187,23 +187,35 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
     return {role: accelerator.reduce(c, reduction="sum").cpu() for role, c in counts.items()}
 
 
-def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int) -> dict:
-    """Accuracies from summed counts: pooled source validation, per target domain."""
-    result = {"step": step, "val_acc": None, "val_per_domain": {}, "target_acc": {}, "target_top5": {},
-              "num_samples": {}}
+def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int, sources: tuple[str, ...] = (),
+                         targets: tuple[str, ...] = ()) -> dict:
+    """One evaluation record (layout: rsc_dist/contracts.py, EVALUATION_RECORD) from summed
+    counts. ``sources``/``targets`` list every domain of the role, so one without samples shows
+    as n = 0; without them, the domains that had samples."""
+    result = {"step": step, "val_acc": None, "val_acc_mean": None, "val_per_domain": {}, "val_n": {},
+              "target_acc": {}, "target_top5": {}, "target_n": {}}
     if "val" in counts:
         top1, _, total = counts["val"]
+        listed = sources or tuple(d for i, d in enumerate(domains) if total[i] > 0)
+        for domain in listed:
+            i = domains.index(domain)
+            result["val_n"][domain] = int(total[i])
+            if total[i] > 0:
+                result["val_per_domain"][domain] = float(top1[i] / total[i])
         if total.sum() > 0:
             result["val_acc"] = float(top1.sum() / total.sum())
-        result["val_per_domain"] = {d: float(top1[i] / total[i]) for i, d in enumerate(domains) if total[i] > 0}
-        result["num_samples"]["val"] = int(total.sum())
+    elif sources:
+        result["val_n"] = {domain: 0 for domain in sources}
+    result["val_acc_mean"] = selection.source_val_mean(result)
     if "target" in counts:
         top1, top5, total = counts["target"]
-        for i, domain in enumerate(domains):
+        listed = targets or tuple(d for i, d in enumerate(domains) if total[i] > 0)
+        for domain in listed:
+            i = domains.index(domain)
+            result["target_n"][domain] = int(total[i])
             if total[i] > 0:
                 result["target_acc"][domain] = float(top1[i] / total[i])
                 result["target_top5"][domain] = float(top5[i] / total[i])
-                result["num_samples"][domain] = int(total[i])
     return result
 
 

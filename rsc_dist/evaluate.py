@@ -182,7 +182,7 @@ def checkpoint_step(folder: Path) -> int | None:
 
 def document(counts: dict, plan, checkpoint: Path, whole_domains: bool) -> dict:
     """Per-domain top-1/top-5/n from summed counts, with engine.summarize_evaluation's arithmetic."""
-    summary = engine.summarize_evaluation(counts, plan.domains, step=-1)
+    summary = engine.summarize_evaluation(counts, plan.domains, -1, plan.sources, plan.targets)
     per_domain = {}
     for role, (top1, top5, total) in counts.items():
         for i, domain in enumerate(plan.domains):
@@ -196,7 +196,7 @@ def document(counts: dict, plan, checkpoint: Path, whole_domains: bool) -> dict:
                                       "top5": float(top5[i] / total[i]), "n": int(total[i])}
     ordered = {d: per_domain[d] for d in plan.domains if d in per_domain}
     return {"checkpoint": str(checkpoint), "val_acc": None if whole_domains else summary["val_acc"],
-            "per_domain": ordered}
+            "val_acc_mean": None if whole_domains else summary["val_acc_mean"], "per_domain": ordered}
 
 
 def format_table(result: dict) -> str:
@@ -206,6 +206,8 @@ def format_table(result: dict) -> str:
     if result.get("val_acc") is not None:
         n = sum(r["n"] for r in result["per_domain"].values() if r["role"] == "source (val)")
         rows.append(("sources", "val (pooled)", f"{100 * result['val_acc']:.2f}", "", str(n)))
+        if result.get("val_acc_mean") is not None:
+            rows.append(("sources", "val (mean)", f"{100 * result['val_acc_mean']:.2f}", "", str(n)))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]

@@ -110,8 +110,8 @@ def _between_steps(run: Run, meter: observe.Meter, eval_loaders: dict) -> int:
         evaluated = build.evaluation_model(config, plan.manifest.num_classes, accelerator, run.model)
         counts = engine.evaluate(accelerator, evaluated, eval_loaders, config, len(plan.domains))
         del evaluated
-        evaluation = engine.summarize_evaluation(counts, plan.domains, state.step)
-        if state.record_evaluation(evaluation):  # the new best by source validation; every rank
+        evaluation = engine.summarize_evaluation(counts, plan.domains, state.step, plan.sources, plan.targets)
+        if state.record_evaluation(evaluation, config.train.selection):  # the new best; every rank
             checkpoints.save_best(accelerator, run.model, run.run_dir, evaluation, to_dict(config))
         run.tracking.log_evaluation(evaluation, state.step, best=state.best)
     if checkpoint_now or signalled:

@@ -5,11 +5,12 @@ results.json, the per-domain result table and the console accuracy table.
 Key layout (docs/wandb.md says how to read it): every metric is plotted against
 ``trainer/step`` (the trainer's optimizer-independent step; ``trainer/epoch`` beside it);
 ``train/*`` and ``perf/*`` every ``train.log_every_steps``; at each evaluation ``val/acc``,
-``val/acc_<source>``, ``target/acc_<target>``, ``target/top5_<target>``, the domain-independent
-``target/acc`` / ``target/top5`` (mean over the target domains) and ``best/val_acc``,
-``best/target_acc`` (the target accuracy at the best source-validation step so far: the
-paper's model selection); ``rsc/masks`` images. At the end: ``results/per_domain`` (table),
-``results.json`` (run file) and, with ``wandb.log_model=best``, the best model as an artifact.
+``val/acc_mean``, ``val/acc_<source>``, ``target/acc_<target>``, ``target/top5_<target>``, the
+domain-independent ``target/acc`` / ``target/top5`` (mean over the target domains) and
+``best/val_acc``, ``best/target_acc`` (the target accuracy at the evaluation train.selection
+chose so far; ``best/selection`` in the summary names the rule); ``rsc/masks`` images. At the
+end: ``results/per_domain`` (table), ``results.json`` (run file) and, with
+``wandb.log_model=best``, the best model as an artifact.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from rsc_dist import selection
 from rsc_dist.config import Config, to_dict, trajectory_fingerprint
 from rsc_dist.contracts import RESULTS_SCHEMA_VERSION
 
@@ -153,7 +155,7 @@ def run_config(config: Config, plan, accelerator) -> dict:
     """The W&B run config: the resolved config, the git commit, the fingerprint, derived sizes."""
     values = to_dict(config)
     values["git_commit"] = git_commit()
-    values["fingerprint"] = trajectory_fingerprint(config)
+    values["fingerprint"] = trajectory_fingerprint(config, accelerator.num_processes)
     values["derived"] = {"world_size": accelerator.num_processes, "steps_per_epoch": plan.steps_per_epoch,
                          "total_steps": plan.total_steps, "sources": list(plan.sources),
                          "targets": list(plan.targets), "dataset": dataset_name(config, plan),
@@ -184,19 +186,13 @@ def mean_or_none(values) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _better(evaluation: dict, best: dict | None) -> bool:
-    """TrainState.record_evaluation's rule: the first evaluation, then higher source val acc."""
-    if not best:
-        return True
-    val = evaluation.get("val_acc")
-    return val is not None and val > best.get("val_acc", -1.0)
-
-
 def evaluation_metrics(evaluation: dict, best: dict | None = None) -> dict:
     """The scalars logged at one evaluation (best: the best evaluation so far, this one included)."""
     values = {}
     if evaluation.get("val_acc") is not None:
         values["val/acc"] = evaluation["val_acc"]
+    if evaluation.get("val_acc_mean") is not None:
+        values["val/acc_mean"] = evaluation["val_acc_mean"]
     values.update({f"val/acc_{d}": a for d, a in evaluation.get("val_per_domain", {}).items()})
     target_acc, target_top5 = evaluation.get("target_acc", {}), evaluation.get("target_top5", {})
     values.update({f"target/acc_{d}": a for d, a in target_acc.items()})
@@ -205,8 +201,9 @@ def evaluation_metrics(evaluation: dict, best: dict | None = None) -> dict:
         if per_domain:
             values[key] = mean_or_none(per_domain.values())
     if best:
-        if best.get("val_acc") is not None:
-            values["best/val_acc"] = best["val_acc"]
+        for key in ("val_acc", "val_acc_mean"):
+            if best.get(key) is not None:
+                values[f"best/{key}"] = best[key]
         if best.get("target_acc"):
             values["best/target_acc"] = mean_or_none(best["target_acc"].values())
             values.update({f"best/target_acc_{d}": a for d, a in best["target_acc"].items()})
@@ -217,27 +214,28 @@ def evaluation_metrics(evaluation: dict, best: dict | None = None) -> dict:
 
 def per_domain_rows(results: dict) -> list[list]:
     """The per-domain result table (TABLE_COLUMNS): source domains (their validation split),
-    the pooled source validation, each target, and the mean over targets."""
+    the pooled and the mean source validation, each target, and the mean over targets. n is
+    the number of samples behind the row (the last evaluation's; evaluations count the same
+    samples)."""
     best, last = results.get("best") or {}, results.get("last") or {}
 
-    def count(evaluation: dict, domain: str, role: str):
-        samples = evaluation.get("num_samples") or {}
-        if role == "source-val":
-            return (samples.get("val_per_domain") or {}).get(domain)
-        return samples.get("val") if role == "source-val (pooled)" else samples.get(domain)
+    def counts(key: str) -> dict:
+        return last.get(key) or best.get(key) or {}
 
+    val_n, target_n = counts("val_n"), counts("target_n")
     steps = [best.get("step"), last.get("step")]
     rows = []
     for domain in results.get("sources", []):
-        rows.append([domain, "source-val", count(last, domain, "source-val") or count(best, domain, "source-val"),
+        rows.append([domain, "source-val", val_n.get(domain),
                      (best.get("val_per_domain") or {}).get(domain), None,
                      (last.get("val_per_domain") or {}).get(domain), None, *steps])
-    if best.get("val_acc") is not None or last.get("val_acc") is not None:
-        rows.append(["all sources", "source-val (pooled)", count(last, "", "source-val (pooled)"),
-                     best.get("val_acc"), None, last.get("val_acc"), None, *steps])
+    sources_n = sum(val_n.values()) if val_n else None
+    for key, role in (("val_acc", "source-val (pooled)"), ("val_acc_mean", "source-val (mean)")):
+        if best.get(key) is not None or last.get(key) is not None:
+            rows.append(["all sources", role, sources_n, best.get(key), None, last.get(key), None, *steps])
     targets = list(results.get("targets", []))
     for domain in targets:
-        rows.append([domain, "target", count(last, domain, "target") or count(best, domain, "target"),
+        rows.append([domain, "target", target_n.get(domain),
                      (best.get("target_acc") or {}).get(domain), (best.get("target_top5") or {}).get(domain),
                      (last.get("target_acc") or {}).get(domain), (last.get("target_top5") or {}).get(domain),
                      *steps])
@@ -246,8 +244,9 @@ def per_domain_rows(results: dict) -> list[list]:
             values = [(evaluation.get(key) or {}).get(d) for d in targets]
             return mean_or_none(v for v in values if v is not None) if None not in values else None
 
-        rows.append(["mean over targets", "target (mean)", None, avg(best, "target_acc"), avg(best, "target_top5"),
-                     avg(last, "target_acc"), avg(last, "target_top5"), *steps])
+        total = sum(target_n.get(d, 0) for d in targets) if all(d in target_n for d in targets) else None
+        rows.append(["mean over targets", "target (mean)", total, avg(best, "target_acc"),
+                     avg(best, "target_top5"), avg(last, "target_acc"), avg(last, "target_top5"), *steps])
     return rows
 
 
@@ -321,7 +320,7 @@ class Tracking:
         """best: the best evaluation so far (TrainState.best after record_evaluation), which
         survives a resume; without it the best since this process started is used."""
         if best is None:
-            if _better(evaluation, self.best):
+            if selection.replaces(self.selection, evaluation, self.best):
                 self.best = evaluation
             best = self.best
         else:
@@ -330,7 +329,12 @@ class Tracking:
         self.log(values, step)
         shown = {k: v for k, v in values.items() if k != "best/step"}
         line = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
-        self.accelerator.print(f"step {step}: {line}")
+        self.accelerator.print(f"step {step}: {line} (best by {self.selection})")
+
+    @property
+    def selection(self) -> str:
+        """The rule that picks best/* (train.selection)."""
+        return self.config.train.selection if self.config is not None else Config().train.selection
 
     def log_masks(self, images: torch.Tensor, mask: torch.Tensor | None, mode: str, step: int,
                   labels: torch.Tensor | None = None, class_names: tuple = (), count: int = 8) -> None:
@@ -417,6 +421,8 @@ def summary_values(results: dict) -> dict:
             values[f"{key}/target_top5"] = mean_or_none(top5.values())
         if block.get("step") is not None:
             values[f"{key}/step"] = block["step"]
+    if results.get("selection"):
+        values["best/selection"] = results["selection"]  # which rule chose the best/* values
     for key in ("steps", "throughput_img_s", "fingerprint"):
         if results.get(key) is not None:
             values[f"run/{key}"] = results[key]
@@ -450,7 +456,8 @@ def best_model_artifact(run, results: dict, run_dir: Path):
                 "fingerprint": results.get("fingerprint")}
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"model-{run.id}")
     artifact = wandb.Artifact(safe, type="model", metadata=metadata,
-                              description=f"best source-validation step {best.get('step')} of run {run.name}")
+                              description=f"step {best.get('step')} of run {run.name}, chosen by "
+                                          f"{results.get('selection')}")
     folder = Path(run_dir) / "checkpoints" / "best"
     for path in files:
         artifact.add_file(str(path), name=str(path.relative_to(folder)))
@@ -601,37 +608,36 @@ class Meter:
 
 
 def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | None = None) -> dict:
-    """RUN/results.json (layout: rsc_dist/contracts.py); run_dir decides best_checkpoint."""
-    def pick(evaluation: dict) -> dict:
-        return {k: evaluation.get(k) for k in ("step", "val_acc", "target_acc", "target_top5", "val_per_domain",
-                                               "num_samples")}
-
+    """RUN/results.json (layout: rsc_dist/contracts.py, RESULTS_LAYOUT); run_dir decides
+    best_checkpoint."""
     best_checkpoint = None
     if run_dir is not None and (Path(run_dir) / "checkpoints" / "best").is_dir():
         best_checkpoint = "checkpoints/best"
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "config": to_dict(config),
-        "fingerprint": trajectory_fingerprint(config),
+        "fingerprint": trajectory_fingerprint(config, plan.world_size),
         "algorithm": config.algorithm,
         "dataset": config.data.dataset or plan.manifest.dataset,
         "arch": config.model.arch,
+        "seed": config.run.seed,
         "targets": list(plan.targets),
         "sources": list(plan.sources),
-        "seed": config.run.seed,
-        "best": pick(state.best),
-        "last": pick(state.last),
+        "selection": config.train.selection,
+        "best": state.best or None,
+        "last": state.last,
         "best_checkpoint": best_checkpoint,
         "steps": state.step,
-        "throughput_img_s": meter.throughput,
+        "throughput_img_s": float(meter.throughput),
         "history": state.history,
         "forced_resumes": state.forced_resumes,
     }
 
 
 def format_accuracy_table(plan, state) -> str:
-    rows = ["| domain | role | accuracy (best val step {}) | accuracy (last step {}) |".format(
-        state.best.get("step"), state.last.get("step")), "|---|---|---|---|"]
+    rule = plan.config.train.selection
+    rows = [f"| domain | role | accuracy (best by {rule}: step {state.best.get('step')}) "
+            f"| accuracy (last step {state.last.get('step')}) |", "|---|---|---|---|"]
     for domain in plan.sources:
         best = state.best.get("val_per_domain", {}).get(domain)
         last = state.last.get("val_per_domain", {}).get(domain)

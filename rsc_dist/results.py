@@ -6,15 +6,20 @@
 One table per dataset and metric: rows are methods (the algorithm, plus whatever else tells the
 runs apart: architecture, RSC mode or percentages, preset, ...), columns are the target domains
 and their average, cells are mean +- sample std over seeds in percent with the number of seeds.
-"best" is the step with the best source-validation accuracy (the paper's model selection),
-"last" the final step; both by default. The average column averages the per-target means; its
-std is over each seed's average, when every target has the same seeds. `--paper` adds the paper's reported numbers for the
+"best" is the evaluation each run's selection rule chose (its train.selection, recorded in its
+results.json); --selection RULE applies another rule to every run's history after the fact:
+source_val_mean, source_val_pooled, last, or oracle (the best-target-accuracy step, labelled as
+an oracle in every output). "last" is the final step; both tables by default. The average
+column averages the per-target means; its std is over each seed's average, when every target
+has the same seeds. `--paper` adds the paper's reported numbers for the
 (dataset, architecture) pairs it knows; `--top5` adds top-5 tables. Writes OUT/results.md and
 OUT/results.csv (one tidy row per cell) and, with --wandb, logs each table as a wandb.Table in
 one W&B run (job type "results"): online with an API key, else offline under OUT/wandb/ (upload
 later with `wandb sync OUT/wandb/offline-run-*`); WANDB_MODE=disabled skips it.
 
-Reads results.json schema versions 1 (no "schema_version" key) and 2 (rsc_dist/contracts.py).
+Reads results.json schema versions 1 to 3; the layout is described once, in
+rsc_dist/contracts.py. A W&B run folder's copy or link of results.json (wandb/*run-*/files/) is
+not a run of its own: each run is read once whatever its tracker.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsc_dist import methods
+from rsc_dist import methods, selection
 from rsc_dist.config import flatten
-from rsc_dist.contracts import RESULTS_SCHEMA_VERSION
+from rsc_dist.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
 
 METRICS = ("best", "last")
 # results.json layouts this reader understands: 1 (no "schema_version" key) up to the current one.
@@ -45,8 +50,12 @@ METHOD_KEYS = (
     "preset", "model.arch", "model.pretrained",
     *(key for name in methods.NAMES for key in methods.section_keys(name)),
     "data.sampling", "data.batch_size", "data.image_size", "optim.name", "optim.lr",
-    "train.epochs", "train.max_steps",
+    "train.epochs", "train.max_steps", "train.selection",
 )
+# What chose "best" in results.json files that do not say (schema versions 1 and 2).
+OLD_SELECTION = "source_val_pooled"
+# W&B's run folders (offline-run-DATE_TIME-ID, run-DATE_TIME-ID) keep a results.json in files/.
+WANDB_RUN_FOLDER = re.compile(r"^(offline-)?run-\d{8}_\d{6}-\w+$")
 
 # Domain order as the paper prints it, per dataset (others sort alphabetically after these).
 DOMAIN_ORDER = {
@@ -100,6 +109,7 @@ class Run:
     config: dict
     # metric ("best"/"last", "+top5" variants) -> {target: accuracy fraction}
     acc: dict[str, dict[str, float]]
+    selection: str = OLD_SELECTION  # the rule that chose acc["best"]
 
 
 def dataset_key(name: str) -> str:
@@ -112,8 +122,9 @@ def _flatten(tree: dict) -> dict:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in flatten(tree).items()}
 
 
-def load_run(path: Path) -> Run:
-    """Parse and check one results.json (layout documented in launch/README.md)."""
+def load_run(path: Path, rule: str | None = None) -> Run:
+    """Parse and check one results.json (layout: rsc_dist/contracts.py). ``rule``: choose "best"
+    from the history with this selection rule instead of taking the run's own choice."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -148,27 +159,57 @@ def load_run(path: Path) -> Run:
     if not isinstance(config, dict):
         raise ResultsError(f"{path}: 'config' must be an object")
     arch = data.get("arch") or _flatten(config).get("model.arch") or "?"
+    blocks = {"last": need("last", dict)}
+    labels = {"last": "last", "best": "best"}
+    if rule is None:
+        rule = data.get("selection") or OLD_SELECTION
+        if data.get("best") is None and "best" in data:
+            raise ResultsError(f"{path}: 'best' is null (selection {rule} chose no evaluation); "
+                               "pass --selection last or --selection oracle")
+        blocks["best"] = need("best", dict)
+    else:
+        history = need("history", list)
+        try:
+            blocks["best"] = selection.select(history, rule)
+        except selection.SelectionError as exc:
+            raise ResultsError(f"{path}: {exc}") from None
+        if not all(isinstance(entry, dict) for entry in history):
+            raise ResultsError(f"{path}: 'history' entries must be objects")
+        labels["best"] = f"history[{history.index(blocks['best'])}]"
     acc: dict[str, dict[str, float]] = {}
     for metric in METRICS:
-        block = need(metric, dict)
+        block, where = blocks[metric], labels[metric]
         for kind, suffix, required in (("target_acc", "", True), ("target_top5", "+top5", False)):
             if kind not in block and not required:
                 continue
-            values = need(kind, dict, block, f"{metric}.{kind}")
+            values = need(kind, dict, block, f"{where}.{kind}")
             for target in targets:
-                label = f"{metric}.{kind}.{target}"
+                label = f"{where}.{kind}.{target}"
                 value = need(target, (int, float), values, label)
                 if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                     raise ResultsError(f"{path}: {label!r} must be a fraction in [0, 1]; got {value!r}")
             acc[metric + suffix] = {t: float(values[t]) for t in targets}
-    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc)
+    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule)
 
 
-def find_runs(root: Path) -> list[Run]:
-    paths = sorted(Path(root).rglob("results.json"))
+def results_files(root: Path) -> list[Path]:
+    """Every run's results.json under ``root``, each run once: the copy or link a W&B run folder
+    keeps in its files/ (RUN/wandb/offline-run-*/files/results.json) is not another run."""
+    found = []
+    for path in sorted(Path(root).rglob(RESULTS_FILE)):
+        parts = path.relative_to(root).parts
+        if any(WANDB_RUN_FOLDER.match(part) and parts[i + 1:i + 2] == ("files",)
+               for i, part in enumerate(parts[:-1])):
+            continue
+        found.append(path)
+    return found
+
+
+def find_runs(root: Path, rule: str | None = None) -> list[Run]:
+    paths = results_files(root)
     if not paths:
         raise ResultsError(f"no results.json under {root}")
-    return [load_run(p) for p in paths]
+    return [load_run(p, rule) for p in paths]
 
 
 def method_labels(runs: list[Run]) -> dict[Path, str]:
@@ -231,12 +272,30 @@ class Table:
     columns: list[str]  # targets, then "Avg"
     rows: dict[str, dict[str, Cell]]  # method -> column -> cell
     paper_rows: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    rules: tuple[str, ...] = ()  # the selection rule(s) that chose "best" for these runs
+
+    @property
+    def selection(self) -> str:
+        """What chose the evaluation: "last", a selection rule, or "mixed" (rows differ)."""
+        if self.metric.startswith("last"):
+            return "last"
+        return self.rules[0] if len(self.rules) == 1 else "mixed"
 
     @property
     def title(self) -> str:
-        what = {"best": "best source-validation step", "last": "last step"}[self.metric.split("+")[0]]
+        if self.selection == "mixed":
+            what = f"best step by each run's own rule ({', '.join(self.rules)}; rows name their train.selection)"
+        else:
+            what = selection.LABELS[self.selection]
         top = "top-5" if self.metric.endswith("+top5") else "top-1"
         return f"{self.dataset}: target accuracy (%), {top}, {what}; mean ± std over seeds (n)"
+
+    @property
+    def key(self) -> str:
+        """The table's W&B key part: the metric, with the rule that chose "best"."""
+        base, _, top5 = self.metric.partition("+")
+        name = base if base == "last" else f"best_{self.selection}"
+        return name + (f"+{top5}" if top5 else "")
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", "| method | " + " | ".join(self.columns) + " |",
@@ -254,14 +313,16 @@ class Table:
         for method, cells in self.rows.items():
             for c in self.columns:
                 cell = cells[c]
-                out.append({"dataset": self.dataset, "metric": self.metric, "source": "runs",
+                out.append({"dataset": self.dataset, "metric": self.metric, "selection": self.selection,
+                            "source": "runs",
                             "method": method, "column": c,
                             "mean": "" if cell.mean is None else round(cell.mean, 4),
                             "std": "" if cell.std is None else round(cell.std, 4), "n": cell.n})
         for label, values in self.paper_rows:
             for c in self.columns:
                 if c in values:
-                    out.append({"dataset": self.dataset, "metric": self.metric, "source": "paper",
+                    out.append({"dataset": self.dataset, "metric": self.metric, "selection": self.selection,
+                                "source": "paper",
                                 "method": label, "column": c, "mean": values[c], "std": "", "n": ""})
         return out
 
@@ -309,7 +370,8 @@ def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False, top5: bo
                         lower = {k.lower(): v for k, v in values.items()}
                         row = {c: lower[c.lower()] for c in targets + ["Avg"] if c.lower() in lower}
                         paper_rows.append((label + (f" ({arch})" if len(archs) > 1 else ""), row))
-            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows))
+            rules = tuple(sorted({r.selection for r in ds_runs}))
+            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows, rules))
     return tables
 
 
@@ -319,7 +381,7 @@ def write_outputs(tables: list[Table], out: Path, n_runs: int, root: Path) -> tu
     md.write_text(f"Results of {n_runs} run(s) under {root}\n\n" + "\n".join(t.markdown() for t in tables))
     csv_path = out / "results.csv"
     with open(csv_path, "w", newline="") as f:
-        fields = ["dataset", "metric", "source", "method", "column", "mean", "std", "n"]
+        fields = ["dataset", "metric", "selection", "source", "method", "column", "mean", "std", "n"]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for t in tables:
@@ -374,7 +436,8 @@ def log_to_wandb(tables: list[Table], root: Path, project: str, out: Path | None
                      config={"runs_dir": str(root)}, mode=mode, **kwargs)
     for t in tables:
         columns, data = table_rows(t)
-        run.log({f"results/{t.dataset}/{t.metric}": wandb.Table(columns=columns, data=data)})
+        run.log({f"results/{t.dataset}/{t.key}": wandb.Table(columns=columns, data=data)})
+        run.summary[f"results/{t.dataset}/{t.key}/selection"] = t.selection  # "oracle" says so
     run.finish()
     return mode
 
@@ -385,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs_dir", type=Path, help="folder searched recursively for results.json")
     p.add_argument("--out", type=Path, help="where results.md / results.csv go (default: RUNS_DIR)")
     p.add_argument("--metric", choices=("best", "last", "both"), default="both")
+    p.add_argument("--selection", choices=selection.RULES,
+                   help="choose each run's best from its history with this rule (default: the rule the run "
+                        "trained with, its train.selection); oracle = best target accuracy, an upper bound, "
+                        "labelled ORACLE in every output")
     p.add_argument("--paper", action="store_true", help="add the paper's numbers where known")
     p.add_argument("--top5", action="store_true",
                    help="also top-5 tables (runs that report target_top5; the ImageNet-Sketch table)")
@@ -393,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "rsc_dist"))
     args = p.parse_args(argv)
     try:
-        runs = find_runs(args.runs_dir)
+        runs = find_runs(args.runs_dir, args.selection)
         metrics = METRICS if args.metric == "both" else (args.metric,)
         tables = build_tables(runs, metrics, paper=args.paper, top5=args.top5)
     except ResultsError as exc:

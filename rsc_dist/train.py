@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ if __package__ in (None, ""):  # `accelerate launch rsc_dist/train.py` runs this
 
 from accelerate.utils import set_seed
 
-from rsc_dist import build, checkpoints, cpu_launch, engine, loop, methods, observe
+from rsc_dist import build, checkpoints, cpu_launch, engine, loop, methods, observe, selection
 from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
                              trajectory_settings)
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
@@ -62,8 +63,14 @@ def resolve_config(argv: list[str] | None = None) -> tuple[Config, argparse.Name
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    run_dir = config.resolved_output_dir().resolve()
+    # The run folder is needed to make the Accelerator (its project_dir), so the number of
+    # processes comes from the launcher's environment, and is checked against it after.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    run_dir = config.resolved_output_dir(world_size).resolve()
     accelerator = build.make_accelerator(config, run_dir)
+    if accelerator.num_processes != world_size:
+        raise ConfigError(f"WORLD_SIZE={world_size} but the Accelerator has {accelerator.num_processes} "
+                          "process(es); start the trainer with accelerate launch or torchrun")
     with checkpoints.lock_run(accelerator, run_dir):  # one trainer per run folder
         return _run(config, args, run_dir, accelerator)
 
@@ -75,6 +82,7 @@ def _run(config: Config, args: argparse.Namespace, run_dir: Path, accelerator) -
     stop.install()
     set_seed(config.run.seed)
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
+    check_selection_data(config, plan)
 
     model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
     state = engine.TrainState(data_order=plan.data_order(), settings=trajectory_settings(config))
@@ -102,6 +110,20 @@ def _run(config: Config, args: argparse.Namespace, run_dir: Path, accelerator) -
     return exit_code
 
 
+def check_selection_data(config: Config, plan: DataPlan) -> None:
+    """A rule that ranks evaluations by source validation accuracy cannot choose "best" when a
+    source domain has no validation sample: refuse before training, not after."""
+    rule = config.train.selection
+    if rule not in selection.NEEDS_SOURCE_VAL:
+        return
+    counts = {d: plan.manifest.num_samples(d, "val") for d in plan.sources}
+    empty = selection.sources_without_validation(counts)
+    if empty:
+        raise ConfigError(f"train.selection={rule} needs source validation data, but source domain(s) "
+                          f"{', '.join(empty)} have 0 val samples in {plan.manifest.root}/_info.json; "
+                          "reconvert with a validation split, or pass --train.selection=last")
+
+
 def resume_from(accelerator, state: engine.TrainState, run_dir: Path, resume: str) -> None:
     """Load the checkpoint ``resume`` names (the newest that loads, for auto/force) and check it
     continues this run: same trajectory settings and sample order. A difference is a ConfigError
@@ -111,16 +133,17 @@ def resume_from(accelerator, state: engine.TrainState, run_dir: Path, resume: st
     checkpoint = checkpoints.load_for_resume(accelerator, run_dir, "auto" if force else resume)
     if checkpoint is None:
         return
-    accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     changes = resume_differences(state, expected)
     state.settings, state.data_order = expected["settings"], expected["data_order"]
     if not changes:
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
         return
     listing = "\n".join(f"  {change}" for change in changes)
     if not force:
         raise ConfigError(f"{checkpoint} does not continue this run:\n{listing}\nrerun with the checkpoint's "
                           "settings, choose another --output_dir, or pass --resume force to continue anyway")
-    accelerator.print(f"WARNING: --resume force: continuing {checkpoint} despite:\n{listing}")
+    accelerator.print(f"resumed from {checkpoint} at step {state.step}\n"
+                      f"WARNING: --resume force: continuing {checkpoint} despite:\n{listing}")
     state.forced_resumes.append({"step": state.step, "changes": changes})
 
 
@@ -143,6 +166,8 @@ def resume_differences(state: engine.TrainState, expected: dict) -> list[str]:
     # method's section is not part of this run's trajectory.
     inactive = tuple(f"{name}." for name in methods.sections() if name != new_settings.get("algorithm"))
     old_settings = {key: value for key, value in state.settings.items() if not key.startswith(inactive)}
+    if old_settings:  # saved before train.selection existed, when the pooled accuracy chose best/
+        old_settings.setdefault("train.selection", "source_val_pooled")
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
             changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")

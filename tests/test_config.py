@@ -83,3 +83,79 @@ def test_preset_file_errors(tmp_path):
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(str(loop))
+
+
+def test_every_preset_names_its_selection_rule():
+    """Paper recipes: the released code's pooled source validation; domainbed_*: DomainBed's
+    training-domain validation (the mean over source domains). Named in each file, not inherited."""
+    import yaml
+
+    from rsc_dist.config import PRESET_DIR
+
+    for name in PRESETS:
+        named = (yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()).get("train") or {}).get("selection")
+        expected = "source_val_mean" if name.startswith("domainbed_") else "source_val_pooled"
+        assert named == expected, f"{name}.yaml: train.selection is {named!r}, expected {expected!r}"
+        assert load_config(name).train.selection == expected
+
+
+def test_commands_in_preset_comments_are_accepted_by_data_prep():
+    """A preset comment that shows a data_prep command or option must name real ones."""
+    import re
+
+    from data_prep.__main__ import _parser
+    from rsc_dist.config import PRESET_DIR
+
+    convert = next(a for a in _parser()._subparsers._group_actions[0].choices.items() if a[0] == "convert")[1]
+    options = {s for action in convert._actions for s in action.option_strings}
+    formats = next(a.choices for a in convert._actions if "--format" in a.option_strings)
+    checked = 0
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        comments = " ".join(line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line)
+        for command in re.findall(r"data_prep convert ([^;()]*)", comments):
+            tokens = command.split()
+            for i, token in enumerate(tokens):
+                if token == "--format":
+                    assert tokens[i + 1] in formats, f"{path.name}: --format {tokens[i + 1]} is not a format"
+            checked += 1
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)(?![\w.])", comments):
+            if "data_prep" in comments:
+                assert flag in options, f"{path.name}: {flag} is not an option of data_prep convert"
+    assert checked >= 2
+
+
+def test_the_default_run_folder_follows_the_resolved_global_batch():
+    """Planted defect: 1 and 2 processes with a per-process batch (global batch 32 vs 64) shared a
+    run folder, so the second run was refused instead of starting its own."""
+    demo = load_config("demo")
+    assert demo.resolved_output_dir(1) != demo.resolved_output_dir(2)
+    # A global batch fixed over process counts keeps the folder: an elastic resume finds it.
+    fixed = load_config("demo", ["--data.global_batch_size=64"])
+    assert fixed.resolved_output_dir(1) == fixed.resolved_output_dir(2) == fixed.resolved_output_dir(4)
+    # ... and it is the folder of the per-process batch that resolves to the same global batch.
+    assert fixed.resolved_output_dir(2) == demo.resolved_output_dir(2)
+    balanced = load_config("demo", ["--data.sampling=balanced"])
+    assert balanced.resolved_output_dir(1) != balanced.resolved_output_dir(2)
+    # The selection rule decides what checkpoints/best/ holds: it is part of the run.
+    assert load_config("demo", ["--train.selection=last"]).resolved_output_dir(1) != demo.resolved_output_dir(1)
+    # Settings that change nothing about the trajectory keep it.
+    assert load_config("demo", ["--train.log_every_steps=3"]).resolved_output_dir(1) == demo.resolved_output_dir(1)
+
+
+def test_the_trainer_names_its_folder_with_the_launchers_process_count(monkeypatch, tmp_path):
+    from rsc_dist import build, train
+
+    seen = []
+
+    def stop(config, run_dir):
+        seen.append(run_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "make_accelerator", stop)
+    monkeypatch.chdir(tmp_path)
+    config, args = train.resolve_config(["--config", "demo"])
+    for world_size in ("2", "1"):
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(config, args)
+    assert seen == [config.resolved_output_dir(2).resolve(), config.resolved_output_dir(1).resolve()]

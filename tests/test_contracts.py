@@ -32,3 +32,29 @@ def test_fake_trainer_follows_the_contract():
     from fake_trainer import EX_TEMPFAIL
 
     assert EX_TEMPFAIL == contracts.EXIT_PREEMPTED
+
+
+def test_results_json_is_described_once_and_the_docs_point_there():
+    """contracts.py holds the layout; the other places that mention results.json refer to it
+    instead of repeating (and drifting from) it."""
+    import rsc_dist.results
+
+    for key, (kind, meaning) in {**contracts.RESULTS_LAYOUT, **contracts.EVALUATION_RECORD}.items():
+        assert kind and meaning, key
+    places = {"launch/README.md": (REPO / "launch/README.md").read_text(),
+              "README.md": (REPO / "README.md").read_text(),
+              "rsc_dist/results.py docstring": rsc_dist.results.__doc__}
+    for name, text in places.items():
+        assert "rsc_dist/contracts.py" in text, f"{name} should point to rsc_dist/contracts.py"
+        for repeated in ('"val_acc"', '"target_acc"', "best_checkpoint", '"history"'):
+            assert repeated not in text, f"{name} repeats the results.json layout ({repeated})"
+
+
+def test_layout_problems_finds_missing_extra_and_mistyped_keys():
+    record = {"step": 3, "val_acc": 0.5, "val_acc_mean": None, "val_per_domain": {"a": 0.5},
+              "val_n": {"a": 4}, "target_acc": {"t": 0.2}, "target_top5": {"t": 0.9}, "target_n": {"t": 5}}
+    assert contracts.layout_problems(record, contracts.EVALUATION_RECORD) == []
+    bad = {**record, "val_n": {"a": 4.5}, "extra": 1}
+    del bad["step"]
+    assert contracts.layout_problems(bad, contracts.EVALUATION_RECORD) == [
+        "step: missing", "extra: not in the layout", "val_n.a: expected int, got 4.5"]

@@ -85,9 +85,9 @@ def test_the_best_checkpoint_reproduces_results_json(trained_run, tmp_path, caps
     assert got["val_acc"] == best["val_acc"]
     for domain, top5 in best["target_top5"].items():
         assert got["per_domain"][domain]["top5"] == top5 and got["per_domain"][domain]["role"] == "target"
-    assert got["per_domain"]["sketch"]["n"] == best["num_samples"]["sketch"]
-    assert sum(r["n"] for r in got["per_domain"].values() if r["role"] == "source (val)") \
-        == best["num_samples"]["val"]
+    assert got["per_domain"]["sketch"]["n"] == best["target_n"]["sketch"]
+    assert {d: r["n"] for d, r in got["per_domain"].items() if r["role"] == "source (val)"} == best["val_n"]
+    assert got["val_acc_mean"] == best["val_acc_mean"]
     table = capsys.readouterr().out
     assert "domain" in table and "top-1" in table and "top-5" in table
     assert "sketch    target" in table

@@ -67,8 +67,10 @@ def test_resume_with_changed_settings_is_refused_then_forced(tmp_path, tiny_shar
     assert train.main(run + ["--train.stop_at_step=2"]) == 75
     capsys.readouterr()
     assert train.main(run + ["--optim.lr=0.1", "--algorithm", "erm"]) == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "does not continue this run" in err
+    assert "resumed from" not in captured.out  # a refused resume never says it resumed
     assert "optim.lr: 0.01 -> 0.1" in err and "algorithm: 'rsc' -> 'erm'" in err
     assert not (tmp_path / "run" / "results.json").exists()
     # Settings that do not change the trajectory may change.

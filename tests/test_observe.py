@@ -22,7 +22,7 @@ def fake_plan(targets=("sketch",)):
     return types.SimpleNamespace(
         manifest=types.SimpleNamespace(classes=CLASSES, dataset="demo", num_classes=len(CLASSES)),
         sources=("cartoon", "photo"), targets=targets, steps_per_epoch=4, total_steps=8,
-        global_batch=16, global_forward_batch=16)
+        global_batch=16, global_forward_batch=16, world_size=1)
 
 
 def make_config(monkeypatch, tracker="wandb", log_model="off", overrides=()):
@@ -43,9 +43,12 @@ def offline_env(monkeypatch, tmp_path):
 
 
 def evaluation(step, val, sketch, top5=0.9, photo=None):
-    return {"step": step, "val_acc": val, "val_per_domain": {"cartoon": val, "photo": photo or val},
-            "target_acc": {"sketch": sketch}, "target_top5": {"sketch": top5},
-            "num_samples": {"val": 40, "sketch": 24}}
+    """An evaluation record (contracts.EVALUATION_RECORD): 30 cartoon + 10 photo val samples."""
+    per_domain = {"cartoon": val, "photo": photo or val}
+    return {"step": step, "val_acc": (30 * val + 10 * (photo or val)) / 40,
+            "val_acc_mean": (val + (photo or val)) / 2, "val_per_domain": per_domain,
+            "val_n": {"cartoon": 30, "photo": 10},
+            "target_acc": {"sketch": sketch}, "target_top5": {"sketch": top5}, "target_n": {"sketch": 24}}
 
 
 def images_and_mask():
@@ -211,17 +214,30 @@ def test_mismatched_accelerator_is_a_clear_error(monkeypatch, tmp_path):
         observe.start_tracking(accelerator, config, tmp_path, fake_plan())
 
 
-def test_results_document_schema_2(monkeypatch, tmp_path):
+def test_results_document_follows_the_contract(monkeypatch, tmp_path):
+    from rsc_dist import contracts
+
     config = make_config(monkeypatch)
     first = evaluation(4, 0.6, 0.5)
     state = types.SimpleNamespace(best=first, last=first, step=4, history=[first], forced_resumes=[])
     doc = observe.results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))
-    assert doc["schema_version"] == 2 and doc["best_checkpoint"] is None
-    assert doc["fingerprint"] == config_module.trajectory_fingerprint(config)
-    assert doc["best"]["num_samples"] == {"val": 40, "sketch": 24}
-    from rsc_dist import contracts
+    assert doc["schema_version"] == contracts.RESULTS_SCHEMA_VERSION == 3 and doc["best_checkpoint"] is None
+    assert doc["fingerprint"] == config_module.trajectory_fingerprint(config, 1)
+    assert doc["selection"] == "source_val_pooled" and doc["best"]["val_n"] == {"cartoon": 30, "photo": 10}
+    assert contracts.layout_problems(json.loads(json.dumps(doc))) == []
+    # Nothing chosen (a rule that could score no evaluation): best is null, still the layout.
+    state.best = {}
+    assert observe.results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))["best"] is None
 
-    assert observe.RESULTS_SCHEMA_VERSION == contracts.RESULTS_SCHEMA_VERSION
+
+def test_per_domain_table_has_n_on_every_row():
+    """Planted defect: the source rows read a count evaluation never wrote (n always empty)."""
+    record = evaluation(4, 0.6, 0.5)
+    results = {"sources": ["cartoon", "photo"], "targets": ["sketch"], "best": record, "last": record}
+    rows = {(row[0], row[1]): row[2] for row in observe.per_domain_rows(results)}
+    assert rows == {("cartoon", "source-val"): 30, ("photo", "source-val"): 10,
+                    ("all sources", "source-val (pooled)"): 40, ("all sources", "source-val (mean)"): 40,
+                    ("sketch", "target"): 24, ("mean over targets", "target (mean)"): 24}
 
 
 def test_best_without_the_loop_passing_it_follows_validation(monkeypatch):

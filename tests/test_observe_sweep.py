@@ -79,7 +79,7 @@ def test_every_expanded_command_line_is_accepted_by_the_trainer(monkeypatch, tmp
         assert printed["data"]["root"] == point["data.root"] and printed["preset"] == point["config"]
         if hasattr(train, "resolve_config"):
             config, _ = train.resolve_config(args)
-            folder = config.resolved_output_dir()
+            folder = config.resolved_output_dir(1)
             # runs/EXPERIMENT/ALGO/TARGET/seedS (the trainer may add a settings suffix: seedS-HASH)
             assert folder.parts[:4] == ("runs", point["run.experiment"], point["algorithm"], point["data.target"])
             assert folder.name.split("-")[0] == f"seed{point['run.seed']}"

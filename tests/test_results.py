@@ -81,13 +81,14 @@ def test_markdown_and_csv_files(runs, tmp_path_factory):
     assert "| method | art_painting | sketch | Avg |" in md
     rsc_line = next(line for line in md.splitlines() if line.startswith("| RSC |"))
     assert rsc_line.split(" | ")[1] == expected
-    assert "best source-validation step" in md and "last step" in md
+    # Old files (no "selection" key) were chosen by the pooled source validation: the title says so.
+    assert "best source-val step (pooled sources, released code)" in md and "last step" in md
     # The paper's rows for PACS ResNet-18, only for the columns the runs have.
     assert "| paper: RSC | 83.43 | 80.85 | 85.15 |" in md
     assert "| paper: ERM | 78.96 | 70.59 | 79.94 |" in md
 
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert {r["metric"] for r in rows} == {"best", "last"}
+    assert {(r["metric"], r["selection"]) for r in rows} == {("best", "source_val_pooled"), ("last", "last")}
     erm_sketch_last = [r for r in rows if (r["metric"], r["method"], r["column"]) == ("last", "ERM", "sketch")]
     assert len(erm_sketch_last) == 1
     assert float(erm_sketch_last[0]["mean"]) == pytest.approx(69.5)
@@ -154,7 +155,7 @@ def test_malformed_results_name_the_file_and_key(tmp_path, capsys, mutate, messa
     assert str(bad) in capsys.readouterr().err
 
 
-def test_schema_versions_1_and_2_read_newer_refused(tmp_path):
+def test_schema_versions_1_to_3_read_newer_refused(tmp_path):
     v1 = write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.7)
     v2 = write_run(tmp_path, "rsc", "photo", 0, 0.9, 0.9)
     data = json.loads(v2.read_text())
@@ -163,7 +164,7 @@ def test_schema_versions_1_and_2_read_newer_refused(tmp_path):
     v2.write_text(json.dumps(data))
     runs = {r.path: r for r in results.find_runs(tmp_path)}
     assert runs[v1].acc["best"] == {"sketch": 0.8} and runs[v2].acc["last"] == {"photo": 0.9}
-    for version, message in ((3, "schema_version 3 is newer than this rsc_dist understands"),
+    for version, message in ((4, "schema_version 4 is newer than this rsc_dist understands"),
                              ("2", "'schema_version' must be a positive integer")):
         data["schema_version"] = version
         v2.write_text(json.dumps(data))
@@ -210,8 +211,9 @@ def test_wandb_offline_logs_the_tables_for_a_later_sync(runs, monkeypatch, tmp_p
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     logged = summarize(run_file)
     assert logged["run"]["job_type"] == "results"
-    assert {"results/PACS/best", "results/PACS/last"} <= set(logged["tables"])
-    table = read_table(run_file, logged["tables"]["results/PACS/best"])
+    assert {"results/PACS/best_source_val_pooled", "results/PACS/last"} <= set(logged["tables"])
+    assert logged["summary"]["results/PACS/best_source_val_pooled/selection"] == "source_val_pooled"
+    table = read_table(run_file, logged["tables"]["results/PACS/best_source_val_pooled"])
     rsc = next(row for row in table["data"] if row[0] == "RSC")
     assert rsc[table["columns"].index("art_painting mean")] == pytest.approx(
         statistics.fmean(100 * RSC["art_painting"][s][0] for s in (0, 1, 2)))
@@ -226,6 +228,8 @@ def test_wandb_logs_one_table_per_dataset_and_metric(runs, monkeypatch):
             self.columns, self.data = columns, data
 
     class FakeRun:
+        summary = {}
+
         def log(self, d):
             logged.update(d)
 
@@ -237,10 +241,94 @@ def test_wandb_logs_one_table_per_dataset_and_metric(runs, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert results.main([str(runs), "--wandb", "--paper"]) == 0
-    assert sorted(logged) == ["results/PACS/best", "results/PACS/last"] and finished
-    t = logged["results/PACS/best"]
+    assert sorted(logged) == ["results/PACS/best_source_val_pooled", "results/PACS/last"] and finished
+    t = logged["results/PACS/best_source_val_pooled"]
     assert t.columns[:2] == ["method", "source"] and "Avg mean" in t.columns
     rsc = next(row for row in t.data if row[0] == "RSC")
     assert rsc[t.columns.index("art_painting mean")] == pytest.approx(
         statistics.fmean(100 * RSC["art_painting"][s][0] for s in (0, 1, 2)))
     assert any(row[:2] == ["paper: RSC", "paper"] for row in t.data)
+
+
+def evaluation(step, val, target, val_n=(30, 10)):
+    """A schema-3 evaluation record: sources photo (val_n[0] samples) and cartoon (val_n[1])."""
+    per_domain = {d: a for d, a, n in zip(("photo", "cartoon"), val, val_n) if n}
+    return {"step": step, "val_acc": None, "val_acc_mean": None, "val_per_domain": per_domain,
+            "val_n": dict(zip(("photo", "cartoon"), val_n)), "target_acc": {"sketch": target},
+            "target_top5": {"sketch": 1.0}, "target_n": {"sketch": 20}}
+
+
+def write_history_run(root, seed, history, rule="source_val_pooled"):
+    from rsc_dist import selection
+
+    path = write_run(root, "rsc", "sketch", seed, 0.5, 0.5)
+    data = json.loads(path.read_text())
+    data.update(schema_version=3, selection=rule, history=history, last=history[-1],
+                best=selection.select(history, rule))
+    data["config"]["train"] = {"selection": rule}
+    path.write_text(json.dumps(data))
+    return path
+
+
+# photo has 30 val samples, cartoon 10: pooled picks step 2, the mean step 1, the oracle step 3.
+HISTORY = [evaluation(1, (0.5, 0.9), 0.60), evaluation(2, (0.8, 0.1), 0.50),
+           evaluation(3, (0.4, 0.2), 0.90), evaluation(4, (0.3, 0.3), 0.70)]
+
+
+@pytest.mark.parametrize("rule, step", [("source_val_pooled", 2), ("source_val_mean", 1), ("last", 4),
+                                        ("oracle", 3)])
+def test_any_rule_applied_after_the_fact_from_the_history(tmp_path, capsys, rule, step):
+    write_history_run(tmp_path, 0, HISTORY)
+    expected = 100 * HISTORY[step - 1]["target_acc"]["sketch"]
+    (run,) = results.find_runs(tmp_path, rule)
+    assert run.acc["best"] == {"sketch": HISTORY[step - 1]["target_acc"]["sketch"]} and run.selection == rule
+    assert results.main([str(tmp_path), "--selection", rule, "--metric", "best"]) == 0
+    md = capsys.readouterr().out
+    assert selection_label(rule) in md and f"| RSC | {expected:.2f} (1) |" in md
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {r["selection"] for r in rows} == {rule}
+    if rule == "oracle":
+        assert "ORACLE" in md
+
+
+def selection_label(rule):
+    from rsc_dist import selection
+
+    return selection.LABELS[rule]
+
+
+def test_default_is_each_runs_own_rule_and_mixed_rules_are_named(tmp_path, capsys):
+    write_history_run(tmp_path, 0, HISTORY, rule="source_val_mean")
+    (run,) = results.find_runs(tmp_path)
+    assert run.selection == "source_val_mean" and run.acc["best"] == {"sketch": 0.60}
+    write_history_run(tmp_path / "pooled", 0, HISTORY, rule="source_val_pooled")
+    tables = results.build_tables(results.find_runs(tmp_path))
+    best = table(tables, "best")
+    assert best.selection == "mixed" and "source_val_mean, source_val_pooled" in best.title
+    assert sorted(best.rows) == ["RSC (train.selection=source_val_mean)", "RSC (train.selection=source_val_pooled)"]
+
+
+def test_a_rule_that_cannot_choose_names_the_file(tmp_path):
+    no_cartoon_val = [evaluation(1, (0.5, 0.0), 0.6, val_n=(30, 0))]
+    path = write_history_run(tmp_path, 0, no_cartoon_val, rule="source_val_pooled")
+    with pytest.raises(results.ResultsError, match="no evaluation has validation samples from every source") as err:
+        results.find_runs(tmp_path, "source_val_mean")
+    assert str(path) in str(err.value)
+    assert results.find_runs(tmp_path, "last")[0].acc["best"] == {"sketch": 0.6}
+
+
+def test_a_wandb_run_folders_copy_of_results_json_is_not_a_second_run(tmp_path):
+    """Planted defect: RUN/wandb/offline-run-*/files/results.json (W&B's link to the run's
+    results.json) was read as a second run: "duplicates ..." and exit 2."""
+    path = write_history_run(tmp_path, 0, HISTORY)
+    files = path.parent / "wandb" / "offline-run-20260101_120000-abc123" / "files"
+    files.mkdir(parents=True)
+    (files / "results.json").symlink_to(path)
+    online = path.parent / "wandb" / "run-20260101_130000-def456" / "files"
+    online.mkdir(parents=True)
+    (online / "results.json").write_text(path.read_text())  # a copy, as online runs keep it
+    assert [run.path for run in results.find_runs(tmp_path)] == [path]
+    assert results.main([str(tmp_path)]) == 0
+    # A folder that only looks like W&B's elsewhere is still read.
+    other = write_run(tmp_path / "files-like" / "run-x" / "files", "erm", "sketch", 0, 0.5, 0.5)
+    assert other in [run.path for run in results.find_runs(tmp_path)]

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.manifest import load_manifest
-from rsc_dist import train
+from rsc_dist import contracts, observe, selection, train
+from rsc_dist import results as results_module
 from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
-from wandb_records import summarize
+from wandb_records import read_table, summarize
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +38,13 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
     manifest = load_manifest(tiny_shards)
     last = results["last"]
     # Every evaluation sample counted exactly once across the 2 ranks.
-    assert results["history"][-1]["num_samples"] == {
-        "val": sum(manifest.num_samples(d, "val") for d in ("cartoon", "painting", "photo")),
-        "sketch": manifest.num_samples("sketch"),
-    }
+    sources = ("cartoon", "painting", "photo")
+    assert results["history"][-1]["val_n"] == {d: manifest.num_samples(d, "val") for d in sources}
+    assert results["history"][-1]["target_n"] == {"sketch": manifest.num_samples("sketch")}
+    # The written document is the one contracts.py describes (keys and types), nothing more or less.
+    assert contracts.layout_problems(results) == []
+    assert results["selection"] == "source_val_pooled" and results["best"] == selection.select(
+        results["history"], "source_val_pooled")
     assert set(last["target_acc"]) == {"sketch"} and 0 <= last["target_acc"]["sketch"] <= 1
     assert results["algorithm"] == "rsc" and results["throughput_img_s"] > 0
 
@@ -53,6 +57,19 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
     assert {"rsc", "data", "optim", "algorithm"} <= set(logged["config"])
     assert logged["run"]["name"] == "rsc-sketch-seed0" and logged["run"]["group"] == "demo"
     assert list(wandb_files[0].parent.glob("files/media/images/rsc/masks_*.png"))
+    # n on every row of the per-domain table, equal to the manifest's counts.
+    table = read_table(wandb_files[0], logged["tables"][observe.TABLE_KEY])
+    n = {(row[0], row[1]): row[table["columns"].index("n")] for row in table["data"]}
+    total_val = sum(manifest.num_samples(d, "val") for d in sources)
+    assert n == {**{(d, "source-val"): manifest.num_samples(d, "val") for d in sources},
+                 ("all sources", "source-val (pooled)"): total_val, ("all sources", "source-val (mean)"): total_val,
+                 ("sketch", "target"): manifest.num_samples("sketch"),
+                 ("mean over targets", "target (mean)"): manifest.num_samples("sketch")}
+    assert logged["summary"]["best/selection"] == "source_val_pooled"
+    # The W&B run folder holds a link to results.json (files/results.json): still one run.
+    assert (wandb_files[0].parent / "files" / "results.json").exists()
+    assert [run.path for run in results_module.find_runs(tmp_path)] == [run_dir / "results.json"]
+    assert results_module.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
 
 
 @pytest.mark.parametrize("processes, grad_accum", [(1, 1), (2, 1), (1, 2)])
@@ -103,6 +120,9 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_shards):
     marker = run_dir / "preempted.json"
     assert marker.exists(), f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
     assert json.loads(marker.read_text())["reason"] == "SIGTERM"
+    # As README says: the launcher itself dies of the signal (a shell shows 143), not 75 or 1;
+    # the marker is what tells a script to rerun.
+    assert proc.returncode == -signal.SIGTERM, f"exit {proc.returncode}"
     step = json.loads(marker.read_text())["step"]
     assert (run_dir / "checkpoints" / f"checkpoint_{step:08d}").is_dir()
     # A shorter run changes the schedule: a different trajectory, so the resume must be forced.
@@ -206,3 +226,28 @@ def test_decoding_on_the_device_trains_to_the_same_weights(tmp_path, tiny_shards
         assert code == 0
     workers, device = _final_weights(tmp_path / "workers"), _final_weights(tmp_path / "device")
     assert all(torch.equal(workers[k], device[k]) for k in workers)
+
+
+def test_a_source_without_validation_data_is_refused_unless_selection_needs_none(tmp_path, tiny_shards, capsys):
+    """Planted defect: a source domain with 0 val samples was accepted, and the FIRST evaluation
+    was reported as best. A rule that ranks by source validation now refuses at start."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    info = json.loads((shards / "_info.json").read_text())
+    info["splits"]["painting"]["val"] = {"num_samples": 0, "shards": []}
+    (shards / "_info.json").write_text(json.dumps(info))
+    config = tiny_config(tmp_path, shards, train={"max_steps": 4, "eval_every_steps": 2})
+    run = ["--config", str(config), "--output_dir", str(tmp_path / "run")]
+    for rule in ("source_val_pooled", "source_val_mean"):
+        assert train.main(run + [f"--train.selection={rule}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"train.selection={rule}" in err[0] and "painting" in err[0]
+        assert "cartoon" not in err[0] and "--train.selection=last" in err[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert train.main(run + ["--train.selection=last"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [e["step"] for e in results["history"]] == [2, 4] and results["best"]["step"] == 4
+    assert results["selection"] == "last" and results["history"][0]["val_n"]["painting"] == 0
+    assert results["history"][0]["val_acc_mean"] is None and results["history"][0]["val_acc"] is not None
