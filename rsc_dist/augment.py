@@ -6,8 +6,9 @@ implementation, used by both paths:
 
 - worker path: :func:`augment_one` (one decoded ``uint8 (3, H, W)`` CPU image);
 - device path: :func:`decode_batch` (every JPEG of the batch in one TorchCodec call, on the
-  device) then :func:`augment_batch` (per-sample crop+resize, then batched flip, colour jitter
-  with per-sample factors and per-sample op order, grayscale).
+  device) then :func:`augment_batch` (crop+resize+flip of the whole batch as two batched
+  matrix products, colour jitter with per-sample factors and per-sample op order, grayscale),
+  in a number of tensor ops that does not grow with the batch.
 
 ``augment_one`` is ``augment_batch`` with a batch of one, so the two paths cannot drift.
 
@@ -17,6 +18,8 @@ as the reference): with ``torch.manual_seed(seed)``, that pipeline draws exactly
 pixels (tests/test_augment.py checks this). The colour ops reproduce
 ``torchvision.transforms.v2.functional`` on uint8 images:
 
+- crop + resize (+ flip): ATen's uint8 antialiased bilinear kernel, its int16 weights computed
+  the same way and applied by exact products (section "Crop + resize of a whole batch");
 - brightness: ``x * f`` in float32, clamped, truncated to uint8;
 - contrast / saturation: torchvision blends with ``x.mul(f).add_(other, alpha=1 - f)``, which
   PyTorch evaluates as a fused multiply-add (one rounding) on CPUs with FMA and on CUDA. With
@@ -37,8 +40,6 @@ from typing import Sequence
 
 import torch
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 # --------------------------------------------------------------------------------------------
 # Configuration and parameters
@@ -156,9 +157,18 @@ def draw_params(augment: Augment, height: int, width: int, seed: int) -> torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def _per_sample(factors: torch.Tensor, images: torch.Tensor, dtype: torch.dtype, dims: int = 4) -> torch.Tensor:
-    factors = torch.as_tensor(factors)
-    return factors.to(device=images.device, dtype=dtype).reshape((-1,) + (1,) * (dims - 1))
+def _float32(factors: torch.Tensor, device: torch.device) -> tuple[torch.Tensor]:
+    return (torch.as_tensor(factors).to(device=device, dtype=torch.float32),)
+
+
+def _blend_factors(factors: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fl32(ratio), fl32(1 - ratio) held in float64) from float64 ratios."""
+    ratio = torch.as_tensor(factors).to(device=device, dtype=torch.float64)
+    return ratio.to(torch.float32), (1.0 - ratio).to(torch.float32).to(torch.float64)
+
+
+def _per_sample(factors: torch.Tensor, dims: int = 4) -> torch.Tensor:
+    return factors.view((-1,) + (1,) * (dims - 1))
 
 
 def _luma(images: torch.Tensor) -> torch.Tensor:
@@ -167,7 +177,7 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(dim=-3)
 
 
-def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """uint8 of clamp(fl32(fma(other, fl32(1 - ratio), fl32(images * fl32(ratio))))).
 
     torchvision's ``images.mul(r).add_(other, alpha=1 - r)`` is one FMA per element (CPU with
@@ -176,43 +186,42 @@ def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> to
     once to float64, then to float32. That double rounding can differ from one FMA rounding
     only when the float64 sum lands exactly on a float32 rounding midpoint (about 2**-29 per
     value, and then only matters if it also moves the value across an integer).
+    ``ratio`` and ``alpha`` come from _blend_factors.
     """
-    scaled = images.mul(_per_sample(ratio, images, torch.float32))
-    alpha = (1.0 - _per_sample(ratio, images, torch.float64)).to(torch.float32).to(torch.float64)
-    fused = scaled.to(torch.float64).add_(other.to(torch.float64).mul(alpha))
+    fused = images.mul(_per_sample(ratio)).add(other.mul(_per_sample(alpha)))  # float64 sum
     return fused.to(torch.float32).clamp_(0, 255).to(torch.uint8)
 
 
-def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return images.mul(_per_sample(factors, images, torch.float32)).clamp_(0, 255).to(torch.uint8)
+def _brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return images.mul(_per_sample(factors)).clamp_(0, 255).to(torch.uint8)
 
 
-def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def _contrast(images: torch.Tensor, ratio: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     gray = _luma(images).floor_()
     count = gray.shape[-1] * gray.shape[-2]
     # Integer-valued: the float64 sum is exact; float32 division as torch.mean on CPU.
     total = gray.sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.float64).to(torch.float32)
-    return _blend(images, total.div_(count), factors)
+    return _blend(images, total.div_(count), ratio, alpha)
 
 
-def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return _blend(images, _luma(images).floor_(), factors)
+def _saturation(images: torch.Tensor, ratio: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return _blend(images, _luma(images).floor_(), ratio, alpha)
 
 
 _HSV_SELECT = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])  # (v,p,q,t) per sector
 
 
-def adjust_hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def _hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     x = images.to(torch.float32).mul_(1.0 / 255.0)
     r, g, _ = x.unbind(dim=-3)
     minc, maxc = torch.aminmax(x, dim=-3)
     flat = maxc == minc
     span = maxc - minc
-    sat = span / torch.where(flat, 1.0, maxc)
-    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / torch.where(flat, 1.0, span).unsqueeze(-3)).unbind(dim=-3)
+    sat = span / maxc.masked_fill(flat, 1.0)
+    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / span.masked_fill(flat, 1.0).unsqueeze(-3)).unbind(dim=-3)
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, (rc + 2.0) - bc, (gc + 4.0) - rc))
     hue = hue.mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
-    hue = hue.add_(_per_sample(factors, images, torch.float32, dims=3)).remainder_(1.0)
+    hue = hue.add_(_per_sample(factors, dims=3)).remainder_(1.0)
     # HSV -> RGB
     h6 = hue.mul_(6.0)
     sector = torch.floor(h6)
@@ -233,11 +242,181 @@ def to_grayscale(images: torch.Tensor) -> torch.Tensor:
     return _luma(images).to(torch.uint8).expand(images.shape).contiguous()
 
 
-def horizontal_flip(images: torch.Tensor) -> torch.Tensor:
-    return images.flip(-1)
+# Per op id (0 b, 1 c, 2 s, 3 h): the kernel, on images and per-sample factor forms; and what
+# makes those forms from float64 factors (once per batch, not once per subset).
+_KERNELS = (_brightness, _contrast, _saturation, _hue)
+_FACTOR_FORMS = (_float32, _blend_factors, _blend_factors, _float32)
+
+
+# The ops of torchvision.transforms.v2.functional, with one (float64) factor per sample.
+def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return _brightness(images, *_float32(factors, images.device))
+
+
+def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return _contrast(images, *_blend_factors(factors, images.device))
+
+
+def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return _saturation(images, *_blend_factors(factors, images.device))
+
+
+def adjust_hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return _hue(images, *_float32(factors, images.device))
 
 
 COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # indexed by op id
+
+
+# --------------------------------------------------------------------------------------------
+# Crop + resize of a whole batch: batched matrix products
+# --------------------------------------------------------------------------------------------
+#
+# torchvision resizes a uint8 CPU image (``resized_crop`` / ``resize``, bilinear, antialias) with
+# ATen's Pillow-SIMD kernel: per axis, a triangle filter whose support is the scale factor when
+# downscaling (1 when upscaling), centres at ``scale * (i + 0.5)`` (align_corners=False),
+# weights normalized to sum 1 and rounded to int16 at a precision ``p`` chosen from the largest
+# weight; each output is ``(2**(p-1) + sum(pixel * weight)) >> p`` clamped to uint8, the
+# horizontal pass first (to a uint8 buffer), then the vertical one.
+#
+# Here the weights of every sample and both axes are computed at once, with ATen's float64
+# operation sequence, on the images' device, and each pass is ONE batched matrix product. The
+# outputs of an axis are cut into tiles of _TILE; a tile reads a short window of input lines
+# (about _TILE x scale), so the product runs over (sample, tile) pairs with small dense
+# matrices rather than one mostly-zero matrix per sample. The crop's offset and the flip are
+# folded into where each weight sits. The products are in float64 and exact: pixels are 8-bit
+# integers, weights 15-bit integers, every partial sum an integer below 2**31. Exact means
+# independent of summation order, padding and batch: on the CPU, the same uint8 pixels as
+# torchvision for one image or in any batch. On CUDA the normalizing sum of the weights is a
+# parallel scan rather than ATen's sequential loop: an int16 weight may come out one unit
+# apart there, a level at most in a pixel, rarely.
+
+_TILE = 16  # outputs per tile
+
+
+def _window(longest: int, out_size: int) -> tuple[int, int]:
+    """(taps, window) for inputs up to ``longest``: the most taps of one output, and the most
+    input lines a tile of _TILE outputs reads: its first output's first tap is >= centre -
+    support - 0.5, its last output's last tap <= centre + support - 0.5, centres (_TILE - 1) x
+    scale apart."""
+    scale = longest / out_size
+    support = max(scale, 1.0)
+    return 2 * math.ceil(support) + 1, math.floor((_TILE - 1) * scale + 2 * support) + 2
+
+
+def _tile_matrices(lengths: torch.Tensor, offsets: torch.Tensor, reverse: torch.Tensor, out_size: int,
+                   taps: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATen's antialiased bilinear int16 weights for M axes at once, as per-tile matrices.
+
+    Axis m reads ``lengths[m]`` input lines from line ``offsets[m]``; output j is written to
+    position S - 1 - j where ``reverse[m]``. Positions are padded to T = ceil(S / _TILE) tiles
+    (the padding positions get no weight). Returns, on ``lengths``' device: ``start`` (M, T),
+    the first input line of each tile's window; ``matrix`` float64 (M, T, _TILE, window), the
+    integer weights by output position and window line; and (M, 1) float64 ``bias`` = 2**(p-1)
+    and ``unit`` = 2**-p for each axis' precision p. The float64 operations are those of ATen's
+    ``_compute_indices_int16_weights_aa`` (UpSampleKernel.cpp).
+    """
+    device, count = lengths.device, len(lengths)
+    tiles = -(-out_size // _TILE)
+    # float64 output positions; the padding positions repeat the last one
+    position = torch.arange(tiles * _TILE, dtype=torch.float64, device=device).clamp_(max=out_size - 1)
+    output = torch.where(reverse.unsqueeze(1), (out_size - 1) - position, position)  # (M, T*TILE)
+    length = lengths.unsqueeze(1)  # float64
+    scale = length / out_size
+    support = scale.clamp(min=1.0)  # the triangle's half-width: the scale when downscaling
+    center = scale * (output + 0.5)
+    first = (center - support + 0.5).to(torch.int64).clamp_(min=0)  # C++ casts truncate, as .to()
+    count_taps = (center + support + 0.5).clamp_(max=length).to(torch.int64) - first
+    k = torch.arange(taps, device=device)
+    distance = ((first.unsqueeze(-1) + k).to(torch.float64) - center.unsqueeze(-1) + 0.5) * support.reciprocal().unsqueeze(-1)
+    weights = (1.0 - distance.abs()).clamp_(min=0.0).masked_fill_(k >= count_taps.unsqueeze(-1), 0.0)
+    weights = weights.div_(weights.cumsum(-1)[..., -1:])  # the total > 0; sequential on the CPU, as ATen
+    # Precision: the first p < 22 where round(w_max * 2**(p + 1)) reaches 2**15, else 22.
+    powers = torch.exp2(torch.arange(1, 23, dtype=torch.float64, device=device))
+    precision = (weights.amax((1, 2)).unsqueeze(1).mul(powers).add_(0.5) < float(1 << 15)).sum(1, keepdim=True)
+    power = torch.exp2(precision.to(torch.float64))  # (M, 1)
+    weights = weights.mul_(power.unsqueeze(-1)).add_(0.5).trunc_()
+    if tiles * _TILE > out_size:
+        weights[:, out_size:] = 0.0
+    first = (first + offsets.unsqueeze(1)).view(count, tiles, _TILE)  # lines of the shared window
+    start = first.amin(-1)
+    local = (first - start.unsqueeze(-1)).unsqueeze(-1) + k
+    local = local.clamp_(max=window - 1)  # only taps of weight 0 lie past the window
+    matrix = torch.zeros(count, tiles, _TILE, window, dtype=torch.float64, device=device)
+    matrix = matrix.scatter_add_(3, local, weights.view(count, tiles, _TILE, taps))
+    return start, matrix, power * 0.5, power.reciprocal()
+
+
+def _round_pass(sums: torch.Tensor, bias: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """uint8 of ``(2**(p-1) + sums) >> p``, clamped, as ATen; ``sums`` float64 integers below
+    2**31 of shape (N, ...), ``bias``/``unit`` (N, 1); exact (powers of two)."""
+    return sums.add_(bias).mul_(unit).clamp_(0, 255).to(torch.uint8)  # truncation is the floor here (>= 0)
+
+
+def _pad_batch(images: Sequence[torch.Tensor], heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, Hmax, Wmax), image n in the top-left corner, zeros elsewhere; a constant
+    number of ops for any N: one flat concatenation of every image, scattered into place
+    (images of one size, as a worker's single image, are simply stacked). ``heights`` and
+    ``widths`` are the images' sizes, (N,) on their device."""
+    if len({tuple(image.shape) for image in images}) == 1:
+        return torch.stack(list(images))
+    height, width = max(image.shape[-2] for image in images), max(image.shape[-1] for image in images)
+    device = images[0].device
+    flat = torch._chunk_cat(list(images), 0, 1)[0]  # each image flattened in (C, H, W) order
+    inside = ((torch.arange(height, device=device).view(1, 1, height, 1) < heights.view(-1, 1, 1, 1))
+              & (torch.arange(width, device=device).view(1, 1, 1, width) < widths.view(-1, 1, 1, 1)))
+    padded = torch.zeros(len(images), 3, height, width, dtype=torch.uint8, device=device)
+    return padded.masked_scatter_(inside, flat)
+
+
+def _crop_resize_batch(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]], size: int,
+                       flips: Sequence[bool]) -> torch.Tensor:
+    """uint8 (N, 3, S, S): each image's box (top, left, height, width) resized
+    to S x S as torchvision's resized_crop (bilinear, antialias), flipped where ``flips``.
+
+    A constant number of ops for any N and any sizes: the padded batch is cut to the window
+    spanning every box, then one batched matrix product per axis.
+    """
+    count, device = len(images), images[0].device
+    row0, col0 = min(box[0] for box in boxes), min(box[1] for box in boxes)
+    rows = max(box[0] + box[2] for box in boxes) - row0
+    cols = max(box[1] + box[3] for box in boxes) - col0
+    # One transfer: axes 0..N-1 are the widths (flipped where asked), N..2N-1 the heights.
+    lengths = [box[3] for box in boxes] + [box[2] for box in boxes]
+    table = torch.tensor([lengths, [box[1] - col0 for box in boxes] + [box[0] - row0 for box in boxes],
+                          [bool(flip) for flip in flips] + [False] * count,
+                          [image.shape[-2] for image in images] * 2, [image.shape[-1] for image in images] * 2],
+                         dtype=torch.float64)
+    lengths_d, offsets, reverse, heights, widths = _to(table, device).unbind(0)
+    padded = _pad_batch(images, heights[:count], widths[:count])
+    source = padded[:, :, row0:row0 + rows, col0:col0 + cols]
+    taps, window = _window(max(lengths), size)
+    start, matrix, bias, unit = _tile_matrices(lengths_d, offsets.to(torch.int64), reverse != 0, size, taps, window)
+    tiles = start.shape[1]
+    matrix = matrix.view(2 * count * tiles, _TILE, window)
+    # Each tile's input lines (columns, then rows) are whole contiguous lines of a transposed
+    # copy, taken with one index_select per pass.
+    reach = torch.arange(window, device=device)
+    base = torch.arange(count, device=device).view(-1, 1, 1)
+
+    def lines(batch: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """float64 (N*T, window, L): the lines ``starts[n, t] + w`` of ``batch`` (N, lines, L)."""
+        length = batch.shape[1]
+        index = (starts.unsqueeze(-1) + reach).clamp_(max=length - 1).add_(base * length)
+        picked = batch.reshape(count * length, -1).index_select(0, index.view(-1))
+        return picked.to(torch.float64).view(count * tiles, window, -1)
+
+    # Horizontal pass over the columns: (N*T, TILE, window) @ (N*T, window, 3*rows).
+    sums = torch.bmm(matrix[:count * tiles], lines(source.permute(0, 3, 1, 2), start[:count]))
+    across = _round_pass(sums.view(count, -1), bias[:count], unit[:count])  # (N, T*TILE columns, 3, rows)
+    # Vertical pass over the rows of the (N, rows, T*TILE * 3) transposed result.
+    across = across.view(count, tiles * _TILE * 3, rows).transpose(1, 2)
+    sums = torch.bmm(matrix[count * tiles:], lines(across, start[count:]))  # (N*T, TILE, T*TILE * 3)
+    down = _round_pass(sums.view(count, -1), bias[count:], unit[count:])
+    out = down.view(count, tiles * _TILE, tiles * _TILE, 3)[:, :size, :size]  # (N, S, S, 3)
+    # The standard layout on both paths: a model computes in float, and another memory layout
+    # can change its roundings (the device path trains to the same weights: tests/test_train.py).
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,8 +430,9 @@ COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue) 
 _CPU_CHUNK_ELEMENTS = 1 << 17
 
 
-def _apply(out: torch.Tensor, rows: list[int], op, *args: torch.Tensor) -> None:
-    """out[rows] = op(out[rows], *(arg[rows] for arg in args)), in place; args are (N,) CPU tensors."""
+def _apply(out: torch.Tensor, rows: list[int], index: torch.Tensor, op, factors: tuple[torch.Tensor, ...]) -> None:
+    """out[rows] = op(out[rows], *(f[rows] for f in factors)), in place. ``index`` holds ``rows``
+    on ``out``'s device; ``factors`` are (N,) tensors there."""
     if not rows:
         return
     step = len(rows)
@@ -263,12 +443,11 @@ def _apply(out: torch.Tensor, rows: list[int], op, *args: torch.Tensor) -> None:
         first, count = part[0], len(part)
         if part[-1] - first + 1 == count:  # consecutive rows: a view, no gather/scatter
             view = out.narrow(0, first, count)
-            view.copy_(op(view, *(_to(arg.narrow(0, first, count), out.device) for arg in args)))
+            view.copy_(op(view, *(factor.narrow(0, first, count) for factor in factors)))
             continue
-        index_cpu = torch.tensor(part, dtype=torch.long)
-        index = _to(index_cpu, out.device)
-        result = op(out.index_select(0, index), *(_to(arg.index_select(0, index_cpu), out.device) for arg in args))
-        out.index_copy_(0, index, result)
+        where = index if count == len(rows) else index.narrow(0, start, count)
+        args = (factor.index_select(0, where) for factor in factors)
+        out.index_copy_(0, where, op(out.index_select(0, where), *args))
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -277,12 +456,6 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return tensor
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)
-
-
-def _crop_resize(image: torch.Tensor, row: list[float], size: int) -> torch.Tensor:
-    top, left, height, width = (int(v) for v in row[TOP:WIDTH + 1])
-    return TF.resized_crop(image, top, left, height, width, [size, size],
-                           interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def _check_params(params: torch.Tensor, count: int) -> tuple[torch.Tensor, list[list[float]], int]:
@@ -302,9 +475,10 @@ def augment_batch(images: Sequence[torch.Tensor], params: torch.Tensor) -> torch
     """uint8 (N, 3, S, S) on the images' device from N uint8 (3, Hi, Wi) images.
 
     ``params`` is (N, NUM_PARAMS) (rows of draw_params for each image's own size; any device).
-    Crop+resize runs per sample (sizes differ before it); flip, colour jitter (per-sample
-    factors, applied in 4 rounds: round k applies each op to the samples whose order puts it
-    at position k) and grayscale run on the whole batch or on index subsets of it.
+    Crop+resize (with the flip) runs on the whole batch at once, then colour jitter
+    (per-sample factors, applied in 4 rounds: round k applies each op to the samples whose
+    order puts it at position k) and grayscale on index subsets of it: a number of ops that
+    does not grow with N (on CPU, subsets run in cache-sized chunks).
     """
     if len(images) == 0:
         raise ValueError("empty batch")
@@ -314,15 +488,23 @@ def augment_batch(images: Sequence[torch.Tensor], params: torch.Tensor) -> torch
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3 or image.device != device:
             raise ValueError(f"expected uint8 (3, H, W) images on {device}, got {image.dtype} "
                              f"{tuple(image.shape)} on {image.device}")
-    out = torch.stack([_crop_resize(image, row, size) for image, row in zip(images, rows)])
-    _apply(out, [n for n, row in enumerate(rows) if row[FLIP]], horizontal_flip)
-    factors = params[:, FACTORS]
+    out = _crop_resize_batch(images, [[int(v) for v in row[TOP:WIDTH + 1]] for row in rows], size,
+                             [bool(row[FLIP]) for row in rows])
+    # The samples of each (round, op) and the grayscale ones, as runs of one index tensor; it
+    # and the factors go to the device in one transfer (the factors as their float64 bits).
     jitter = [n for n, row in enumerate(rows) if row[JITTER]]
-    for position in range(4):
-        for op_id, op in enumerate(COLOR_OPS):
-            selected = [n for n in jitter if int(rows[n][ORDER.start + position]) == op_id]
-            _apply(out, selected, op, factors[:, op_id])
-    _apply(out, [n for n, row in enumerate(rows) if row[GRAY]], to_grayscale)
+    groups = [[n for n in jitter if int(rows[n][ORDER.start + position]) == op_id]
+              for position in range(4) for op_id in range(len(COLOR_OPS))]
+    groups.append([n for n, row in enumerate(rows) if row[GRAY]])
+    order = [n for group in groups for n in group]
+    factors = params[:, FACTORS].t().contiguous().view(torch.int64)  # (4, N)
+    moved = _to(torch.cat([factors.view(-1), torch.tensor(order, dtype=torch.int64)]), device)
+    factors, index = moved.split([factors.numel(), len(order)])
+    factors = factors.view(torch.float64).view(len(COLOR_OPS), -1).unbind(0)
+    forms = [make(factor, device) for make, factor in zip(_FACTOR_FORMS, factors)]
+    kernels = [*zip(_KERNELS, forms)] * 4 + [(to_grayscale, ())]
+    for group, where, (kernel, factor_forms) in zip(groups, index.split([len(group) for group in groups]), kernels):
+        _apply(out, group, where, kernel, factor_forms)
     return out
 
 
@@ -333,12 +515,13 @@ def augment_one(image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 def eval_resize(images: torch.Tensor | Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """Resize((S, S)) bilinear antialias: (3, H, W) -> (3, S, S), or a list -> (N, 3, S, S)."""
-    def resize(image: torch.Tensor) -> torch.Tensor:
-        return TF.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-
-    if isinstance(images, torch.Tensor) and images.ndim == 3:
-        return resize(images)
-    return torch.stack([resize(image) for image in images])
+    single = isinstance(images, torch.Tensor) and images.ndim == 3
+    images = [images] if single else list(images)
+    if not images:
+        raise ValueError("empty batch")
+    boxes = [(0, 0, image.shape[-2], image.shape[-1]) for image in images]
+    out = _crop_resize_batch(images, boxes, size, [False] * len(images))
+    return out[0] if single else out
 
 
 # --------------------------------------------------------------------------------------------

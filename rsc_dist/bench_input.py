@@ -5,20 +5,33 @@
     python -m rsc_dist.bench_input --shards /data/shards/pacs --config pacs_resnet50 \
         --workers 16 --steps 50                           # on a GPU node
     python -m rsc_dist.bench_input --loader-only          # the loader alone
+    python -m rsc_dist.bench_input --augment-only         # aten ops and CPU time of the augmentation
 
 Three rates with the trainer's own code (``TrainStream``, ``prepare_batch``, ``train_step``):
 the loader alone (with --decode device: bytes and parameters only, the decode happens in the
 step), training steps fed from the shards, and the same steps on one batch already in memory
 (already decoded and augmented, on the device). "fed fraction" = from-shards / in-memory rate.
+With ``--decode device`` it also reports the device path's aten ops per batch (decode +
+augmentation, counted by a dispatch mode), the host time the training thread spends issuing
+them per batch, and the JPEG decoder that ran.
+
+``--augment-only`` measures the augmentation alone on synthetic ImageNet-like images (about
+500 x 375, mixed orientations, default jitter, 224 px, one CPU thread as in a loader worker),
+for batches of 32 and 256: the worker path (``augment_one`` per image) and the device path
+(``augment_batch`` on the whole batch, ops on whole subsets as on an accelerator). It uses only
+functions older versions have too, so ``PYTHONPATH=<old checkout> python
+rsc_dist/bench_input.py --augment-only`` measures the code before a change.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 import torch
 from accelerate import Accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rsc_dist import engine
 from rsc_dist.config import load_config
@@ -36,6 +49,89 @@ def loader_rate(stream, workers: int, steps: int) -> float:
         images += batch["label"].shape[0]
     del first
     return images / (time.perf_counter() - start)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.by_name = 0, Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        self.by_name[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def jpeg_backend(device: torch.device) -> str:
+    """Which JPEG decoder the device path runs on ``device``."""
+    import torchcodec
+
+    if device.type == "cuda":
+        return f"torchcodec {torchcodec.__version__} decode_jpeg on {device} (nvJPEG batch decode)"
+    return f"torchcodec {torchcodec.__version__} decode_jpeg on the CPU (libjpeg-turbo)"
+
+
+def device_path_stats(stream, device: torch.device, batches: int = 6) -> dict:
+    """aten ops per batch and host ms per batch of the device path's decode + augmentation
+    (``data.device_images``), as the training thread issues them (no wait for the device)."""
+    from rsc_dist.data import device_images
+
+    stream.set_position(0, 0)
+    loaded = [batch for _, batch in zip(range(batches), make_loader(stream, 0, False))]
+    device_images(loaded[0], device)  # warm-up (allocator, decoder)
+    with CountOps() as ops:
+        device_images(loaded[0], device)
+    host = []
+    for batch in loaded[1:]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        device_images(batch, device)
+        host.append(time.perf_counter() - start)
+    host.sort()
+    return {"ops per batch": ops.count, "host ms per batch": 1000 * host[len(host) // 2],
+            "jpeg decoder": jpeg_backend(device)}
+
+
+def _synthetic_images(count: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(375, 500), (500, 375), (333, 500), (400, 500), (375, 499), (500, 332)]
+    images = []
+    for index in range(count):
+        height, width = shapes[index % len(shapes)]
+        coarse = torch.randint(0, 256, (1, 3, height // 8, width // 8), generator=generator).float()
+        images.append(torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")[0]
+                      .round().to(torch.uint8))
+    return images
+
+
+def augment_costs(sizes=(32, 256), image_size: int = 224, repeats: int = 2) -> list[dict]:
+    """aten ops and CPU ms per batch of the augmentation, worker path and device path."""
+    from rsc_dist import augment as A
+
+    torch.set_num_threads(1)
+    chunk = A._CPU_CHUNK_ELEMENTS
+    rows = []
+    for count in sizes:
+        images = _synthetic_images(count, count)
+        params = torch.stack([A.draw_params(A.Augment(image_size), *image.shape[1:], index)
+                              for index, image in enumerate(images)])
+        paths = {"worker (augment_one per image)": lambda: [A.augment_one(image, row) for image, row in zip(images, params)],
+                 "device (augment_batch, whole subsets)": lambda: A.augment_batch(images, params)}
+        for path, run in paths.items():
+            A._CPU_CHUNK_ELEMENTS = chunk if path.startswith("worker") else 1 << 40
+            with CountOps() as ops:
+                run()
+            times = []
+            for _ in range(repeats):
+                start = time.process_time()
+                run()
+                times.append(time.process_time() - start)
+            rows.append({"path": path, "batch": count, "ops": ops.count, "cpu ms": 1000 * min(times)})
+    A._CPU_CHUNK_ELEMENTS = chunk
+    return rows
 
 
 def training_rate(accelerator, model, optimizer, scheduler, config, batches, steps: int) -> float:
@@ -62,7 +158,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--decode", choices=("workers", "device", "auto"), help="data.decode (default: the preset's)")
     parser.add_argument("--loader-only", action="store_true", help="measure the loader alone")
+    parser.add_argument("--augment-only", action="store_true",
+                        help="aten ops and CPU time of the augmentation alone (synthetic images, batches 32 and 256)")
     args, overrides = parser.parse_known_args(argv)
+    if args.augment_only:
+        rows = augment_costs()
+        print("augmentation alone, ~500x375 -> 224 px, default jitter, 1 CPU thread")
+        print("| path | batch | aten ops per batch | CPU ms per batch |\n|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['path']} | {row['batch']} | {row['ops']} | {row['cpu ms']:.0f} |")
+        return {"augment": rows}
     if args.decode:
         overrides.append(f"--data.decode={args.decode}")
     if args.shards:
@@ -83,13 +188,16 @@ def main(argv=None) -> dict:
         print(f"| loader only | {rates['loader only']:.1f} |")
         return {"rates": rates}
 
+    from rsc_dist.data import DevicePrefetch  # here: --augment-only also runs against older checkouts
+
     model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
                                  num_domains=len(plan.domains))
     optimizer = engine.build_optimizer(config, model)
     scheduler = engine.build_scheduler(config, optimizer, 10**9)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream.set_position(0, 0)
-    from_shards = iter(make_loader(stream, config.data.workers, accelerator.device.type == "cuda"))
+    from_shards = iter(DevicePrefetch(make_loader(stream, config.data.workers, accelerator.device.type == "cuda"),
+                                      accelerator.device))  # as the trainer: batch i+1 issued before step i
     rates["train, from shards"] = training_rate(accelerator, model, optimizer, scheduler, config,
                                                 from_shards, args.steps)
     first = next(iter(make_loader(stream, 0, False)))
@@ -105,7 +213,13 @@ def main(argv=None) -> dict:
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} |")
     print(f"fed fraction (from shards / synthetic): {fed:.3f}")
-    return {"rates": rates, "fed_fraction": fed}
+    result = {"rates": rates, "fed_fraction": fed}
+    if stream.decode_on_device:
+        stats = device_path_stats(stream, accelerator.device, batches=max(3, min(6, args.steps)))
+        print(f"device path: {stats['ops per batch']} aten ops per batch, {stats['host ms per batch']:.2f} ms host "
+              f"time per batch; jpeg decoder: {stats['jpeg decoder']}")
+        result["device_path"] = stats
+    return result
 
 
 if __name__ == "__main__":

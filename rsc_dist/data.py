@@ -171,6 +171,62 @@ def device_images(batch: dict, device) -> torch.Tensor:
     return augment_batch(decoded, batch["params"])  # parameters stay on the CPU: they steer Python
 
 
+class DevicePrefetch:
+    """The loader's batches with the device path's decode + augmentation of batch i+1 issued
+    before batch i is handed out, so that they run while step i computes.
+
+    Batches of the device path (with ``params``) come out as worker-path batches (``image``
+    uint8 on ``device``). On CUDA the work is issued on a side stream; the consumer's stream
+    waits for that batch's event only (not for the next batch's work queued behind it), and
+    ``record_stream`` keeps the images' memory from being reused while the consumer's stream
+    still reads them. Elsewhere the same code runs in order. A data error of batch i+1 is
+    raised when batch i+1 is asked for, not earlier.
+    """
+
+    def __init__(self, batches, device):
+        self.batches, self.device = batches, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _issue(self, batch: dict) -> tuple[dict, object]:
+        if "params" not in batch:
+            return batch, None
+        try:
+            if self.stream is None:
+                images = device_images(batch, self.device)
+            else:
+                with torch.cuda.stream(self.stream):
+                    images = device_images(batch, self.device)
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
+                images = (images, ready)
+        except DataError as exc:
+            return batch, exc
+        rest = {key: value for key, value in batch.items() if key not in ("encoded", "params", "keys")}
+        return rest, images
+
+    def _hand_out(self, batch: dict, images) -> dict:
+        if isinstance(images, BaseException):
+            raise images
+        if images is None:
+            return batch
+        if self.stream is not None:
+            images, ready = images
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(ready)
+            images.record_stream(consumer)
+        return {**batch, "image": images}
+
+    def __iter__(self):
+        pending = None
+        for batch in self.batches:
+            issued = self._issue(batch)  # batch i+1's work is queued before batch i is used
+            if pending is not None:
+                yield self._hand_out(*pending)
+            pending = issued
+        if pending is not None:
+            yield self._hand_out(*pending)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -296,7 +352,7 @@ class EvalStream(IterableDataset):
 
     def _collate(self, decoded) -> dict:
         return {
-            "image": torch.stack([eval_resize(image, self.augment.image_size) for image, _, _ in decoded]),
+            "image": eval_resize([image for image, _, _ in decoded], self.augment.image_size),
             "label": torch.tensor([label for _, label, _ in decoded], dtype=torch.long),
             "domain": torch.tensor([domain for _, _, domain in decoded], dtype=torch.long),
         }

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from rsc_dist import build, checkpoints, engine, methods, observe
 from rsc_dist.config import Config, to_dict
 from rsc_dist.contracts import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
-from rsc_dist.data import make_loader
+from rsc_dist.data import DevicePrefetch, make_loader
 from rsc_dist.plan import DataPlan
 
 
@@ -53,7 +53,8 @@ def train(run: Run) -> tuple[int, observe.Meter]:
         stream.set_position(epoch, in_epoch)
         loader = make_loader(stream, config.data.workers, pin)
         meter.start_wait()
-        for batch in loader:
+        # Device-path batches: batch i+1's decode + augmentation are issued before step i runs.
+        for batch in DevicePrefetch(loader, accelerator.device):
             meter.end_wait()
             step = state.step
             if batch["step"] != step - epoch * plan.steps_per_epoch:  # a broken stream, not user error

@@ -1,0 +1,46 @@
+"""launch/gpu_checks.sh --dry-run: every step of the GPU check script runs on the CPU at tiny
+sizes, so a lent GPU's first minutes never go to a script error."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "launch" / "gpu_checks.sh"
+
+
+def _steps() -> list[str]:
+    """The step names the script runs (expanding its two input-pipeline loops)."""
+    text = SCRIPT.read_text()
+    names = re.findall(r"^step (\w+) ", text, flags=re.M)
+    looped = re.findall(r'^\s+step "(\w+)_\$\{arch\}_\$\{decode\}"', text, flags=re.M)
+    return names + [f"{prefix}_{arch}_{decode}" for prefix in looped
+                    for arch in ("resnet18", "resnet50") for decode in ("device", "workers")]
+
+
+def test_gpu_checks_dry_run_runs_every_step(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+           "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert done.returncode == 0, summary + done.stderr[-3000:]
+    steps = _steps()
+    assert len(steps) >= 10 and "train_demo" in steps and "bench_input_resnet50_device" in steps
+    for name in steps:
+        assert re.search(rf"^## {name} \(exit 0, \d+s\)$", summary, flags=re.M), f"step {name} missing or failed"
+    # The device-path rows say how many ops and how much host time a batch took, and which decoder ran.
+    for arch in ("resnet18", "resnet50"):
+        log = (tmp_path / "out" / f"bench_input_{arch}_device.log").read_text()
+        assert re.search(r"device path: \d+ aten ops per batch, [\d.]+ ms host time per batch; jpeg decoder: "
+                         r"torchcodec .* on the CPU", log), log[-2000:]
+        assert "fed fraction" in log
+
+
+def test_gpu_checks_refuses_unknown_arguments():
+    done = subprocess.run(["bash", str(SCRIPT), "--dryrun"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage" in done.stderr
