@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsc_dist.models import RSCModel, RSCSettings, build_model
+from rsc_dist.methods import ERM, RSC
+from rsc_dist.models import Network, build_model
 from rsc_dist.released import released_mask
 from rsc_dist.rsc import DEFAULT_P_BATCH, draw_mode, rsc_mask
 
@@ -46,7 +47,7 @@ class ReleasedLogicModel(nn.Module):
     sync), the head gradients it leaves cleared as the released ``zero_grad`` does, then the
     masked head."""
 
-    def __init__(self, base: RSCModel):
+    def __init__(self, base: Network):
         super().__init__()
         self.features, self.head = base.features, base.head
 
@@ -60,7 +61,7 @@ class ReleasedLogicModel(nn.Module):
 
 def make_variant(name: str, arch: str, num_classes: int) -> nn.Module:
     torch.manual_seed(0)
-    base = build_model(arch, num_classes, rsc=RSCSettings(enabled=name != "erm"))
+    base = build_model(arch, num_classes, method=ERM() if name == "erm" else RSC())
     if name == "rsc_autograd":
         base.head = OpaqueHead(base.head)
     if name == "rsc_released_logic":

@@ -191,7 +191,8 @@ def main(argv=None) -> dict:
 
     from rsc_dist.data import DevicePrefetch  # here: --augment-only also runs against older checkouts
 
-    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch)
+    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
+                                 num_domains=len(plan.domains))
     optimizer = engine.build_optimizer(config, model)
     scheduler = engine.build_scheduler(config, optimizer, 10**9)
     model, optimizer = accelerator.prepare(model, optimizer)

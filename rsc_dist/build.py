@@ -13,9 +13,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from rsc_dist import engine, observe
+from rsc_dist import engine, methods, observe
 from rsc_dist.config import Config, ConfigError
-from rsc_dist.models import RSCSettings, build_model
+from rsc_dist.models import build_model
 from rsc_dist.plan import DataPlan
 
 # Every collective waits at most this long (a rank that died leaves the others waiting).
@@ -104,18 +104,14 @@ def check_device_requests(config: Config, env=os.environ) -> None:
             print(f"rsc_dist: no CUDA GPU: {note}", file=sys.stderr, flush=True)
 
 
-def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, capacity: int):
-    """The RSC model as configured; ``capacity`` is the local forward batch (the RSC gather size)."""
+def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, capacity: int,
+                         num_domains: int | None = None):
+    """The model with the configured method; ``capacity`` is the local forward batch (the size of
+    a method's fixed-size gathers), ``num_domains`` the manifest's domain count."""
     distributed = accelerator.num_processes > 1
-    settings = RSCSettings(
-        enabled=config.algorithm == "rsc",
-        strategy=config.rsc.strategy,
-        p_spatial=config.rsc.p_spatial,
-        p_channel=config.rsc.p_channel,
-        process_group=torch.distributed.group.WORLD if distributed and config.rsc.global_selection else None,
-        capacity=capacity,
-    )
-    model = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained, rsc=settings,
+    method = methods.build(config, process_group=torch.distributed.group.WORLD if distributed else None,
+                           capacity=capacity, num_domains=num_domains)
+    model = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained, method=method,
                         freeze_bn=config.model.freeze_bn)
     if config.model.sync_bn and distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -123,14 +119,15 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
         model = model.to(memory_format=torch.channels_last)
     if config.model.compile:
         # In place (Module.compile): state-dict keys stay the same, so checkpoints load
-        # with or without compile. RSC itself stays eager.
+        # with or without compile. The method itself stays eager.
         model.features.compile()
     return model
 
 
 def training_objects(config: Config, plan: DataPlan, accelerator: Accelerator):
     """Model, optimizer and schedule, prepared by Accelerate (DDP or DeepSpeed)."""
-    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch)
+    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
+                                 num_domains=len(plan.domains))
     optimizer = engine.build_optimizer(config, model)
     total_optimizer_steps = math.ceil(plan.total_steps / config.train.grad_accum)
     scheduler = engine.build_scheduler(config, optimizer, total_optimizer_steps)
@@ -196,14 +193,14 @@ def evaluation_model(config: Config, num_classes: int, accelerator: Accelerator,
     ZeRO-3 gathers a layer's partitioned weights inside its forward, a collective; ranks whose
     evaluation shares hold different numbers of batches would wait on each other there. The
     copy (one gather per evaluation, every rank at the same point; no RSC, evaluation never
-    masks) runs its forwards without collectives. A ResNet fits whole on every rank.
+    masks: no method) runs its forwards without collectives. A ResNet fits whole on every rank.
     """
     if zero_stage(accelerator) != 3:
         return model
     import deepspeed
 
     module = accelerator.unwrap_model(model)
-    copy = build_model(config.model.arch, num_classes, pretrained=None, rsc=RSCSettings(enabled=False))
+    copy = build_model(config.model.arch, num_classes, pretrained=None)
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         copy.load_state_dict(module.state_dict(), strict=True)
     if config.model.channels_last:

@@ -23,26 +23,15 @@ from typing import Literal
 
 import yaml
 
-from rsc_dist.rsc import DEFAULT_P_BATCH, DEFAULT_P_CHANNEL, DEFAULT_P_SPATIAL
+from rsc_dist import methods
+from rsc_dist.fields import section, setting
+from rsc_dist.models import ARCHS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
     """A config problem, with the key (and file) at fault in the message."""
-
-
-def setting(default, doc: str, *, check: str | None = None):
-    """A config field: its default, one line of documentation, and an optional range check.
-
-    ``check``: "fraction" (0 <= x <= 1), "positive" (x >= 1) or "nonnegative" (x >= 0); choices
-    come from the field's ``Literal`` type. ``--help`` prints every field from these.
-    """
-    return field(default=default, metadata={"doc": doc, "check": check})
-
-
-def section(cls):
-    return field(default_factory=cls)
 
 
 @dataclass(frozen=True)
@@ -89,7 +78,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["resnet18", "resnet50", "alexnet"] = setting("resnet18", "backbone")
+    arch: Literal[ARCHS] = setting("resnet18", "backbone (rsc_dist.models.BACKBONES)")
     pretrained: str | None = setting(
         None, 'None (random init), "torchvision" (local torchvision cache) or a weights file')
     sync_bn: bool = setting(False, "SyncBatchNorm across ranks (GPUs only)")
@@ -98,21 +87,6 @@ class ModelConfig:
         "with frozen statistics; the step then does not depend on how the batch is split over ranks")
     channels_last: bool = setting(True, "channels_last memory format (faster convolutions on GPUs)")
     compile: bool = setting(False, "torch.compile the backbone (RSC itself stays eager)")
-
-
-@dataclass(frozen=True)
-class RSCConfig:
-    mode: Literal["spatial", "channel", "spatial+channel"] = setting(
-        "spatial+channel", "what is muted; spatial+channel draws one of the two per step")
-    strategy: Literal["top_gradient", "top_activation", "random"] = setting(
-        "top_gradient", "how features are scored (top_gradient is the method; others are ablations)")
-    p_spatial: float = setting(DEFAULT_P_SPATIAL, "fraction of locations muted per sample", check="fraction")
-    p_channel: float = setting(DEFAULT_P_CHANNEL, "fraction of channels muted per sample", check="fraction")
-    p_batch: float = setting(DEFAULT_P_BATCH, "fraction of the batch that trains on masked features",
-                             check="fraction")
-    p_batch_schedule: Literal["constant", "released"] = setting(
-        "constant", "constant: p_batch; released: 0.3 + 0.2 per 10 epochs, clamped at 0.9")
-    global_selection: bool = setting(True, "batch percentage over the global batch of all ranks")
 
 
 @dataclass(frozen=True)
@@ -168,13 +142,18 @@ class WandbConfig:
     log_model: Literal["off", "best"] = setting("off", "best: log the best checkpoint as a model artifact")
 
 
+METHOD_NAMES = methods.NAMES  # the registered methods (rsc_dist.methods)
+
+
 @dataclass(frozen=True)
-class Config:
-    algorithm: Literal["rsc", "erm"] = setting("rsc", "rsc, or erm (the same run without masks)")
+class CommonConfig:
+    """Every section but the methods' own; ``Config`` adds one section per registered method."""
+
+    algorithm: Literal[METHOD_NAMES] = setting(
+        methods.DEFAULT, "the method: " + "; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values()))
     run: RunConfig = section(RunConfig)
     data: DataConfig = section(DataConfig)
     model: ModelConfig = section(ModelConfig)
-    rsc: RSCConfig = section(RSCConfig)
     optim: OptimConfig = section(OptimConfig)
     schedule: ScheduleConfig = section(ScheduleConfig)
     train: TrainConfig = section(TrainConfig)
@@ -197,6 +176,15 @@ class Config:
                 / f"seed{self.run.seed}-{trajectory_fingerprint(self, world_size)[:8]}")
 
 
+# The run configuration: the common sections, then one section per registered method that has
+# one (``config.rsc``, ``config.coral``), named after the method.
+Config = dataclasses.make_dataclass(
+    "Config", [(name, cls, section(cls)) for name, cls in methods.sections().items()],
+    bases=(CommonConfig,), frozen=True)
+Config.__module__ = __name__
+Config.__doc__ = "The run configuration (rsc_dist.config): common sections and each method's own."
+
+
 # Settings that do not change which weights a run reaches (where it writes, how it logs, how
 # fast it goes, how often it looks): excluded from the trajectory fingerprint, so they may
 # change when a run is resumed. Keys are dotted; a section name excludes the whole section.
@@ -215,10 +203,12 @@ NOT_TRAJECTORY = (
 
 
 def trajectory_settings(config: "Config") -> dict:
-    """Flat {dotted key: value} of the settings that define the run's trajectory."""
+    """Flat {dotted key: value} of the settings that define the run's trajectory: only the
+    active method's section among the methods' (an ERM run does not depend on rsc.*)."""
     flat = flatten(to_dict(config))
+    skipped = NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != config.algorithm)
     return {key: value for key, value in flat.items()
-            if not any(key == skip or key.startswith(skip + ".") for skip in NOT_TRAJECTORY)}
+            if not any(key == skip or key.startswith(skip + ".") for skip in skipped)}
 
 
 def resolved_batch(config: "Config", world_size: int) -> dict:

@@ -90,14 +90,13 @@ def make_accelerator(config: Config):
 
 
 def build_model(config: Config, num_classes: int, weights: Path, device) -> torch.nn.Module:
-    """The run's architecture with the saved weights (no RSC: evaluation never masks)."""
+    """The run's architecture with the saved weights (no method: evaluation never masks)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from rsc_dist.models import RSCSettings
     from rsc_dist.models import build_model as build_architecture
 
-    model = build_architecture(config.model.arch, num_classes, pretrained=None, rsc=RSCSettings(enabled=False))
+    model = build_architecture(config.model.arch, num_classes, pretrained=None)
     try:
         state_dict = load_file(str(weights))
     except (SafetensorError, OSError) as exc:

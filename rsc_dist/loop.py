@@ -1,7 +1,8 @@
 """The training loop: steps, periodic evaluation and checkpoints, and the stop agreement.
 
 Everything that decides what a step computes is a pure function of the step number (data
-position, RSC draws, p_batch, learning rate), so a resumed loop repeats an uninterrupted one.
+position, the method's draws such as RSC's mode and p_batch, learning rate), so a resumed loop
+repeats an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rsc_dist import build, checkpoints, engine, observe
+from rsc_dist import build, checkpoints, engine, methods, observe
 from rsc_dist.config import Config, to_dict
 from rsc_dist.contracts import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from rsc_dist.data import DevicePrefetch, make_loader
 from rsc_dist.plan import DataPlan
-from rsc_dist.seeding import mix_seed
 
 
 @dataclass
@@ -44,7 +44,7 @@ def train(run: Run) -> tuple[int, observe.Meter]:
     pin = accelerator.device.type == "cuda"
     eval_loaders = plan.eval_loaders(rank, pin)
     stream = plan.train_stream(rank, accelerator.device.type)
-    meter = observe.Meter(accelerator)
+    meter = observe.Meter(accelerator, methods.get(config.algorithm).metrics)
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=f"{config.algorithm} {'+'.join(plan.targets)}", dynamic_ncols=True)
     exit_code = EXIT_OK
@@ -67,8 +67,9 @@ def train(run: Run) -> tuple[int, observe.Meter]:
                 run.stop.request(f"train.stop_at_step={state.step}")
             if meter.due(state.step, config.train.log_every_steps):
                 run.tracking.log(meter.flush(run.optimizer, progress), state.step)
-            if config.train.image_log_every_steps and step % config.train.image_log_every_steps == 0:
-                run.tracking.log_masks(inputs.pixels, out["mask"], inputs.mode, state.step,
+            if (config.train.image_log_every_steps and step % config.train.image_log_every_steps == 0
+                    and out["mask"] is not None):
+                run.tracking.log_masks(inputs.pixels, out["mask"], inputs.draws.get("mode", ""), state.step,
                                        labels=batch["label"], class_names=plan.manifest.classes)
             exit_code = _between_steps(run, meter, eval_loaders)
             end_of_epoch = state.step % plan.steps_per_epoch == 0
@@ -83,12 +84,7 @@ def train(run: Run) -> tuple[int, observe.Meter]:
 def _train_step(run: Run, batch: dict, step: int):
     config, accelerator = run.config, run.accelerator
     inputs = engine.prepare_batch(config, batch, accelerator.device, step, run.plan.steps_per_epoch)
-    sample_seeds = None
-    if config.rsc.strategy == "random":
-        # Per sample and step, from the sample's identity in the global order: the random
-        # scores then do not depend on how the global batch is split over ranks.
-        sample_seeds = inputs.sample_ids ^ mix_seed(config.run.seed, step)
-    out = engine.train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs, sample_seeds)
+    out = engine.train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs)
     run.stop.track_loss(out["loss"])
     return out, inputs
 

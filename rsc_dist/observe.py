@@ -538,10 +538,13 @@ def mask_overlay_grid(images: torch.Tensor, mask: torch.Tensor, count: int = 8) 
 
 
 class Meter:
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, metrics: tuple[str, ...] = ()):
+        """``metrics``: the method's per-step metrics (rsc_dist.methods), logged as train/NAME."""
         self.accelerator = accelerator
+        self.metrics = tuple(metrics)
         device = accelerator.device
-        self.sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct, masked, samples
+        # loss, correct, samples, then each method metric (sample-weighted)
+        self.sums = torch.zeros(3 + len(self.metrics), device=device, dtype=torch.float64)
         self.wait_seconds = 0.0
         self.window_start = time.perf_counter()
         self.train_seconds = 0.0
@@ -561,8 +564,8 @@ class Meter:
         n = inputs.labels.shape[0]
         # torch.full is a fill kernel; torch.tensor(n, device=cuda) would be a blocking copy.
         count = torch.full((), float(n), device=self.sums.device, dtype=torch.float64)
-        self.sums += torch.stack([out["loss"].double() * n, out["correct"].double(),
-                                  out["masked"].double() * n, count])
+        self.sums += torch.stack([out["loss"].double() * n, out["correct"].double(), count]
+                                 + [out["metrics"][name].double() * n for name in self.metrics])
 
     @staticmethod
     def due(step: int, every: int) -> bool:
@@ -571,11 +574,11 @@ class Meter:
     def flush(self, optimizer, progress=None) -> dict:
         totals = self.accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
         elapsed = time.perf_counter() - self.window_start - self.excluded_seconds
-        loss, correct, masked, samples = totals
+        loss, correct, samples, *metric_sums = totals
         values = {
             "train/loss": loss / max(samples, 1),
             "train/acc": correct / max(samples, 1),
-            "train/masked_fraction": masked / max(samples, 1),
+            **{f"train/{name}": total / max(samples, 1) for name, total in zip(self.metrics, metric_sums)},
             "train/lr": optimizer.param_groups[0]["lr"],
             "perf/img_s": samples / elapsed if elapsed > 0 else 0.0,
             "perf/data_wait_fraction": self.wait_seconds / elapsed if elapsed > 0 else 0.0,

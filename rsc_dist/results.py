@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsc_dist import selection
+from rsc_dist import methods, selection
 from rsc_dist.config import flatten
 from rsc_dist.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
 
@@ -44,10 +44,11 @@ METRICS = ("best", "last")
 SCHEMA_VERSIONS = tuple(range(1, RESULTS_SCHEMA_VERSION + 1))
 
 # Keys that change what is being compared; other config keys (paths, logging, seeds, targets)
-# never split a row. rsc.* keys only label RSC runs.
+# never split a row. Each registered method's section keys (rsc.*, coral.*) only label that
+# method's runs.
 METHOD_KEYS = (
-    "preset", "model.arch", "model.pretrained", "rsc.mode", "rsc.strategy", "rsc.p_spatial",
-    "rsc.p_channel", "rsc.p_batch", "rsc.p_batch_schedule", "rsc.global_selection",
+    "preset", "model.arch", "model.pretrained",
+    *(key for name in methods.NAMES for key in methods.section_keys(name)),
     "data.sampling", "data.batch_size", "data.image_size", "optim.name", "optim.lr",
     "train.epochs", "train.max_steps", "train.selection",
 )
@@ -219,7 +220,8 @@ def method_labels(runs: list[Run]) -> dict[Path, str]:
     for r in runs:
         parts = []
         for key in varying:
-            if key.startswith("rsc.") and r.algorithm != "rsc":
+            section = key.split(".", 1)[0]
+            if section in methods.METHODS and section != r.algorithm:
                 continue
             value = flats[r.path].get(key)
             if value is not None:

@@ -1,4 +1,4 @@
-"""Train ERM or RSC with leave-domain-out evaluation, on 1 CPU, N gloo ranks or N GPUs.
+"""Train a DG method (RSC, ERM, CORAL: rsc_dist.methods) with leave-domain-out evaluation, on 1 CPU, N gloo ranks or N GPUs.
 
     accelerate launch rsc_dist/train.py                        # the built-in demo (CPU ok)
     accelerate launch --num_processes 2 rsc_dist/train.py      # 2 ranks (gloo on CPU)
@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # `accelerate launch rsc_dist/train.py` runs this
 
 from accelerate.utils import set_seed
 
-from rsc_dist import build, checkpoints, cpu_launch, engine, loop, observe, selection
+from rsc_dist import build, checkpoints, cpu_launch, engine, loop, methods, observe, selection
 from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
                              trajectory_settings)
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(
         prog="rsc_dist.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train ERM/RSC on webdataset shards. Every config field below can be set with "
+        description=f"Train {'/'.join(m.upper() for m in methods.NAMES)} on webdataset shards. Every config field below can be set with "
         "--section.key=value (or --section.key value); lists are comma-separated or [a,b].",
         epilog=f"config fields (type = default):\n{fields}\n\n"
                "Exit codes: 0 done, 2 config/data error, 3 non-finite loss, 75 stopped (rerun to resume).",
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--resume", default="auto",
                         help="auto (newest checkpoint in the run folder, if any), none, a checkpoint path, "
                         "or force (auto, continuing even where the checkpoint's settings differ)")
-    parser.add_argument("--algorithm", choices=("rsc", "erm"))
+    parser.add_argument("--algorithm", choices=methods.NAMES)
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     return parser.parse_known_args(argv)
 
@@ -161,7 +161,11 @@ def resume_differences(state: engine.TrainState, expected: dict) -> list[str]:
             hint = (f" (with another number of processes, pass --data.global_batch_size={old})"
                     if key == "global_batch" else "")
             changes.append(f"data order {key}: {old!r} -> {new!r}{hint}")
-    old_settings, new_settings = dict(state.settings), expected["settings"]
+    new_settings = expected["settings"]
+    # Checkpoints from before the method registry hashed every method's section: another
+    # method's section is not part of this run's trajectory.
+    inactive = tuple(f"{name}." for name in methods.sections() if name != new_settings.get("algorithm"))
+    old_settings = {key: value for key, value in state.settings.items() if not key.startswith(inactive)}
     if old_settings:  # saved before train.selection existed, when the pooled accuracy chose best/
         old_settings.setdefault("train.selection", "source_val_pooled")
     for key in sorted(set(old_settings) | set(new_settings)):

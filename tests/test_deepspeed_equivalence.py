@@ -64,7 +64,7 @@ def _train_variants(rank, world_size, out_dir):
     from rsc_dist import build, engine
     from rsc_dist.config import load_config
 
-    plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=STEPS,
+    plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=STEPS, domains=("a", "b"),
                            local_forward_batch=GLOBAL_BATCH // world_size, global_forward_batch=GLOBAL_BATCH)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     results = {}

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_utils import run_on_ranks
-from rsc_dist.models import RSCSettings, build_model
+from rsc_dist.methods import RSC
+from rsc_dist.models import build_model
 from rsc_dist.rsc import PooledLinearHead, rsc_mask
 
 NUM_CLASSES = 5
@@ -72,9 +73,7 @@ def _image_batch(n):
 
 def _model(process_group=None, capacity=None):
     torch.manual_seed(0)
-    model = build_model(
-        "resnet18", NUM_CLASSES, rsc=RSCSettings(process_group=process_group, capacity=capacity)
-    )
+    model = build_model("resnet18", NUM_CLASSES, method=RSC(process_group=process_group, capacity=capacity))
     model.train()
     # Frozen BatchNorm statistics: per-rank batch statistics legitimately differ from those of
     # one process on the whole batch (SyncBatchNorm gives exact equivalence in training).
@@ -99,7 +98,7 @@ def _ddp_worker(rank, world_size, sizes, mode, out_dir):
     model = DistributedDataParallel(_model(dist.group.WORLD, max(sizes)))
     grads = _step_grads(model, x[part], y[part], mode, world_size / sum(sizes))
     with torch.no_grad():
-        mask = model.module(x[part], y[part], mode=mode, p_batch=0.5, return_mask=True)[1]
+        mask = model.module(x[part], y[part], mode=mode, p_batch=0.5, return_extras=True)[1]["mask"]
     torch.save({"grads": grads, "mask": mask}, Path(out_dir, f"rank{rank}.pt"))
 
 
@@ -110,7 +109,7 @@ def test_ddp_step_gradients_equal_single_process(tmp_path, sizes, mode):
     single = _model()
     reference = _step_grads(single, x, y, mode, 1 / sum(sizes))
     with torch.no_grad():
-        single_mask = single(x, y, mode=mode, p_batch=0.5, return_mask=True)[1]
+        single_mask = single(x, y, mode=mode, p_batch=0.5, return_extras=True)[1]["mask"]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(torch.cat([r["mask"] for r in ranks]), single_mask)
     assert (single_mask == 0).any(), "the test must mask something to mean anything"

@@ -96,6 +96,11 @@ def test_default_spaces_follow_the_preset():
         assert 1e-6 <= run.hparams["optim.weight_decay"] <= 1e-2
         if run.method == "rsc":
             assert 0 <= run.hparams["rsc.p_channel"] <= 0.5 and 0 <= run.hparams["rsc.p_batch"] <= 0.5
+    # Each registered method adds its own fields (Method.sweep_space), and only to its own runs.
+    from rsc_dist.sweep.space import default_space
+    flat = {"optim.lr": 5e-5, "data.batch_size": 32, "rsc.mode": "channel", "rsc.p_batch_schedule": "constant"}
+    assert set(default_space("coral", flat)) == set(erm.hparams) | {"coral.penalty_weight"}
+    assert not any(key.startswith("coral.") for key in default_space("rsc", flat))
     # The paper's grid: no search, the preset's values.
     paper = load_sweep(REPO / "launch" / "sweeps" / "pacs_resnet18.yaml")
     assert len(paper.runs) == 2 * 4 * 3 and all(r.hparams == {} for r in paper.runs)
@@ -112,7 +117,7 @@ def test_default_spaces_follow_the_preset():
     ({"space": {"optim.lr": [0.1, "fast"]}}, "optim.lr must be a number; got 'fast'"),
     ({"space": {"optim.lr": {"uniform": [0.1, 0.2]}}, "n_trials": None}, "n_trials is needed"),
     ({"space": {"optim.lr": [0.1, 0.2]}, "n_trials": 3}, "n_trials 3 without a distribution"),
-    ({"methods": ["erm", "dro"]}, "methods: 'dro' is not one of erm, rsc"),
+    ({"methods": ["erm", "dro"]}, "methods: 'dro' is not one of rsc, erm, coral"),
     ({"seeds": [0, "x"]}, "seeds must be a list of non-negative integers"),
     ({"preset": "no_such_preset"}, "unknown preset 'no_such_preset'"),
     ({"method_space": {"rsc": {"rsc.p_spatial": {"uniform": [0.0, 0.5]}}}, "methods": ["erm"]},

@@ -14,7 +14,7 @@ from rsc_dist import engine
 from rsc_dist.config import load_config
 from rsc_dist.build import build_training_model
 
-GLOBAL_BATCH, STEPS, CLASSES = 8, 3, 5
+GLOBAL_BATCH, STEPS, CLASSES, DOMAINS = 8, 3, 5, 3
 
 
 def _global_batch(step):
@@ -23,15 +23,15 @@ def _global_batch(step):
     return images, torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
 
 
-def _train(rank, world_size, out_dir, algorithm, strategy="top_gradient"):
+def _train(rank, world_size, out_dir, algorithm, strategy="top_gradient", overrides=()):
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == world_size
     config = load_config("demo", [f"--algorithm={algorithm}", "--rsc.mode=spatial+channel",
                                   "--rsc.p_batch=0.5", "--optim.lr=0.05", "--schedule.warmup_steps=0",
-                                  f"--rsc.strategy={strategy}"])
+                                  f"--rsc.strategy={strategy}", *overrides])
     local = GLOBAL_BATCH // world_size
     torch.manual_seed(0)
-    model = build_training_model(config, CLASSES, accelerator, capacity=local)
+    model = build_training_model(config, CLASSES, accelerator, capacity=local, num_domains=DOMAINS)
     model.train()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -44,10 +44,10 @@ def _train(rank, world_size, out_dir, algorithm, strategy="top_gradient"):
         images, labels = _global_batch(step)
         part = slice(rank * local, (rank + 1) * local)
         ids = torch.arange(GLOBAL_BATCH, dtype=torch.int64) * 7919 + step  # identities in the global order
-        inputs = engine.prepare_batch(config, {"image": images[part], "label": labels[part], "sample_id": ids[part]},
-                                      accelerator.device, step, steps_per_epoch=100)
-        seeds = inputs.sample_ids ^ 12345 if strategy == "random" else None  # as the loop does
-        out = engine.train_step(accelerator, model, optimizer, scheduler, inputs, seeds)
+        domains = (torch.arange(GLOBAL_BATCH) + step) % DOMAINS  # 2-3 samples of each per step
+        batch = {"image": images[part], "label": labels[part], "sample_id": ids[part], "domain": domains[part]}
+        inputs = engine.prepare_batch(config, batch, accelerator.device, step, steps_per_epoch=100)
+        out = engine.train_step(accelerator, model, optimizer, scheduler, inputs)  # RSC's draws: the method's
         masked.append(out["mask"])
     if rank == 0:
         state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
@@ -55,13 +55,20 @@ def _train(rank, world_size, out_dir, algorithm, strategy="top_gradient"):
     torch.save(masked, Path(out_dir, f"masks_world{world_size}_rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("algorithm, strategy", [("rsc", "top_gradient"), ("erm", "top_gradient"), ("rsc", "random")])
+@pytest.mark.parametrize("algorithm, strategy", [("rsc", "random")])
 def test_two_ranks_reach_the_weights_of_one_process(tmp_path, algorithm, strategy):
-    """The random-score ablation too: its scores are seeded per sample, not per rank."""
-    run_on_ranks(_train, 1, str(tmp_path), algorithm, strategy, env_init=True)
-    run_on_ranks(_train, 2, str(tmp_path), algorithm, strategy, env_init=True)
+    """The random-score ablation: its scores are seeded per sample, not per rank. (Every
+    registered method with its defaults: tests/test_methods.py, which calls ``compare_ranks``.)"""
+    compare_ranks(tmp_path, algorithm, strategy)
+
+
+def compare_ranks(tmp_path, algorithm, strategy="top_gradient", overrides=()):
+    """Train 1 process and 2 ranks on the same global batches; assert the same final weights."""
+    # A generous timeout: on a loaded 2-core machine one 2-rank run was seen to take 6 minutes.
+    for world_size in (1, 2):
+        run_on_ranks(_train, world_size, str(tmp_path), algorithm, strategy, tuple(overrides), env_init=True,
+                     timeout=600)
     single, double = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
-    moved = 0
     for name, value in single.items():
         torch.testing.assert_close(double[name], value, rtol=1e-4, atol=1e-5, msg=name)
     initial = _initial_state()
@@ -73,6 +80,7 @@ def test_two_ranks_reach_the_weights_of_one_process(tmp_path, algorithm, strateg
         for step in range(STEPS):
             assert torch.equal(torch.cat([two[0][step], two[1][step]]), one[step]), step
         assert any((m == 0).any() for m in one)
+    return single
 
 
 def _initial_state():

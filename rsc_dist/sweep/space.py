@@ -115,7 +115,9 @@ def default_space(method: str, config: dict) -> dict:
     around 32); a preset with data.global_batch_size draws that from {g/4, g/2, g} instead, so
     it stays divisible by the number of processes it was divisible by. RSC adds the muted
     fractions it uses (DomainBed: U(0, 0.5) for its feature and batch drop factors): p_spatial
-    and/or p_channel as rsc.mode asks, p_batch unless the released schedule replaces it.
+    and/or p_channel as rsc.mode asks, p_batch unless the released schedule replaces it; CORAL
+    its penalty weight (DomainBed: 10^U(-1, 1)). Each method declares its own part
+    (``Method.sweep_space`` in rsc_dist/methods/).
     """
     lr = float(config["optim.lr"])
     space = {
@@ -129,12 +131,7 @@ def default_space(method: str, config: dict) -> dict:
     else:
         batch = int(config["data.batch_size"])
         space["data.batch_size"] = {"int_log_uniform": [max(1, batch // 4), max(batch // 4 + 1, batch * 3 // 2)]}
-    if method == "rsc":
-        mode = config["rsc.mode"]
-        if "spatial" in mode:
-            space["rsc.p_spatial"] = {"uniform": [0.0, 0.5]}
-        if "channel" in mode:
-            space["rsc.p_channel"] = {"uniform": [0.0, 0.5]}
-        if config["rsc.p_batch_schedule"] != "released":
-            space["rsc.p_batch"] = {"uniform": [0.0, 0.5]}
+    from rsc_dist import methods  # the method's own fields come from its registry entry
+
+    space.update(methods.get(method).sweep_space(config))
     return space

@@ -33,13 +33,14 @@ from pathlib import Path
 
 import yaml
 
+from rsc_dist import methods
 from rsc_dist.config import Config, ConfigError, describe_fields, flatten, load_config, to_dict
 from rsc_dist.sweep.space import Distribution, SpaceError, default_space, parse_entry, unit
 
 KEYS = ("name", "preset", "methods", "targets", "seeds", "overrides", "default_space", "space",
         "method_space", "n_trials", "search_seed", "slurm")
 SLURM_KEYS = ("sbatch", "max_parallel")
-METHODS = ("erm", "rsc")
+METHODS = methods.NAMES
 # Set by the sweep for each run: written in methods/targets/seeds, or by the launcher.
 RESERVED = {"algorithm": "methods", "data.target": "targets", "run.seed": "seeds",
             "run.output_dir": "the launcher (--out)", "run.name": "the sweep (the run's name)"}
@@ -234,8 +235,8 @@ def _expand(path: Path, raw: dict, extra_overrides: dict) -> Sweep:
             entries.update(default_space(method, preset_flat))
         entries.update(space)
         entries.update(method_space.get(method) or {})
-        if method != "rsc":
-            entries = {k: v for k, v in entries.items() if not k.startswith("rsc.")}
+        others = set(METHODS) - {method}  # another method's section means nothing to this one
+        entries = {k: v for k, v in entries.items() if k.split(".", 1)[0] not in others}
         trials, trial_fixed, random = _trials(entries, n_trials, search_seed, f"{where}: space ({method})")
         searched = searched or random
         _check_extremes(preset, base_args, method, entries, where)

@@ -1,0 +1,156 @@
+"""CORAL: Deep CORAL (Sun & Saenko, ECCV-W 2016) as DomainBed uses it for domain generalization.
+
+The loss (DomainBed's ``CORAL`` with its ``coral`` distance, ``mmd_gamma`` = penalty_weight):
+
+    loss = CE(logits, y) + gamma * 1/|P| * sum_{(a, b) in P} [ mean_j (mu_a - mu_b)_j^2
+                                                            + mean_jk (C_a - C_b)_jk^2 ]
+
+over the pairs P of source domains present in the step's batch, where for domain a with n_a
+samples of pooled features f_i (the backbone's output after global average pooling, d values):
+
+    mu_a = 1/n_a sum_i f_i                                   (Sun & Saenko, Eq. 1: the means)
+    C_a  = 1/(n_a - 1) sum_i (f_i - mu_a)(f_i - mu_a)^T       (Eq. 2: the covariances)
+
+(Sun & Saenko's Eq. 1 divides the squared Frobenius distance by 4 d^2; DomainBed takes the mean
+over the d x d entries and adds the mean squared difference of the means; we follow DomainBed.)
+
+EXACT under data parallelism: mu_a and C_a are computed over the GLOBAL batch of all ranks,
+never per rank (docs/method.md, "CORAL over the global batch" says what per-rank statistics
+would compute instead). Every rank all-gathers the pooled features of all ranks (one
+collective), computes the same penalty, and the gradient flows back through the gather to
+every rank's own rows (``_GatheredRows``). The cross-entropy is the mean over the local batch,
+as for ERM; DDP's (and DeepSpeed's) gradient averaging then makes the step the single-process
+step on the global batch.
+
+Domains with fewer than 2 samples in the global batch have no covariance and take part in no
+pair (with ``data.sampling=balanced`` every source domain has batch_size samples per rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from rsc_dist.fields import setting
+from rsc_dist.methods.base import Method
+
+_PADDING_DOMAIN = -1.0  # the domain column of a padded row: matches no domain
+
+
+@dataclass(frozen=True)
+class CORALConfig:
+    penalty_weight: float = setting(
+        1.0, "weight of the CORAL penalty (mean and covariance distance between source domains; "
+        "DomainBed's mmd_gamma)", check="nonnegative")
+
+
+class CORAL(Method):
+    name = "coral"
+    summary = "Deep CORAL: cross-entropy plus the distance between source domains' feature means and covariances"
+    Section = CORALConfig
+    metrics = ("coral_penalty",)
+
+    @classmethod
+    def sweep_space(cls, preset):
+        return {"coral.penalty_weight": {"log_uniform": [0.1, 10.0]}}  # DomainBed: 10^U(-1, 1)
+
+    def __init__(self, settings: CORALConfig | None = None, *, process_group=None, capacity=None,
+                 num_domains=None):
+        super().__init__(settings)
+        if num_domains is None or num_domains < 1:
+            raise ValueError("CORAL needs the number of domains of the dataset (num_domains)")
+        self.process_group = process_group
+        self.capacity = capacity
+        self.num_domains = num_domains
+
+    def transform_features(self, z, head, labels, **draws):
+        return z, {"pooled": pooled_features(z)}
+
+    def loss(self, logits, labels, extras, domains):
+        if domains is None:
+            raise ValueError("CORAL needs each training sample's domain (the batch has no 'domain')")
+        cross_entropy = F.cross_entropy(logits.float(), labels)
+        penalty = coral_penalty(extras["pooled"], domains, self.num_domains,
+                                process_group=self.process_group, capacity=self.capacity)
+        return cross_entropy + self.settings.penalty_weight * penalty, {"coral_penalty": penalty.detach()}
+
+
+def pooled_features(z: Tensor) -> Tensor:
+    """(N, d): a feature map (N, C, H, W) averaged over its locations; (N, d) as it is."""
+    return z.mean(dim=(2, 3)) if z.dim() == 4 else z.flatten(1)
+
+
+def coral_penalty(features: Tensor, domains: Tensor, num_domains: int, *, process_group=None,
+                  capacity: int | None = None) -> Tensor:
+    """The mean CORAL distance over pairs of domains present (>= 2 samples) in the batch.
+
+    ``features`` (N, d) with gradient, ``domains`` (N,) integer indices in [0, num_domains).
+    With ``process_group`` the statistics are over the rows of every rank in the group (each
+    rank pads to ``capacity`` rows, the largest local batch, so the gather needs no size
+    agreement). No host sync: absent domains are weighted out, not branched on.
+    """
+    features = features.float()
+    domain_column = domains.to(features.dtype)
+    if process_group is not None:
+        rows = gather_rows(torch.cat([features, domain_column[:, None]], dim=1), process_group, capacity)
+        features, domain_column = rows[:, :-1], rows[:, -1]
+    ids = torch.arange(num_domains, device=features.device, dtype=features.dtype)
+    member = (domain_column[None, :] == ids[:, None]).to(features.dtype)  # (K, N) one-hot
+    counts = member.sum(dim=1)
+    means = member @ features / counts.clamp(min=1)[:, None]  # Eq. 1
+    covariances = []
+    for k in range(num_domains):
+        centered = (features - means[k]) * member[k][:, None]  # rows of other domains: zero
+        covariances.append(centered.T @ centered / (counts[k] - 1).clamp(min=1))  # Eq. 2
+    present = (counts >= 2).to(features.dtype)
+    total = features.new_zeros(())
+    pairs = features.new_zeros(())
+    for a in range(num_domains):
+        for b in range(a + 1, num_domains):
+            distance = (means[a] - means[b]).pow(2).mean() + (covariances[a] - covariances[b]).pow(2).mean()
+            weight = present[a] * present[b]
+            total = total + weight * distance
+            pairs = pairs + weight
+    return total / pairs.clamp(min=1)
+
+
+def gather_rows(rows: Tensor, process_group, capacity: int | None) -> Tensor:
+    """All ranks' rows, rank by rank, each padded to ``capacity`` (padding: zeros, and
+    ``_PADDING_DOMAIN`` in the last column); differentiable (``_GatheredRows``)."""
+    n = rows.shape[0]
+    capacity = n if capacity is None else capacity
+    if n > capacity:
+        raise ValueError(f"local batch of {n} exceeds the CORAL gather capacity {capacity}")
+    return _GatheredRows.apply(rows, process_group, capacity)
+
+
+class _GatheredRows(torch.autograd.Function):
+    """All-gather with a gradient. Every rank computes the same loss from the gathered rows, so
+    the gradient of a rank's own rows is the SUM of all ranks' gradients with respect to them
+    (one all-reduce): that is R x the single-process gradient, which DDP's average over R
+    ranks turns back into exactly the single-process gradient. (Without the sum, each rank's
+    rows would only get their share through this rank's copy of the loss: 1/R too small.)"""
+
+    @staticmethod
+    def forward(ctx, rows, process_group, capacity):
+        n = rows.shape[0]
+        padded = rows.new_zeros((capacity, rows.shape[1]))
+        padded[n:, -1] = _PADDING_DOMAIN
+        padded[:n] = rows
+        world = dist.get_world_size(group=process_group)
+        gathered = rows.new_empty((world * capacity, rows.shape[1]))
+        dist.all_gather_single(gathered, padded, group=process_group)
+        ctx.process_group, ctx.n, ctx.capacity = process_group, n, capacity
+        ctx.rank = dist.get_rank(group=process_group)
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.process_group)
+        start = ctx.rank * ctx.capacity
+        return grad[start:start + ctx.n], None, None

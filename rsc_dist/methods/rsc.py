@@ -1,0 +1,102 @@
+"""RSC: Representation Self-Challenging (Huang et al., ECCV 2020), as a method of the trainer.
+
+The method itself lives in ``rsc_dist.rsc`` as pure tensor functions (docs/method.md's Steps
+1-5); this class only connects them to the trainer: its config section, the per-step draws
+(the spatial/channel mode of Step 2 and p_batch of Step 4, both functions of (seed, step)),
+the mask applied to z inside the forward (Step 5: ``z * mask``, the mask a constant), the plain
+cross-entropy on the masked logits (Eq. 1 of the paper with z replaced by the challenged
+features), and the fraction of samples trained on masked features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from rsc_dist.fields import setting
+from rsc_dist.methods.base import Method
+from rsc_dist.rsc import (DEFAULT_P_BATCH, DEFAULT_P_CHANNEL, DEFAULT_P_SPATIAL, draw_mode,
+                          masked_sample_fraction, p_batch_schedule, rsc_mask)
+from rsc_dist.seeding import mix_seed
+
+
+@dataclass(frozen=True)
+class RSCConfig:
+    mode: Literal["spatial", "channel", "spatial+channel"] = setting(
+        "spatial+channel", "what is muted; spatial+channel draws one of the two per step")
+    strategy: Literal["top_gradient", "top_activation", "random"] = setting(
+        "top_gradient", "how features are scored (top_gradient is the method; others are ablations)")
+    p_spatial: float = setting(DEFAULT_P_SPATIAL, "fraction of locations muted per sample", check="fraction")
+    p_channel: float = setting(DEFAULT_P_CHANNEL, "fraction of channels muted per sample", check="fraction")
+    p_batch: float = setting(DEFAULT_P_BATCH, "fraction of the batch that trains on masked features",
+                             check="fraction")
+    p_batch_schedule: Literal["constant", "released"] = setting(
+        "constant", "constant: p_batch; released: 0.3 + 0.2 per 10 epochs, clamped at 0.9")
+    global_selection: bool = setting(True, "batch percentage over the global batch of all ranks")
+
+
+class RSC(Method):
+    name = "rsc"
+    summary = "Representation Self-Challenging: mute the most predictive features, learn from the rest"
+    Section = RSCConfig
+    metrics = ("masked_fraction",)
+
+    def __init__(self, settings: RSCConfig | None = None, *, process_group=None, capacity=None,
+                 num_domains=None):
+        super().__init__(settings)
+        # Global batch selection (Step 4 over all ranks) needs the group and the largest local
+        # batch, so the all-gather needs no size agreement; None selects within each rank.
+        self.process_group = process_group if self.settings.global_selection else None
+        self.capacity = capacity
+
+    @classmethod
+    def sweep_space(cls, preset):
+        # DomainBed's RSC ranges: U(0, 0.5) for the feature and the batch drop factors; the
+        # fractions rsc.mode uses, p_batch unless the released schedule replaces it.
+        space = {}
+        if "spatial" in preset["rsc.mode"]:
+            space["rsc.p_spatial"] = {"uniform": [0.0, 0.5]}
+        if "channel" in preset["rsc.mode"]:
+            space["rsc.p_channel"] = {"uniform": [0.0, 0.5]}
+        if preset["rsc.p_batch_schedule"] != "released":
+            space["rsc.p_batch"] = {"uniform": [0.0, 0.5]}
+        return space
+
+    @classmethod
+    def draws(cls, config, step, steps_per_epoch, sample_ids):
+        settings = config.rsc
+        schedule = p_batch_schedule(settings.p_batch_schedule, settings.p_batch)
+        draws = {"mode": draw_mode(settings.mode, config.run.seed, step),
+                 "p_batch": schedule(step // steps_per_epoch, step)}
+        if settings.strategy == "random":
+            if sample_ids is None:
+                raise ValueError("rsc.strategy=random needs each sample's identity (the batch has no sample_id)")
+            # Per sample and step, from the sample's identity in the global order: the random
+            # scores then do not depend on how the global batch is split over ranks.
+            draws["sample_seeds"] = sample_ids ^ mix_seed(config.run.seed, step)
+        return draws
+
+    def transform_features(self, z: Tensor, head, labels: Tensor, *, mode: str = "spatial",
+                           p_batch: float = DEFAULT_P_BATCH, generator=None, sample_seeds=None):
+        mask = rsc_mask(
+            z,
+            head,
+            labels,
+            mode=mode,
+            p_spatial=self.settings.p_spatial,
+            p_channel=self.settings.p_channel,
+            p_batch=p_batch,
+            strategy=self.settings.strategy,
+            generator=generator,
+            sample_seeds=sample_seeds,
+            process_group=self.process_group,
+            capacity=self.capacity,
+        )
+        # Step 5 (docs/method.md): the mask is a constant; gradients flow through z only.
+        return z * mask, {"mask": mask}
+
+    def loss(self, logits, labels, extras, domains):
+        loss, _ = super().loss(logits, labels, extras, domains)
+        return loss, {"masked_fraction": masked_sample_fraction(extras["mask"])}

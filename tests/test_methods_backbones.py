@@ -1,0 +1,60 @@
+"""Every registered backbone (rsc_dist.models.BACKBONES): it splits into features and head, RSC
+runs on it (the closed form exactly where the head is GAP + linear, and equal to autograd
+there), and its ImageNet weights load offline with the classifier replaced."""
+
+import os
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from rsc_dist.methods import RSC
+from rsc_dist.models import BACKBONES, build_model, pretrained_path
+from rsc_dist.rsc import PooledLinearHead, _autograd_saliency, saliency
+
+CLASSES = 5
+
+
+@pytest.mark.parametrize("arch", list(BACKBONES))
+def test_backbone_splits_and_rsc_runs_on_it(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, CLASSES, method=RSC())
+    for module in model.modules():  # frozen statistics: the logits then depend on each sample only
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    z = model.features(x)
+    assert z.dim() == 4, "features end at a feature map, where RSC mutes locations and channels"
+    assert model.head(z).shape == (2, CLASSES)
+    assert isinstance(model.head, PooledLinearHead) == BACKBONES[arch].pooled_linear_head
+    if BACKBONES[arch].pooled_linear_head:  # the closed form is the autograd saliency
+        torch.testing.assert_close(saliency(z, model.head, y), _autograd_saliency(z, model.head, y))
+    for mode in ("spatial", "channel"):
+        logits, extras = model(x, y, mode=mode, p_batch=1.0, return_extras=True)
+        mask = extras["mask"]
+        assert logits.shape == (2, CLASSES) and torch.isfinite(logits).all(), mode
+        assert mask.shape[0] == 2 and bool(((mask == 0) | (mask == 1)).all()), mode
+
+
+@pytest.mark.parametrize("arch", list(BACKBONES))
+def test_weights_file_is_torchvisions(arch):
+    enum = getattr(torchvision.models, BACKBONES[arch].weights)
+    assert pretrained_path(arch, "torchvision").name == os.path.basename(enum.DEFAULT.url)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_tiny"])
+def test_imagenet_weights_load_with_the_classifier_replaced(tmp_path, arch):
+    torch.manual_seed(1)
+    imagenet = getattr(torchvision.models, arch)(weights=None)
+    path = tmp_path / "weights.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = build_model(arch, CLASSES, pretrained=str(path))
+    loaded = dict(model.features.named_parameters())
+    for name, value in imagenet.state_dict().items():
+        if name.startswith("features.") and name.removeprefix("features.") in loaded:
+            assert torch.equal(loaded[name.removeprefix("features.")], value), name
+    head_out = next(m for m in reversed(list(model.head.modules())) if isinstance(m, nn.Linear))
+    assert head_out.out_features == CLASSES
+    if arch == "convnext_tiny":  # its pretrained LayerNorm after the pool is kept
+        assert torch.equal(model.head.classifier[0].weight, imagenet.classifier[0].weight)
