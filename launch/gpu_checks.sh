@@ -37,7 +37,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 if ((dry)); then
   export TORCHDYNAMO_DISABLE=1
   device=(--device cpu) amp=none rounds=(--rounds 1 --steps 1 --warmup 1) bench_size=(--resolution 32 --batch 4)
-  variants=(--variants erm,rsc_closed_form)
+  variants=(--variants "erm,rsc_closed_form")
   synth_size=32 per_class=2 input_args=(--workers 1 --steps 2 --data.batch_size=4 --data.image_size=32
     --train.mixed_precision=no)
   launch=(--cpu --mixed_precision no) train_steps=2 pytest_args=(--collect-only)
