@@ -25,7 +25,7 @@ def _save_with_a_full_disk_on_rank_1(rank, world_size, run_dir):
     _fresh_accelerate_state()
     config = load_config("demo", ["--model.arch=resnet18", "--wandb.mode=disabled"])
     accelerator = build.make_accelerator(config, Path(run_dir))
-    plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=4,
+    plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=4, domains=("a", "b"),
                            local_forward_batch=2, global_forward_batch=2 * world_size)
     model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
     checkpoints.save_checkpoint(accelerator, Path(run_dir), 1, keep=2)
