@@ -194,28 +194,31 @@ def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int, sour
     as n = 0; without them, the domains that had samples."""
     result = {"step": step, "val_acc": None, "val_acc_mean": None, "val_per_domain": {}, "val_n": {},
               "target_acc": {}, "target_top5": {}, "target_n": {}}
+
+    def per_domain(role: str, listed: tuple[str, ...]):
+        """Yield (domain, index, n) for the role's domains, each with its count recorded."""
+        total = counts[role][2]
+        for domain in listed or tuple(d for i, d in enumerate(domains) if total[i] > 0):
+            i = domains.index(domain)
+            result[f"{role}_n"][domain] = int(total[i])
+            yield domain, i, total[i]
+
     if "val" in counts:
         top1, _, total = counts["val"]
-        listed = sources or tuple(d for i, d in enumerate(domains) if total[i] > 0)
-        for domain in listed:
-            i = domains.index(domain)
-            result["val_n"][domain] = int(total[i])
-            if total[i] > 0:
-                result["val_per_domain"][domain] = float(top1[i] / total[i])
+        for domain, i, n in per_domain("val", sources):
+            if n > 0:
+                result["val_per_domain"][domain] = float(top1[i] / n)
         if total.sum() > 0:
             result["val_acc"] = float(top1.sum() / total.sum())
     elif sources:
         result["val_n"] = {domain: 0 for domain in sources}
     result["val_acc_mean"] = selection.source_val_mean(result)
     if "target" in counts:
-        top1, top5, total = counts["target"]
-        listed = targets or tuple(d for i, d in enumerate(domains) if total[i] > 0)
-        for domain in listed:
-            i = domains.index(domain)
-            result["target_n"][domain] = int(total[i])
-            if total[i] > 0:
-                result["target_acc"][domain] = float(top1[i] / total[i])
-                result["target_top5"][domain] = float(top5[i] / total[i])
+        top1, top5, _ = counts["target"]
+        for domain, i, n in per_domain("target", targets):
+            if n > 0:
+                result["target_acc"][domain] = float(top1[i] / n)
+                result["target_top5"][domain] = float(top5[i] / n)
     return result
 
 
