@@ -44,3 +44,25 @@ def test_gpu_checks_dry_run_runs_every_step(tmp_path):
 def test_gpu_checks_refuses_unknown_arguments():
     done = subprocess.run(["bash", str(SCRIPT), "--dryrun"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_gpu_checks_keep_to_their_time_budget(tmp_path):
+    """With no time left every step is skipped and named as such, so a lent GPU's call always
+    returns its summary before the device tool's per-call limit kills it."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+           "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "GPU_CHECKS_BUDGET_S": "0"}
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert done.returncode == 0, summary + done.stderr[-3000:]
+    for name in _steps():
+        assert re.search(rf"^## {name} \(skipped: 0s of the 0s budget left\)$", summary, flags=re.M), summary
+    assert f"{len(_steps())} step(s) skipped" in done.stderr
+    assert not list((tmp_path / "out").glob("*.log")), "a skipped step ran"
+
+
+def test_gpu_checks_refuse_a_budget_that_is_not_seconds(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "GPU_CHECKS_BUDGET_S": "9m"}
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "GPU_CHECKS_BUDGET_S" in done.stderr and "'9m'" in done.stderr
