@@ -177,6 +177,17 @@ def test_log_model_best_without_weights_says_so(monkeypatch, tmp_path, capsys):
     assert "no model artifact logged" in capsys.readouterr().out
 
 
+def test_configured_mode_wins_over_an_earlier_wandb_session(monkeypatch, tmp_path):
+    """Planted defect: the mode reached W&B only through WANDB_MODE, which W&B ignores once a
+    session is set up in the process (here one that would go online, with no API key)."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE")
+    wandb.setup()
+    run_dir, _ = simulate_run(monkeypatch, tmp_path)  # wandb.mode=offline in the config
+    assert summarize(run_file(run_dir))["summary"]["best/target_acc"] == 0.5
+
+
 def test_tensorboard_gets_the_same_scalars_and_the_mask_images(monkeypatch, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -158,10 +158,14 @@ def start_tracking(accelerator, config: Config, run_dir: Path, plan) -> Tracking
     if kind == "tensorboard":
         accelerator.init_trackers("tensorboard", config=tensorboard_hparams(values))
         return tracking
-    os.environ["WANDB_MODE"] = wandb_mode(config)
+    mode = wandb_mode(config)
+    os.environ["WANDB_MODE"] = mode  # also replaces an empty or invalid WANDB_MODE W&B would reject
     os.environ.setdefault("WANDB_SILENT", "true")
     run_id = wandb_run_id(run_dir)
     init = {
+        # W&B reads its environment once per process: after an earlier wandb.init in this
+        # process only this argument sets the mode.
+        "mode": mode,
         "name": config.run.name or config.run_label(),
         "group": config.wandb.group or config.run.experiment,
         "job_type": config.wandb.job_type or config.algorithm,
