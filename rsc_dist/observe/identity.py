@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from rsc_dist.config import Config, flatten, to_dict, trajectory_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_ID_FILE = Path("wandb") / "run_id"  # in the run folder: the W&B run id a start used
 
 
 def wandb_api_key_configured() -> bool:
@@ -63,7 +64,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if env:
         return env
     try:
-        stored = (Path(run_dir) / "wandb" / "run_id").read_text().strip()
+        stored = (Path(run_dir) / RUN_ID_FILE).read_text().strip()
     except OSError:
         stored = ""
     return stored or hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]
@@ -71,7 +72,7 @@ def wandb_run_id(run_dir: Path) -> str:
 
 def remember_run_id(run_dir: Path, run_id: str) -> None:
     try:
-        path = Path(run_dir) / "wandb" / "run_id"
+        path = Path(run_dir) / RUN_ID_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
     except OSError:
