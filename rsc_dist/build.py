@@ -13,9 +13,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from rsc_dist import engine, methods, observe
+from rsc_dist import engine, methods
 from rsc_dist.config import Config, ConfigError
 from rsc_dist.models import build_model
+from rsc_dist.observe.identity import tracker_name
 from rsc_dist.plan import DataPlan
 
 # Every collective waits at most this long (a rank that died leaves the others waiting).
@@ -51,7 +52,7 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.grad_accum,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not ranks
-        log_with=observe.tracker_name(config),
+        log_with=tracker_name(config),
         project_dir=str(run_dir),
         kwargs_handlers=[InitProcessGroupKwargs(**group)],
     )

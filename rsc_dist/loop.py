@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rsc_dist import build, checkpoints, engine, methods, observe
+from rsc_dist import build, checkpoints, engine, methods
 from rsc_dist.config import Config, to_dict
 from rsc_dist.contracts import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from rsc_dist.data import DevicePrefetch, make_loader
+from rsc_dist.observe.meter import Meter
+from rsc_dist.observe.tracking import Tracking
 from rsc_dist.plan import DataPlan
 
 
@@ -34,17 +36,17 @@ class Run:
     scheduler: object
     state: engine.TrainState
     stop: engine.StopFlags
-    tracking: observe.Tracking
+    tracking: Tracking
 
 
-def train(run: Run) -> tuple[int, observe.Meter]:
+def train(run: Run) -> tuple[int, Meter]:
     """Train from ``run.state.step`` to the plan's last step; the exit code and the meter."""
     config, plan, state, accelerator = run.config, run.plan, run.state, run.accelerator
     rank = accelerator.process_index
     pin = accelerator.device.type == "cuda"
     eval_loaders = plan.eval_loaders(rank, pin)
     stream = plan.train_stream(rank, accelerator.device.type)
-    meter = observe.Meter(accelerator, methods.get(config.algorithm).metrics)
+    meter = Meter(accelerator, methods.get(config.algorithm).metrics)
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=f"{config.algorithm} {'+'.join(plan.targets)}", dynamic_ncols=True)
     exit_code = EXIT_OK
@@ -89,7 +91,7 @@ def _train_step(run: Run, batch: dict, step: int):
     return out, inputs
 
 
-def _between_steps(run: Run, meter: observe.Meter, eval_loaders: dict) -> int:
+def _between_steps(run: Run, meter: Meter, eval_loaders: dict) -> int:
     """Evaluate, checkpoint and agree on stopping when due; the exit code so far."""
     config, plan, state, accelerator = run.config, run.plan, run.state, run.accelerator
     end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps

@@ -397,7 +397,7 @@ def wandb_mode() -> str:
         return "offline"
     if env in ("disabled", "online"):
         return env
-    from rsc_dist.observe import wandb_api_key_configured  # imports torch: only when asked
+    from rsc_dist.observe.identity import wandb_api_key_configured  # imports torch: only when asked
 
     return "online" if wandb_api_key_configured() else "offline"
 

@@ -25,11 +25,13 @@ if __package__ in (None, ""):  # `accelerate launch rsc_dist/train.py` runs this
 
 from accelerate.utils import set_seed
 
-from rsc_dist import build, checkpoints, cpu_launch, engine, loop, methods, observe, selection
+from rsc_dist import build, checkpoints, cpu_launch, engine, loop, methods, selection
 from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
                              trajectory_settings)
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.data import DataError, error_line
+from rsc_dist.observe.report import format_accuracy_table, results_document
+from rsc_dist.observe.tracking import start_tracking
 from rsc_dist.plan import DataPlan, data_root
 
 
@@ -93,7 +95,7 @@ def _run(config: Config, args: argparse.Namespace, run_dir: Path, accelerator) -
         save_config(config, run_dir / CONFIG_FILE)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run continues a preempted one
 
-    tracking = observe.start_tracking(accelerator, config, run_dir, plan)
+    tracking = start_tracking(accelerator, config, run_dir, plan)
     accelerator.print(
         f"run folder {run_dir}\n{accelerator.num_processes} process(es) on {accelerator.device}, "
         f"sources {list(plan.sources)}, targets {list(plan.targets)}; {plan.steps_per_epoch} steps/epoch, "
@@ -181,11 +183,11 @@ def report(accelerator, config, plan, state, meter, tracking, run_dir: Path, res
     if resumed_finished and results_path.exists():
         accelerator.print(f"{run_dir} was already complete at step {state.step}; {RESULTS_FILE} kept")
     else:
-        results = observe.results_document(config, plan, state, meter, run_dir)
+        results = results_document(config, plan, state, meter, run_dir)
         if accelerator.is_main_process:
             results_path.write_text(json.dumps(results, indent=2))
         tracking.finish_run(results, run_dir)
-    accelerator.print(observe.format_accuracy_table(plan, state))
+    accelerator.print(format_accuracy_table(plan, state))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from rsc_dist import methods, observe, train
+from rsc_dist import methods, train
 from rsc_dist.config import load_config, trajectory_settings
+from rsc_dist.observe.meter import Meter
 from test_trainer_step_equivalence import compare_ranks
 from trainer_fixtures import tiny_config, tiny_shards  # noqa: F401  (fixture)
 
@@ -53,7 +54,7 @@ def test_a_method_draws_the_same_on_any_rank_and_after_a_resume(name):
 def test_meter_logs_the_method_metrics(name):
     accelerator = Accelerator(cpu=True)
     metrics = methods.get(name).metrics
-    meter = observe.Meter(accelerator, metrics)
+    meter = Meter(accelerator, metrics)
     labels = torch.zeros(4, dtype=torch.long)
     out = {"loss": torch.tensor(2.0), "correct": torch.tensor(3),
            "metrics": {m: torch.tensor(0.25) for m in metrics}}

@@ -1,5 +1,5 @@
-"""rsc_dist.observe on its own: a real Accelerator(cpu=True), W&B offline or TensorBoard, and a
-small fake plan; the run file / event file is read back."""
+"""rsc_dist.observe's modules on their own: a real Accelerator(cpu=True), W&B offline or
+TensorBoard, and a small fake plan; the run file / event file is read back."""
 
 import json
 import subprocess
@@ -11,8 +11,13 @@ import torch
 from accelerate import Accelerator
 
 from rsc_dist import config as config_module
-from rsc_dist import observe
+from rsc_dist import contracts
 from rsc_dist.config import load_config
+from rsc_dist.observe.identity import REPO_ROOT, git_commit, remember_run_id, run_tags, tracker_name, wandb_run_id
+from rsc_dist.observe.masks import mask_caption
+from rsc_dist.observe.metrics import TABLE_COLUMNS, TABLE_KEY, evaluation_metrics, per_domain_rows
+from rsc_dist.observe.report import results_document
+from rsc_dist.observe.tracking import Tracking, start_tracking
 from wandb_records import read_table, summarize
 
 CLASSES = ("dog", "elephant", "giraffe")
@@ -64,9 +69,9 @@ def simulate_run(monkeypatch, tmp_path, tracker="wandb", log_model="off", best_w
     config = make_config(monkeypatch, tracker, log_model)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    accelerator = Accelerator(cpu=True, log_with=observe.tracker_name(config), project_dir=str(run_dir))
+    accelerator = Accelerator(cpu=True, log_with=tracker_name(config), project_dir=str(run_dir))
     plan = fake_plan()
-    tracking = observe.start_tracking(accelerator, config, run_dir, plan)
+    tracking = start_tracking(accelerator, config, run_dir, plan)
     tracking.log({"train/loss": 2.0, "train/acc": 0.25, "perf/img_s": 100.0}, 2)
     images, mask, labels = images_and_mask()
     tracking.log_masks(images, mask, "spatial", 2, labels=labels, class_names=CLASSES)
@@ -83,7 +88,7 @@ def simulate_run(monkeypatch, tmp_path, tracker="wandb", log_model="off", best_w
         save_file({"w": torch.zeros(2)}, str(best / "model.safetensors"))
         (best / "optimizer.bin").write_bytes(b"not a model")
     state = types.SimpleNamespace(best=first, last=second, step=8, history=[first, second], forced_resumes=[])
-    results = observe.results_document(config, plan, state, types.SimpleNamespace(throughput=12.5), run_dir)
+    results = results_document(config, plan, state, types.SimpleNamespace(throughput=12.5), run_dir)
     (run_dir / "results.json").write_text(json.dumps(results))
     tracking.finish_run(results, run_dir)
     accelerator.end_training()
@@ -128,7 +133,7 @@ def test_wandb_run_has_metric_definitions_tags_tables_files_and_identity(monkeyp
     run = logged["run"]
     assert run["name"] == "rsc-sketch-seed0" and run["group"] == "demo" and run["job_type"] == "rsc"
     assert run["tags"] == ["mine", "demo", "target:sketch", "resnet18", "rsc"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=observe.REPO_ROOT, capture_output=True, text=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
     expected_commit = head.stdout.strip() if head.returncode == 0 else None
     config = {k: json.loads(v) for k, v in logged["config"].items()}
     assert config["git_commit"] == expected_commit
@@ -137,8 +142,8 @@ def test_wandb_run_has_metric_definitions_tags_tables_files_and_identity(monkeyp
     assert (run_dir / "wandb" / "run_id").read_text().strip() == run["id"]
 
     # The per-domain table, logged at the last step, offline too.
-    table = read_table(path, logged["tables"][observe.TABLE_KEY])
-    assert table["columns"] == observe.TABLE_COLUMNS
+    table = read_table(path, logged["tables"][TABLE_KEY])
+    assert table["columns"] == TABLE_COLUMNS
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
     assert rows["sketch"] == {"domain": "sketch", "role": "target", "n": 24, "best_top1": 0.5, "best_top5": 0.9,
                               "last_top1": 0.7, "last_top5": 0.9, "best_step": 4, "last_step": 8}
@@ -172,6 +177,17 @@ def test_log_model_best_without_weights_says_so(monkeypatch, tmp_path, capsys):
     assert "no model artifact logged" in capsys.readouterr().out
 
 
+def test_configured_mode_wins_over_an_earlier_wandb_session(monkeypatch, tmp_path):
+    """Planted defect: the mode reached W&B only through WANDB_MODE, which W&B ignores once a
+    session is set up in the process (here one that would go online, with no API key)."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE")
+    wandb.setup()
+    run_dir, _ = simulate_run(monkeypatch, tmp_path)  # wandb.mode=offline in the config
+    assert summarize(run_file(run_dir))["summary"]["best/target_acc"] == 0.5
+
+
 def test_tensorboard_gets_the_same_scalars_and_the_mask_images(monkeypatch, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -189,52 +205,50 @@ def test_tensorboard_gets_the_same_scalars_and_the_mask_images(monkeypatch, tmp_
     image = events.Images("rsc/masks")[0]
     assert image.step == 2 and image.width == 4 * 16 + 5 * 2
     texts = {t for t in tags["tensors"]}
-    assert any(t.startswith("rsc/masks_caption") for t in texts) and any(t.startswith(observe.TABLE_KEY) for t in texts)
+    assert any(t.startswith("rsc/masks_caption") for t in texts) and any(t.startswith(TABLE_KEY) for t in texts)
 
 
 def test_tracker_none_logs_nothing_but_the_console(monkeypatch, tmp_path, capsys):
     run_dir, results = simulate_run(monkeypatch, tmp_path, tracker="none")
     assert not (run_dir / "wandb").exists() and not (run_dir / "tensorboard").exists()
     assert "step 8: val/acc 0.5500" in capsys.readouterr().out
-    assert results["schema_version"] == observe.RESULTS_SCHEMA_VERSION
+    assert results["schema_version"] == contracts.RESULTS_SCHEMA_VERSION
 
 
 def test_tracker_name(monkeypatch):
-    assert observe.tracker_name(make_config(monkeypatch, "wandb")) == "wandb"
+    assert tracker_name(make_config(monkeypatch, "wandb")) == "wandb"
     config = load_config("demo", ["--wandb.mode=disabled"])
-    assert observe.tracker_name(config) is None
-    assert observe.tracker_name(make_config(monkeypatch, "tensorboard")) == "tensorboard"
-    assert observe.tracker_name(make_config(monkeypatch, "none")) is None
+    assert tracker_name(config) is None
+    assert tracker_name(make_config(monkeypatch, "tensorboard")) == "tensorboard"
+    assert tracker_name(make_config(monkeypatch, "none")) is None
 
 
 def test_mismatched_accelerator_is_a_clear_error(monkeypatch, tmp_path):
     config = make_config(monkeypatch, "wandb")
     accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="log_with=observe.tracker_name"):
-        observe.start_tracking(accelerator, config, tmp_path, fake_plan())
+    with pytest.raises(ValueError, match=r"log_with=rsc_dist\.observe\.identity\.tracker_name"):
+        start_tracking(accelerator, config, tmp_path, fake_plan())
 
 
 def test_results_document_follows_the_contract(monkeypatch, tmp_path):
-    from rsc_dist import contracts
-
     config = make_config(monkeypatch)
     first = evaluation(4, 0.6, 0.5)
     state = types.SimpleNamespace(best=first, last=first, step=4, history=[first], forced_resumes=[])
-    doc = observe.results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))
+    doc = results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))
     assert doc["schema_version"] == contracts.RESULTS_SCHEMA_VERSION == 3 and doc["best_checkpoint"] is None
     assert doc["fingerprint"] == config_module.trajectory_fingerprint(config, 1)
     assert doc["selection"] == "source_val_pooled" and doc["best"]["val_n"] == {"cartoon": 30, "photo": 10}
     assert contracts.layout_problems(json.loads(json.dumps(doc))) == []
     # Nothing chosen (a rule that could score no evaluation): best is null, still the layout.
     state.best = {}
-    assert observe.results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))["best"] is None
+    assert results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))["best"] is None
 
 
 def test_per_domain_table_has_n_on_every_row():
     """Planted defect: the source rows read a count evaluation never wrote (n always empty)."""
     record = evaluation(4, 0.6, 0.5)
     results = {"sources": ["cartoon", "photo"], "targets": ["sketch"], "best": record, "last": record}
-    rows = {(row[0], row[1]): row[2] for row in observe.per_domain_rows(results)}
+    rows = {(row[0], row[1]): row[2] for row in per_domain_rows(results)}
     assert rows == {("cartoon", "source-val"): 30, ("photo", "source-val"): 10,
                     ("all sources", "source-val (pooled)"): 40, ("all sources", "source-val (mean)"): 40,
                     ("sketch", "target"): 24, ("mean over targets", "target (mean)"): 24}
@@ -242,7 +256,7 @@ def test_per_domain_table_has_n_on_every_row():
 
 def test_best_without_the_loop_passing_it_follows_validation(monkeypatch):
     accelerator = types.SimpleNamespace(is_main_process=True, print=lambda *a: None, log=lambda v, step: None)
-    tracking = observe.Tracking(accelerator, None)
+    tracking = Tracking(accelerator, None)
     seen = []
     tracking.log = lambda values, step: seen.append(values)
     tracking.kind = None
@@ -255,28 +269,28 @@ def test_best_without_the_loop_passing_it_follows_validation(monkeypatch):
 def test_several_targets_have_a_mean(monkeypatch):
     e = {"step": 1, "val_acc": 0.5, "val_per_domain": {}, "target_acc": {"a": 0.2, "b": 0.6},
          "target_top5": {"a": 0.5, "b": 0.7}}
-    values = observe.evaluation_metrics(e, e)
+    values = evaluation_metrics(e, e)
     assert values["target/acc"] == pytest.approx(0.4) and values["target/top5"] == pytest.approx(0.6)
     assert values["best/target_acc"] == pytest.approx(0.4) and values["best/target_acc_b"] == 0.6
-    tags = observe.run_tags(make_config(monkeypatch), fake_plan(("a", "b")))
+    tags = run_tags(make_config(monkeypatch), fake_plan(("a", "b")))
     assert tags == ["mine", "demo", "target:a", "target:b", "resnet18", "rsc"]
 
 
 def test_git_commit_never_fails(tmp_path):
-    assert observe.git_commit(tmp_path) is None  # not a repository
-    commit = observe.git_commit()
+    assert git_commit(tmp_path) is None  # not a repository
+    commit = git_commit()
     assert commit is None or len(commit) == 40
 
 
 def test_run_id_precedence(monkeypatch, tmp_path):
-    hashed = observe.wandb_run_id(tmp_path)
+    hashed = wandb_run_id(tmp_path)
     assert len(hashed) == 16
-    observe._remember_run_id(tmp_path, "sweeprun1")
-    assert observe.wandb_run_id(tmp_path) == "sweeprun1"  # a sweep trial resumed outside the agent
+    remember_run_id(tmp_path, "sweeprun1")
+    assert wandb_run_id(tmp_path) == "sweeprun1"  # a sweep trial resumed outside the agent
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun2")
-    assert observe.wandb_run_id(tmp_path) == "agentrun2"  # the agent's id wins
+    assert wandb_run_id(tmp_path) == "agentrun2"  # the agent's id wins
 
 
 def test_mask_caption_without_labels():
-    text = observe.mask_caption(5, "channel", None, (), [True, False])
+    text = mask_caption(5, "channel", None, (), [True, False])
     assert text.splitlines()[1:] == ["1: ? selected", "2: ? not selected"]

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from rsc_dist import observe, train
+from rsc_dist import train
+from rsc_dist.observe.metrics import TABLE_KEY
 from trainer_fixtures import tiny_config, tiny_shards  # noqa: F401
 from wandb_records import read_table, summarize
 
@@ -44,7 +45,7 @@ def test_tiny_run_logs_definitions_table_tags_and_best_to_offline_wandb(tmp_path
     config_values = {k: json.loads(v) for k, v in logged["config"].items()}
     assert "git_commit" in config_values and config_values["fingerprint"] == results.get("fingerprint")
 
-    table = read_table(run_file, logged["tables"][observe.TABLE_KEY])
+    table = read_table(run_file, logged["tables"][TABLE_KEY])
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
     assert rows["sketch"]["role"] == "target"
     assert rows["sketch"]["last_top1"] == pytest.approx(results["last"]["target_acc"]["sketch"])

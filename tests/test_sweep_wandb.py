@@ -74,7 +74,7 @@ def test_every_trial_runs_its_run_of_the_sweep(monkeypatch, tmp_path, capsys):
     for run in sweep.runs:
         command, env = agent_command(spec, run.index, f"trial{run.index}", monkeypatch, tmp_path)
         assert command[:4] == ["/usr/bin/env", "python", "-m", "rsc_dist.sweep"]
-        assert env["WANDB_RUN_ID"] == f"trial{run.index}"  # the trial's W&B run: observe.wandb_run_id uses it
+        assert env["WANDB_RUN_ID"] == f"trial{run.index}"  # the trial's W&B run: observe.identity.wandb_run_id uses it
         assert sweep_main(command[4:] + ["--dry-run"]) == 0
         trainer = shlex.split(capsys.readouterr().out.strip())
         assert trainer[1:3] == ["-m", "rsc_dist.train"] and trainer[3:] == run.trainer_args(sweep.preset, out)

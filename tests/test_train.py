@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.manifest import load_manifest
-from rsc_dist import contracts, observe, selection, train
+from rsc_dist import contracts, selection, train
 from rsc_dist import results as results_module
+from rsc_dist.observe.metrics import TABLE_KEY
 from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
 from wandb_records import read_table, summarize
 
@@ -58,7 +59,7 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
     assert logged["run"]["name"] == "rsc-sketch-seed0" and logged["run"]["group"] == "demo"
     assert list(wandb_files[0].parent.glob("files/media/images/rsc/masks_*.png"))
     # n on every row of the per-domain table, equal to the manifest's counts.
-    table = read_table(wandb_files[0], logged["tables"][observe.TABLE_KEY])
+    table = read_table(wandb_files[0], logged["tables"][TABLE_KEY])
     n = {(row[0], row[1]): row[table["columns"].index("n")] for row in table["data"]}
     total_val = sum(manifest.num_samples(d, "val") for d in sources)
     assert n == {**{(d, "source-val"): manifest.num_samples(d, "val") for d in sources},
