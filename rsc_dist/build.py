@@ -38,6 +38,7 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
             raise ConfigError("the launch config asks for DeepSpeed (distributed_type: DEEPSPEED) but "
                               "deepspeed is not installed: bash launch/venv.sh (the default install "
                               "includes it), or launch without a DeepSpeed config") from None
+        use_this_environments_ninja()
     precision = None if config.train.mixed_precision == "auto" else config.train.mixed_precision
     group = {"timeout": datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)}
     if use_deepspeed and not torch.cuda.is_available():
@@ -64,6 +65,27 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
         raise ConfigError(f"the launcher started {expected} ranks but they formed a group of "
                           f"{accelerator.num_processes}; nothing was trained")
     return accelerator
+
+
+def use_this_environments_ninja(env=os.environ) -> None:
+    """Put the directory of the ninja installed with this Python (the `ninja` package, a
+    DeepSpeed dependency) first on PATH, so DeepSpeed's JIT-built ops (on CPU ranks, its
+    shared-memory comm op, built when the process group forms) are always built by the same ninja.
+
+    torch.utils.cpp_extension runs whatever `ninja` PATH finds. A run started through an
+    activated environment (launch/slurm/train.sbatch puts it first on PATH) found the
+    environment's ninja, one started as `.venv/bin/python` found the system's, and two ninja
+    versions hash the build commands differently: each took the other's build for stale and
+    recompiled the op (about 45 s, under a lock every DeepSpeed process on the machine waits for).
+    """
+    try:
+        import ninja
+    except ImportError:  # torch then needs a ninja on PATH, as before
+        return
+    if not ninja.BIN_DIR:
+        return
+    rest = [d for d in env.get("PATH", "").split(os.pathsep) if d and d != ninja.BIN_DIR]
+    env["PATH"] = os.pathsep.join([ninja.BIN_DIR, *rest])
 
 
 def check_device_requests(config: Config, env=os.environ) -> None:

@@ -4,6 +4,7 @@ ranks (never silently replaced by DDP), and GPU-only requests on a machine witho
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -56,6 +57,21 @@ def test_deepspeed_bf16_becomes_torch_autocast_and_fp16_is_refused():
     untouched = {"bf16": {"enabled": False}}
     build.use_deepspeed_mixed_precision(untouched)
     assert "torch_autocast" not in untouched
+
+
+def test_deepspeed_ops_are_built_by_this_environments_ninja(tmp_path):
+    """Whatever PATH the launcher gave (an activated environment under SLURM, a bare
+    .venv/bin/python elsewhere), DeepSpeed's JIT builds run the ninja installed with this
+    Python: two ninja versions would each take the other's build for stale and recompile."""
+    ninja = pytest.importorskip("ninja")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\nexit 0\n")
+    (other / "ninja").chmod(0o755)
+    env = {"PATH": os.pathsep.join([str(other), ninja.BIN_DIR, "/usr/bin"])}
+    build.use_this_environments_ninja(env)
+    assert env["PATH"].split(os.pathsep) == [ninja.BIN_DIR, str(other), "/usr/bin"]
+    assert shutil.which("ninja", path=env["PATH"]) == os.path.join(ninja.BIN_DIR, "ninja")
 
 
 @pytest.mark.parametrize("env, overrides, message", [

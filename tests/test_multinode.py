@@ -5,10 +5,11 @@ route to the others except that bridge; hostnames do not resolve to those addres
 - accelerate across 2 nodes x 1 CPU rank (gloo), by hand as the accelerate docs describe it;
 - launch/slurm/train.sbatch on a 2-node SLURM cluster (slurmctld on this host, one slurmd per
   namespace, tests/slurm_cluster.py): a run to the end, and a USR1 preemption -> requeue ->
-  resume across both nodes.
+  resume across both nodes, with DDP and with DeepSpeed ZeRO-2 (ACCELERATE_CONFIG).
 
-Each ends with bit-identical weights to the same training on 2 local processes (same world
-size, same global batch: the data order and the all-reduced gradients are the same).
+Each ends with bit-identical weights to the same training on 2 local processes with DDP (same
+world size, same global batch: the data order and the all-reduced gradients are the same;
+ZeRO-2 in fp32 averages the same local gradients, each rank's BatchNorm sees the same local batch).
 
 Needs root, iproute2 and util-linux (nsenter, unshare); the SLURM tests install slurm-wlm and
 munge with apt like tests/test_slurm.py. `pytest -k multinode` selects them.
@@ -41,6 +42,7 @@ TRAIN = ROOT / "rsc_dist" / "train.py"
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 MULTINODE_CPU = ROOT / "launch" / "accelerate" / "multinode_cpu.yaml"
 CPU_2PROC = ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"
+ZERO2 = ROOT / "launch" / "accelerate" / "deepspeed_zero2.yaml"
 NODES = 2
 # 3 epochs of 6 steps (the tiny shards, global batch 16), a checkpoint every 4 steps, one
 # evaluation at the end: long enough to preempt after the first checkpoint, seconds per run.
@@ -192,9 +194,10 @@ def job_env(tmp_path: Path) -> dict:
             "RSC_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
 
-def submit(cluster: SlurmCluster, tmp_path: Path, name: str, config: Path) -> tuple[str, Path, Path]:
+def submit(cluster: SlurmCluster, tmp_path: Path, name: str, config: Path,
+           **extra_env: str) -> tuple[str, Path, Path]:
     run_dir = tmp_path / "runs" / name
-    env = job_env(tmp_path)
+    env = {**job_env(tmp_path), **extra_env}
     jobid = cluster.sbatch([f"--job-name={name}", f"--nodes={NODES}", f"--output={tmp_path}/%x-%j.out",
                             str(SBATCH), "--config", str(config), "--output_dir", str(run_dir)],
                            env=env, cwd=ROOT)
@@ -221,21 +224,23 @@ def test_multinode_slurm_two_nodes_run_to_completion(slurm, config, reference, t
     assert_same_weights(run_dir, reference)
 
 
-def test_multinode_slurm_preempted_job_resumes_across_both_nodes(slurm, config, reference, tmp_path):
-    """`scancel --signal=USR1 --batch` (what --signal=B:USR1@120 does before the time limit) ->
-    both nodes' ranks checkpoint and stop -> requeue -> resume on both nodes -> the weights of
-    an uninterrupted run."""
-    jobid, run_dir, out = submit(slurm, tmp_path, "pre", config)
+def preempt_and_resume(cluster: SlurmCluster, tmp_path: Path, name: str, config: Path,
+                       **extra_env: str) -> tuple[Path, str]:
+    """Submit a 2-node job, `scancel --signal=USR1 --batch` it (what --signal=B:USR1@120 does
+    before the time limit) once its first checkpoint exists, let it requeue and run to the end;
+    checks that both nodes stopped, both starts were 2-node starts and the second resumed.
+    Returns the run folder and the job's log."""
+    jobid, run_dir, out = submit(cluster, tmp_path, name, config, **extra_env)
     deadline = time.monotonic() + RUN_TIMEOUT
     while not any((run_dir / "checkpoints").glob("checkpoint_*[0-9]")):
-        state = slurm.job(jobid).get("JobState")
+        state = cluster.job(jobid).get("JobState")
         if state in FINAL_STATES or time.monotonic() > deadline:
-            pytest.fail(f"no checkpoint before the job ended ({state}):\n{_tail(out)}{slurm.logs()}")
+            pytest.fail(f"no checkpoint before the job ended ({state}):\n{_tail(out)}{cluster.logs()}")
         time.sleep(0.25)
-    assert slurm.job(jobid)["JobState"] == "RUNNING"
-    slurm.run(["scancel", "--signal=USR1", "--batch", jobid])
-    slurm.requeue_now(jobid)
-    info = slurm.wait_done(jobid, RUN_TIMEOUT)
+    assert cluster.job(jobid)["JobState"] == "RUNNING"
+    cluster.run(["scancel", "--signal=USR1", "--batch", jobid])
+    cluster.requeue_now(jobid)
+    info = cluster.wait_done(jobid, RUN_TIMEOUT)
 
     log = _tail(out, 40000)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
@@ -250,4 +255,34 @@ def test_multinode_slurm_preempted_job_resumes_across_both_nodes(slurm, config, 
     # Both starts were 2-node starts with their own rendezvous port.
     assert log.count("(NodeAddr of node0)") == 2 and log.count("2 process(es)") >= 2, log
     assert not (run_dir / "preempted.json").exists()
+    return run_dir, log
+
+
+def test_multinode_slurm_preempted_job_resumes_across_both_nodes(slurm, config, reference, tmp_path):
+    """USR1 -> both nodes' ranks checkpoint and stop -> requeue -> resume on both nodes -> the
+    weights of an uninterrupted run."""
+    run_dir, _ = preempt_and_resume(slurm, tmp_path, "pre", config)
     assert_same_weights(run_dir, reference)
+
+
+def test_multinode_slurm_deepspeed_zero2_preempted_and_resumed(slurm, config, reference, tmp_path):
+    """The same preemption with ACCELERATE_CONFIG=launch/accelerate/deepspeed_zero2.yaml: one
+    torchrun per node (deepspeed_multinode_launcher: standard), DeepSpeed over gloo on the CPU
+    ranks, its own checkpoint layout saved at the USR1 stop and loaded on both nodes after the
+    requeue; ZeRO-2 on 2 ranks ends with the weights of DDP on 2 ranks, bit for bit."""
+    pytest.importorskip("deepspeed")
+    from test_deepspeed_train import consolidated_weights
+
+    run_dir, log = preempt_and_resume(slurm, tmp_path, "zero2", config, ACCELERATE_CONFIG=str(ZERO2))
+    assert f"--config_file {ZERO2}" in log, log
+    final = sorted(p for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.name[11:].isdigit())[-1]
+    shards = sorted(p.name for p in (final / "pytorch_model").glob("*optim_states.pt"))
+    assert [s[:15] for s in shards] == ["zero_pp_rank_0_", "zero_pp_rank_1_"], shards  # ZeRO's layout
+    assert not (final / "model.safetensors").exists()  # not Accelerate's DDP layout
+    got = consolidated_weights(final)
+    expected = final_weights(reference)
+    assert len(got) > 50 and got.keys() == expected.keys(), sorted(set(got) ^ set(expected))[:10]
+    differ = {k: (got[k] - expected[k]).abs().max().item() for k in got if not torch.equal(got[k], expected[k])}
+    assert not differ, f"{len(differ)} of {len(got)} tensors differ from DDP: {differ}"
+    last = lambda d: json.loads((d / "results.json").read_text())["last"]  # noqa: E731
+    assert last(run_dir) == last(reference)
