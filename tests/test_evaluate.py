@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_prep.manifest import load_manifest
-from rsc_dist import evaluate, train
+from rsc_dist import checkpoints, evaluate, train
 from rsc_dist.config import load_config, save_config
 from trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
 
@@ -53,6 +53,25 @@ def test_weights_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_shards, cap
                        f"with {classes} classes: 1 missing tensor(s) (features.0.weight); 1 unexpected tensor(s) "
                        f"(extra.weight); 2 of another shape (head.fc.bias ({classes - 1},) instead of ({classes},); "
                        f"head.fc.weight ({classes - 1}, 512) instead of ({classes}, 512))")
+
+
+def test_the_trainers_device_checks_apply(tmp_path, tiny_shards, capsys, monkeypatch):
+    """evaluate builds its Accelerator with build.make_accelerator: two ranks started with a GPU
+    launch config (bf16, one rank per GPU) on this machine without CUDA stop with the trainer's
+    one-line reason before any process group is formed (a rank would otherwise wait for a
+    partner that is never started)."""
+    if torch.cuda.is_available():
+        pytest.skip("the check under test is the one for machines without CUDA")
+    best = tmp_path / checkpoints.BEST_DIR
+    best.mkdir()
+    save_config(load_config(str(tiny_config(tmp_path, tiny_shards))), best / checkpoints.BEST_CONFIG_FILE)
+    save_file({"w": torch.zeros(1)}, str(best / checkpoints.MODEL_FILE))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.delenv("RSC_DIST_CPU_RANK", raising=False)
+    assert evaluate.main([str(best)]) == 2
+    assert _error(capsys).startswith("rsc_dist.evaluate: error: 2 ranks were started with a GPU launch config")
 
 
 @pytest.fixture(scope="module")
