@@ -90,12 +90,7 @@ def load_weights(weights: Path) -> dict:
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise EvaluateError(f"{weights}: cannot read the weights ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+        raise EvaluateError(f"{weights}: cannot read the weights ({error_line(exc).splitlines()[0][:300]})") from None
 
 
 def domain_loaders(plan, domains: list[str], rank: int, pin: bool) -> dict:

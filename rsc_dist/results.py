@@ -399,10 +399,6 @@ def wandb_mode() -> str:
     return "online" if wandb_api_key_configured() else "offline"
 
 
-def wandb_online() -> bool:
-    return wandb_mode() == "online"
-
-
 def table_rows(t: Table) -> tuple[list[str], list[list]]:
     """A table's columns and rows as logged to W&B: ours ("runs"), then the paper's."""
     columns = ["method", "source"] + [f"{c} mean" for c in t.columns] + [f"{c} std" for c in t.columns] + ["n"]
