@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from rsc_dist import build, checkpoints, engine, methods, observe
 from rsc_dist.config import Config, to_dict
-from rsc_dist.contracts import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
+from rsc_dist.contracts import CHECKPOINTS_DIR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from rsc_dist.data import DevicePrefetch, make_loader
 from rsc_dist.plan import DataPlan
 
@@ -105,7 +105,7 @@ def _between_steps(run: Run, meter: observe.Meter, eval_loaders: dict) -> int:
     signalled, nonfinite = run.stop.agree(accelerator)
     if nonfinite:
         accelerator.print(f"non-finite loss before step {state.step}: stopping; the last good "
-                          f"checkpoint in {run.run_dir / 'checkpoints'} is kept")
+                          f"checkpoint in {run.run_dir / CHECKPOINTS_DIR} is kept")
         return EXIT_NONFINITE
     if evaluate_now:
         evaluated = build.evaluation_model(config, plan.manifest.num_classes, accelerator, run.model)
