@@ -9,6 +9,7 @@ import pytest
 
 from data_prep.manifest import load_manifest
 from rsc_dist import train
+from rsc_dist.contracts import CHECKPOINTS_DIR, RESULTS_FILE
 from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -72,14 +73,14 @@ def test_resume_with_changed_settings_is_refused_then_forced(tmp_path, tiny_shar
     assert "does not continue this run" in err
     assert "resumed from" not in captured.out  # a refused resume never says it resumed
     assert "optim.lr: 0.01 -> 0.1" in err and "algorithm: 'rsc' -> 'erm'" in err
-    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run" / RESULTS_FILE).exists()
     # Settings that do not change the trajectory may change.
     assert train.main(run + ["--train.log_every_steps=1", "--train.stop_at_step=3"]) == 75
     capsys.readouterr()
     assert train.main(run + ["--optim.lr=0.1", "--resume", "force"]) == 0
     out = capsys.readouterr().out
     assert "--resume force" in out
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
     assert results["steps"] == 4
 
 
@@ -89,7 +90,7 @@ def test_a_checkpoint_of_the_old_sample_order_is_refused_clearly(tmp_path, tiny_
     config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 4})
     run = ["--config", str(config), "--output_dir", str(tmp_path / "run")]
     assert train.main(run + ["--train.stop_at_step=2"]) == 75
-    checkpoint = next((tmp_path / "run" / "checkpoints").glob("checkpoint_*"))
+    checkpoint = next((tmp_path / "run" / CHECKPOINTS_DIR).glob("checkpoint_*"))
     # Rewrite the TrainState as the previous version wrote it (stream_layout, no data_order).
     for state_file in checkpoint.glob("custom_checkpoint_*.pkl"):
         state = torch.load(state_file, weights_only=False)
