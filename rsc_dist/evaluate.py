@@ -32,6 +32,7 @@ from rsc_dist import build, checkpoints, cpu_launch, engine
 from rsc_dist.config import Config, ConfigError, load_config
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK
 from rsc_dist.data import DataError, error_line
+from rsc_dist.plan import DataPlan, data_root
 
 
 class EvaluateError(ConfigError):
@@ -110,8 +111,6 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str] | None = None,
                         domains: list[str] | None = None, accelerator=None) -> dict:
     """The evaluation document: {"checkpoint", "step", "val_acc", "per_domain": {D: {"role",
     "top1", "top5", "n"}}}. Call on every rank (the counts are summed over ranks)."""
-    from rsc_dist.plan import DataPlan, data_root
-
     weights, config_path = locate(checkpoint)
     config = load_run_config(config_path, list(overrides or []))
     # build.make_accelerator, as the trainer: the device checks, the collective timeout.
