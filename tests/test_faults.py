@@ -8,6 +8,7 @@ import time
 import pytest
 
 from data_prep.manifest import load_manifest
+from data_prep.testing import corrupt_first_image
 from rsc_dist import train
 from rsc_dist.contracts import CHECKPOINTS_DIR, RESULTS_FILE
 from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
@@ -21,21 +22,10 @@ def _copy(tmp_path, shards):
     return copy
 
 
-def _destroy_first_image(shards, domain="photo"):
-    """Zero the JPEG header of the first sample of a training shard (sizes stay the same)."""
-    manifest = load_manifest(shards)
-    shard = manifest.shards(domain, "train")[0]
-    path = manifest.root / shard.file
-    with open(path, "r+b") as handle:
-        handle.seek(shard.sample_offsets[0] + 512)
-        handle.write(b"\0" * 64)
-    return path
-
-
 @pytest.mark.parametrize("processes, workers", [(1, 1), (2, 1), (2, 0)])
 def test_a_corrupt_sample_ends_the_job_quickly_naming_it(tmp_path, tiny_shards, processes, workers):
     shards = _copy(tmp_path, tiny_shards)
-    victim = _destroy_first_image(shards)
+    victim = corrupt_first_image(shards, "photo")
     # Batches of the whole source set: the corrupt sample is in the first step of every rank.
     config = tiny_config(tmp_path, shards, data={"global_batch_size": 64, "workers": workers},
                          train={"max_steps": 4})
