@@ -1,10 +1,7 @@
 """The trainer end to end, launched as users launch it (accelerate launch, subprocesses)."""
 
 import json
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +12,8 @@ from data_prep.manifest import load_manifest
 from rsc_dist import contracts, observe, selection, train
 from rsc_dist import results as results_module
 from rsc_dist.checkpoints import MODEL_FILE
-from rsc_dist.contracts import CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER, RESULTS_FILE
-from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
+from rsc_dist.contracts import CHECKPOINTS_DIR, PREEMPTED_MARKER, RESULTS_FILE
+from trainer_fixtures import explain, launch, launch_command, sigterm_the_job, tiny_config, tiny_shards  # noqa: F401
 from wandb_records import read_table, summarize
 
 pytestmark = pytest.mark.slow
@@ -104,43 +101,18 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, tiny_shards, processes,
 def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_shards):
     config = tiny_config(tmp_path, tiny_shards, train={"epochs": 30, "agree_every_steps": 1})
     run_dir = tmp_path / "run"
-    command = launch_command(["--config", str(config), "--output_dir", str(run_dir)], processes=2)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / CONFIG_FILE).exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(8)  # into the training loop
-        # As SLURM or Kubernetes do: the whole process group. (accelerate's single-process
-        # launcher forwards nothing, torchrun forwards SIGTERM but not SIGUSR1.)
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    marker = run_dir / PREEMPTED_MARKER
-    assert marker.exists(), f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
-    assert json.loads(marker.read_text())["reason"] == "SIGTERM"
+    stopped, saved = sigterm_the_job(launch_command(["--config", str(config), "--output_dir", str(run_dir)],
+                                                    processes=2), run_dir)
     # As README says: the launcher itself dies of the signal (a shell shows 143), not 75 or 1;
     # the marker is what tells a script to rerun.
-    assert proc.returncode == -signal.SIGTERM, f"exit {proc.returncode}"
-    step = json.loads(marker.read_text())["step"]
+    assert stopped.returncode == -signal.SIGTERM, explain(stopped)
+    step = saved["step"]
     assert (run_dir / CHECKPOINTS_DIR / f"checkpoint_{step:08d}").is_dir()
     # A shorter run changes the schedule: a different trajectory, so the resume must be forced.
     resumed = launch(["--config", str(config), "--output_dir", str(run_dir), "--train.max_steps",
                       str(step + 2), "--resume", "force"], processes=2)
     assert resumed.returncode == 0, explain(resumed)
     assert f"at step {step}" in resumed.stdout
-
-
-def launch_command(args, processes):
-    from trainer_fixtures import REPO, _free_port
-    import sys
-
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), str(REPO / "rsc_dist" / "train.py"), *args]
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shards, capsys):
