@@ -54,7 +54,7 @@ def train(run: Run) -> tuple[int, observe.Meter]:
         loader = make_loader(stream, config.data.workers, pin)
         meter.start_wait()
         # Device-path batches: batch i+1's decode + augmentation are issued before step i runs.
-        for batch in DevicePrefetch(loader, accelerator.device):
+        for batch in DevicePrefetch(engine.start_loader(loader), accelerator.device):
             meter.end_wait()
             step = state.step
             if batch["step"] != step - epoch * plan.steps_per_epoch:  # a broken stream, not user error
