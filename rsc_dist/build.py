@@ -28,7 +28,10 @@ def deepspeed_requested(env=os.environ) -> bool:
     return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
+def make_accelerator(config: Config, run_dir: Path | None) -> Accelerator:
+    """The Accelerator of a run on the ranks the launcher started, after the device checks, with
+    every collective bounded by COLLECTIVE_TIMEOUT_S. ``run_dir`` None: no tracker and no project
+    folder (rsc_dist.evaluate, which trains nothing and logs nothing)."""
     check_device_requests(config)
     use_deepspeed = deepspeed_requested()
     if use_deepspeed:
@@ -53,17 +56,17 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.grad_accum,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not ranks
-        log_with=tracker_name(config),
-        project_dir=str(run_dir),
+        log_with=None if run_dir is None else tracker_name(config),
+        project_dir=None if run_dir is None else str(run_dir),
         kwargs_handlers=[InitProcessGroupKwargs(**group)],
     )
     if use_deepspeed and accelerator.state.deepspeed_plugin is None:  # never a silent DDP run
         raise ConfigError("the launch config asks for DeepSpeed but Accelerate did not engage it "
-                          f"(distributed type {accelerator.distributed_type}); nothing was trained")
+                          f"(distributed type {accelerator.distributed_type}); nothing was run")
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
-        raise ConfigError(f"the launcher started {expected} ranks but they formed a group of "
-                          f"{accelerator.num_processes}; nothing was trained")
+        raise ConfigError(f"the launcher started {expected} ranks (WORLD_SIZE) but they formed a group of "
+                          f"{accelerator.num_processes}; nothing was run: start with accelerate launch or torchrun")
     return accelerator
 
 
@@ -215,17 +218,50 @@ def evaluation_model(config: Config, num_classes: int, accelerator: Accelerator,
 
     ZeRO-3 gathers a layer's partitioned weights inside its forward, a collective; ranks whose
     evaluation shares hold different numbers of batches would wait on each other there. The
-    copy (one gather per evaluation, every rank at the same point; no RSC, evaluation never
-    masks: no method) runs its forwards without collectives. A ResNet fits whole on every rank.
+    copy (one gather per evaluation, every rank at the same point) runs its forwards without
+    collectives. A ResNet fits whole on every rank.
     """
     if zero_stage(accelerator) != 3:
         return model
     import deepspeed
 
     module = accelerator.unwrap_model(model)
-    copy = build_model(config.model.arch, num_classes, pretrained=None)
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        copy.load_state_dict(module.state_dict(), strict=True)
+        return evaluation_network(config, num_classes, module.state_dict(), accelerator.device,
+                                  source="the ZeRO-3 model")
+
+
+def evaluation_network(config: Config, num_classes: int, state_dict: dict, device,
+                       source: str = "the weights") -> torch.nn.Module:
+    """The run's backbone holding ``state_dict``, without its method (evaluation never masks), in
+    the run's memory format, on ``device``, in eval mode: what rsc_dist.evaluate runs on a saved
+    model and the trainer on a ZeRO-3 model. ConfigError (naming ``source``) when the weights do
+    not fit the architecture and class count."""
+    model = build_model(config.model.arch, num_classes, pretrained=None)
+    problems = mismatch(model.state_dict(), state_dict)
+    if problems:
+        raise ConfigError(f"{source} does not fit model.arch={config.model.arch} with {num_classes} "
+                          f"classes: {problems}")
+    model.load_state_dict(state_dict, strict=True)
     if config.model.channels_last:
-        copy = copy.to(memory_format=torch.channels_last)
-    return copy.to(accelerator.device)
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device).eval()
+
+
+def mismatch(expected: dict, saved: dict) -> str:
+    """What keeps ``saved`` from loading into a model with ``expected``'s state dict ("" if nothing)."""
+    def some(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing, unexpected = set(expected) - set(saved), set(saved) - set(expected)
+    shapes = [f"{k} {tuple(saved[k].shape)} instead of {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(saved)) if saved[k].shape != expected[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s) ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s) ({some(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({'; '.join(shapes[:3])})")
+    return "; ".join(parts)

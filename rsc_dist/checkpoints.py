@@ -36,15 +36,15 @@ import torch
 import yaml
 
 from rsc_dist.config import ConfigError
-from rsc_dist.contracts import PREEMPTED_MARKER
+from rsc_dist.contracts import CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
 BEST_DIR = "best"
-BEST_RELATIVE = f"checkpoints/{BEST_DIR}"  # what results.json records as "best_checkpoint"
+BEST_RELATIVE = f"{CHECKPOINTS_DIR}/{BEST_DIR}"  # what results.json records as "best_checkpoint"
 LOCK_FILE = ".lock"
 MODEL_FILE = "model.safetensors"
 EVALUATION_FILE = "evaluation.json"
-BEST_CONFIG_FILE = "config.yaml"
+BEST_CONFIG_FILE = CONFIG_FILE
 # Under DeepSpeed, save_state writes the model and optimizer here: mp_rank_00_model_states.pt
 # and one *zero_pp_rank_R_mp_rank_00_optim_states.pt per rank (ZeRO's shards).
 DEEPSPEED_DIR = "pytorch_model"
@@ -63,7 +63,7 @@ class CheckpointError(ConfigError):
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders and best/ are ignored)."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
@@ -76,7 +76,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     A full disk (on any rank) removes the temporary folder and raises CheckpointError on every
     rank; the earlier complete checkpoints are left as they are.
     """
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / f"checkpoint_{step:08d}"
     temporary = root / f".tmp_checkpoint_{step:08d}"
     failure = None
@@ -401,7 +401,7 @@ def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: 
     """
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     final, temporary, previous = root / BEST_DIR, root / f".tmp_{BEST_DIR}", root / f".old_{BEST_DIR}"
     state_dict = accelerator.get_state_dict(model)
     failure = None

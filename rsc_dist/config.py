@@ -17,9 +17,9 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -234,14 +234,15 @@ def trajectory_fingerprint(config: "Config", world_size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: a nested config dict with dotted keys."""
+def flatten(tree: dict, prefix: str = "", leaf: Callable[[Any], Any] | None = None) -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested config dict with dotted keys. ``leaf``, if given,
+    converts each value (lists to tuples for hashing, non-scalars to text for TensorBoard)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}.", leaf))
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[f"{prefix}{key}"] = value if leaf is None else leaf(value)
     return flat
 
 

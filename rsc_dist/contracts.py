@@ -32,10 +32,14 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
 
+# The run folder RUN as other programs find it (rsc_dist.evaluate, results, the sweeps, the SLURM
+# scripts); rsc_dist/checkpoints.py names what lies inside RUN/CHECKPOINTS_DIR (checkpoint_STEP/,
+# best/ and their files). tests/test_contracts.py pins these names: users' scripts rely on them.
 PREEMPTED_MARKER = "preempted.json"
 RESULTS_FILE = "results.json"
 RESULTS_SCHEMA_VERSION = 3
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = "config.yaml"  # the resolved config (also inside RUN/checkpoints/best/)
+CHECKPOINTS_DIR = "checkpoints"
 
 # Types: int, float, str, dict, list, "null" (JSON null), "{str: float}" / "{str: int}" (a map from
 # domain names), "list[str]", "evaluation" (an EVALUATION_RECORD), "list[evaluation]"; "a|b" = either.

@@ -169,7 +169,7 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
     device = accelerator.device
     counts = {role: torch.zeros(3, num_domains, device=device, dtype=torch.float64) for role in loaders}
     for role, loader in loaders.items():
-        for batch in loader:
+        for batch in start_loader(loader):
             images = normalize_on_device(batch["image"].to(device, non_blocking=True),
                                          config.data.mean, config.data.std,
                                          channels_last=config.model.channels_last)
@@ -258,3 +258,20 @@ class StopFlags:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         stop, nonfinite = flags.tolist()
         return stop > 0, nonfinite > 0
+
+
+def start_loader(loader):
+    """``iter(loader)`` with the stop signals held back while it forks its workers.
+
+    A job's SIGTERM reaches every process, loader workers included. torch gives a new worker a
+    handler that dies on SIGTERM before data._worker_init can set it to ignored; a worker killed
+    in that window ends its rank with "DataLoader worker exited unexpectedly" instead of a
+    checkpoint (seen once in a SIGTERM test at an epoch start, where new workers are forked).
+    Forked workers inherit the blocked mask and keep it (they ignore these signals anyway);
+    in this process a signal that arrived meanwhile is delivered when the mask is restored.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopFlags.SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -10,8 +10,10 @@ CHECKPOINT is a best/ folder (its config.yaml inside) or a checkpoint_STEP folde
 config is RUN/config.yaml, two levels up); ``--section.key=value`` overrides that config.
 Without --domains: the sources' validation split and each target's whole domain, as in the
 run's results.json (on the run's best/ folder this reproduces results.json's "best" numbers).
-With --domains: every sample of each named domain. Exit codes: 0 done, 2 bad checkpoint,
-config or data (one line on stderr).
+With --domains: every sample of each named domain. The Accelerator and the network come from
+rsc_dist.build, as in training: the same device checks (more ranks than GPUs, fp16 without a GPU,
+...) and every collective bounded by the same timeout. Exit codes: 0 done, 2 bad checkpoint,
+config, data or device request (one line on stderr).
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch rsc_dist/evaluate.py` runs this as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-
-from rsc_dist import checkpoints, cpu_launch, engine
+from rsc_dist import build, checkpoints, cpu_launch, engine
 from rsc_dist.config import Config, ConfigError, load_config
 from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK
 from rsc_dist.data import DataError, error_line
+from rsc_dist.plan import DataPlan, data_root
 
 
 class EvaluateError(ConfigError):
@@ -82,57 +83,15 @@ def load_run_config(config_path: Path, overrides: list[str]) -> Config:
     return dataclasses.replace(config, data=dataclasses.replace(config.data, global_batch_size=None))
 
 
-def make_accelerator(config: Config):
-    from accelerate import Accelerator
-
-    precision = None if config.train.mixed_precision == "auto" else config.train.mixed_precision
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
-
-
-def build_model(config: Config, num_classes: int, weights: Path, device) -> torch.nn.Module:
-    """The run's architecture with the saved weights (no method: evaluation never masks)."""
+def load_weights(weights: Path) -> dict:
+    """The state dict of a model.safetensors file (safetensors only: no DeepSpeed, no pickle)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from rsc_dist.models import build_model as build_architecture
-
-    model = build_architecture(config.model.arch, num_classes, pretrained=None)
     try:
-        state_dict = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise EvaluateError(f"{weights}: cannot read the weights ({_first_line(exc)})") from None
-    problems = mismatch(model.state_dict(), state_dict)
-    if problems:
-        raise EvaluateError(f"{weights} does not fit model.arch={config.model.arch} with {num_classes} "
-                            f"classes: {problems}")
-    model.load_state_dict(state_dict, strict=True)
-    if config.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.to(device).eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def mismatch(expected: dict, saved: dict) -> str:
-    """What keeps ``saved`` from loading into a model with ``expected``'s state dict ("" if nothing)."""
-    def some(keys):
-        keys = sorted(keys)
-        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-
-    missing, unexpected = set(expected) - set(saved), set(saved) - set(expected)
-    shapes = [f"{k} {tuple(saved[k].shape)} instead of {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(saved)) if saved[k].shape != expected[k].shape]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing tensor(s) ({some(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected tensor(s) ({some(unexpected)})")
-    if shapes:
-        parts.append(f"{len(shapes)} of another shape ({'; '.join(shapes[:3])})")
-    return "; ".join(parts)
+        raise EvaluateError(f"{weights}: cannot read the weights ({error_line(exc).splitlines()[0][:300]})") from None
 
 
 def domain_loaders(plan, domains: list[str], rank: int, pin: bool) -> dict:
@@ -152,13 +111,13 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str] | None = None,
                         domains: list[str] | None = None, accelerator=None) -> dict:
     """The evaluation document: {"checkpoint", "step", "val_acc", "per_domain": {D: {"role",
     "top1", "top5", "n"}}}. Call on every rank (the counts are summed over ranks)."""
-    from rsc_dist.plan import DataPlan, data_root
-
     weights, config_path = locate(checkpoint)
     config = load_run_config(config_path, list(overrides or []))
-    accelerator = accelerator or make_accelerator(config)
+    # build.make_accelerator, as the trainer: the device checks, the collective timeout.
+    accelerator = accelerator or build.make_accelerator(config, run_dir=None)
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
-    model = build_model(config, plan.manifest.num_classes, weights, accelerator.device)
+    model = build.evaluation_network(config, plan.manifest.num_classes, load_weights(weights),
+                                     accelerator.device, source=str(weights))
     pin = accelerator.device.type == "cuda"
     if domains:
         loaders = domain_loaders(plan, list(dict.fromkeys(domains)), accelerator.process_index, pin)
@@ -220,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return started
     args, overrides = parse_args(argv)
     try:
-        weights, config_path = locate(Path(args.checkpoint))
-        accelerator = make_accelerator(load_run_config(config_path, overrides))
+        _weights, config_path = locate(Path(args.checkpoint))
+        accelerator = build.make_accelerator(load_run_config(config_path, overrides), run_dir=None)
         result = evaluate_checkpoint(Path(args.checkpoint), overrides, args.domains, accelerator)
     except (ConfigError, FileNotFoundError, DataError) as exc:
         print(f"rsc_dist.evaluate: error: {error_line(exc).splitlines()[0]}", file=sys.stderr)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from rsc_dist import build, checkpoints, engine, methods
 from rsc_dist.config import Config, to_dict
-from rsc_dist.contracts import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
+from rsc_dist.contracts import CHECKPOINTS_DIR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from rsc_dist.data import DevicePrefetch, make_loader
 from rsc_dist.observe.meter import Meter
 from rsc_dist.observe.tracking import Tracking
@@ -56,7 +56,7 @@ def train(run: Run) -> tuple[int, Meter]:
         loader = make_loader(stream, config.data.workers, pin)
         meter.start_wait()
         # Device-path batches: batch i+1's decode + augmentation are issued before step i runs.
-        for batch in DevicePrefetch(loader, accelerator.device):
+        for batch in DevicePrefetch(engine.start_loader(loader), accelerator.device):
             meter.end_wait()
             step = state.step
             if batch["step"] != step - epoch * plan.steps_per_epoch:  # a broken stream, not user error
@@ -107,7 +107,7 @@ def _between_steps(run: Run, meter: Meter, eval_loaders: dict) -> int:
     signalled, nonfinite = run.stop.agree(accelerator)
     if nonfinite:
         accelerator.print(f"non-finite loss before step {state.step}: stopping; the last good "
-                          f"checkpoint in {run.run_dir / 'checkpoints'} is kept")
+                          f"checkpoint in {run.run_dir / CHECKPOINTS_DIR} is kept")
         return EXIT_NONFINITE
     if evaluate_now:
         evaluated = build.evaluation_model(config, plan.manifest.num_classes, accelerator, run.model)

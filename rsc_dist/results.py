@@ -117,11 +117,6 @@ def dataset_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def _flatten(tree: dict) -> dict:
-    """Dotted keys, lists as tuples (hashable: they label table rows)."""
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in flatten(tree).items()}
-
-
 def load_run(path: Path, rule: str | None = None) -> Run:
     """Parse and check one results.json (layout: rsc_dist/contracts.py). ``rule``: choose "best"
     from the history with this selection rule instead of taking the run's own choice."""
@@ -158,7 +153,7 @@ def load_run(path: Path, rule: str | None = None) -> Run:
     config = data.get("config") or {}
     if not isinstance(config, dict):
         raise ResultsError(f"{path}: 'config' must be an object")
-    arch = data.get("arch") or _flatten(config).get("model.arch") or "?"
+    arch = data.get("arch") or flatten(config).get("model.arch") or "?"
     blocks = {"last": need("last", dict)}
     labels = {"last": "last", "best": "best"}
     if rule is None:
@@ -214,7 +209,9 @@ def find_runs(root: Path, rule: str | None = None) -> list[Run]:
 
 def method_labels(runs: list[Run]) -> dict[Path, str]:
     """Algorithm, plus `key=value` for each METHOD_KEY whose value differs between runs."""
-    flats = {r.path: {**_flatten(r.config), "model.arch": r.arch} for r in runs}
+    # Lists as tuples: the values are compared in a set.
+    flats = {r.path: {**flatten(r.config, leaf=lambda v: tuple(v) if isinstance(v, list) else v),
+                      "model.arch": r.arch} for r in runs}
     varying = [k for k in METHOD_KEYS if len({flats[r.path].get(k) for r in runs}) > 1]
     labels = {}
     for r in runs:
@@ -400,10 +397,6 @@ def wandb_mode() -> str:
     from rsc_dist.observe.identity import wandb_api_key_configured  # imports torch: only when asked
 
     return "online" if wandb_api_key_configured() else "offline"
-
-
-def wandb_online() -> bool:
-    return wandb_mode() == "online"
 
 
 def table_rows(t: Table) -> tuple[list[str], list[list]]:

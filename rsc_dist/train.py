@@ -66,13 +66,10 @@ def resolve_config(argv: list[str] | None = None) -> tuple[Config, argparse.Name
 
 def run(config: Config, args: argparse.Namespace) -> int:
     # The run folder is needed to make the Accelerator (its project_dir), so the number of
-    # processes comes from the launcher's environment, and is checked against it after.
+    # processes comes from the launcher's environment (make_accelerator checks the group has it).
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = config.resolved_output_dir(world_size).resolve()
     accelerator = build.make_accelerator(config, run_dir)
-    if accelerator.num_processes != world_size:
-        raise ConfigError(f"WORLD_SIZE={world_size} but the Accelerator has {accelerator.num_processes} "
-                          "process(es); start the trainer with accelerate launch or torchrun")
     with checkpoints.lock_run(accelerator, run_dir):  # one trainer per run folder
         return _run(config, args, run_dir, accelerator)
 

@@ -58,3 +58,16 @@ def test_layout_problems_finds_missing_extra_and_mistyped_keys():
     del bad["step"]
     assert contracts.layout_problems(bad, contracts.EVALUATION_RECORD) == [
         "step: missing", "extra: not in the layout", "val_n.a: expected int, got 4.5"]
+
+
+def test_the_run_folder_names_users_rely_on():
+    """The one place the names are written out: scripts, docs and users' habits rely on them, so
+    renaming a constant is a change of contract that must fail here first. Every other test
+    builds its paths from the constants."""
+    from rsc_dist import checkpoints
+
+    assert (contracts.RESULTS_FILE, contracts.CONFIG_FILE, contracts.PREEMPTED_MARKER, contracts.CHECKPOINTS_DIR) \
+        == ("results.json", "config.yaml", "preempted.json", "checkpoints")
+    assert checkpoints.BEST_RELATIVE == "checkpoints/best"
+    assert (checkpoints.MODEL_FILE, checkpoints.BEST_CONFIG_FILE) == ("model.safetensors", "config.yaml")
+    assert checkpoints.CHECKPOINT_PATTERN.match("checkpoint_00000120").group(1) == "00000120"

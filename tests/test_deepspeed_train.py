@@ -12,17 +12,16 @@ ZeRO-1/2 are compared with DDP step by step in test_deepspeed_equivalence.py.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from test_deepspeed_launch import ACCELERATE_CONFIGS, launch_with_config
 from rsc_dist.contracts import PREEMPTED_MARKER
-from trainer_fixtures import REPO, _free_port, explain, tiny_config, tiny_shards  # noqa: F401  (fixture)
+from trainer_fixtures import (REPO, explain, launch_command, sigterm_the_job, tiny_config,  # noqa: F401
+                              tiny_shards)
 
 pytest.importorskip("deepspeed")
 
@@ -138,25 +137,8 @@ def test_sigterm_to_a_zero3_job_saves_and_resumes(tmp_path, tiny_shards):
     the run then resumes from that checkpoint."""
     config = tiny_config(tmp_path, tiny_shards, train={"epochs": 30, "agree_every_steps": 1})
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO3),
-               "--num_processes", "2", "--main_process_port", str(_free_port()),
-               str(REPO / "rsc_dist" / "train.py"), "--config", str(config), "--output_dir", str(run)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 240
-        while not (run / "config.yaml").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(8)  # into the training loop
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    marker = run / PREEMPTED_MARKER
-    assert marker.exists(), f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
-    saved = json.loads(marker.read_text())
-    assert saved["reason"] == "SIGTERM"
+    command = launch_command(["--config", str(config), "--output_dir", str(run)], processes=2, config_file=ZERO3)
+    _stopped, saved = sigterm_the_job(command, run)
     checkpoint = run / "checkpoints" / f"checkpoint_{saved['step']:08d}"
     assert len(list((checkpoint / "pytorch_model").glob("*zero_pp_rank_*optim_states.pt"))) == 2
     # A shorter run changes the schedule (another trajectory), so the resume is forced.

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from data_prep.manifest import load_manifest
-from rsc_dist import evaluate, train
+from rsc_dist import checkpoints, evaluate, train
 from rsc_dist.config import load_config, save_config
+from rsc_dist.contracts import CHECKPOINTS_DIR, RESULTS_FILE
 from trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
 
 
@@ -25,34 +26,53 @@ def test_missing_folder_weights_or_config_are_one_line_errors(tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "nowhere")]) == 2
     assert _error(capsys) == f"rsc_dist.evaluate: error: {tmp_path / 'nowhere'}: no such checkpoint folder"
 
-    empty = tmp_path / "run" / "checkpoints" / "checkpoint_00000002"
+    empty = tmp_path / "run" / CHECKPOINTS_DIR / "checkpoint_00000002"
     empty.mkdir(parents=True)
     assert evaluate.main([str(empty)]) == 2
     assert "has no model.safetensors" in _error(capsys)
 
-    save_file({"w": torch.zeros(1)}, str(empty / "model.safetensors"))
+    save_file({"w": torch.zeros(1)}, str(empty / checkpoints.MODEL_FILE))
     assert evaluate.main([str(empty)]) == 2
     assert f"no config for {empty}: neither" in _error(capsys)
 
 
 def test_weights_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_shards, capsys):
-    best = tmp_path / "best"
+    best = tmp_path / checkpoints.BEST_DIR
     best.mkdir()
-    save_config(load_config(str(tiny_config(tmp_path, tiny_shards))), best / "config.yaml")
+    save_config(load_config(str(tiny_config(tmp_path, tiny_shards))), best / checkpoints.BEST_CONFIG_FILE)
     from rsc_dist.models import build_model
 
     classes = load_manifest(tiny_shards).num_classes
     weights = build_model("resnet18", classes - 1).state_dict()  # a class fewer than the data
     weights["extra.weight"] = torch.zeros(1)
     del weights["features.0.weight"]
-    save_file(weights, str(best / "model.safetensors"))
+    save_file(weights, str(best / checkpoints.MODEL_FILE))
     code = evaluate.main([str(best)])
     message = _error(capsys)
     assert code == 2, message
-    assert message == (f"rsc_dist.evaluate: error: {best / 'model.safetensors'} does not fit model.arch=resnet18 "
+    assert message == (f"rsc_dist.evaluate: error: {best / checkpoints.MODEL_FILE} does not fit model.arch=resnet18 "
                        f"with {classes} classes: 1 missing tensor(s) (features.0.weight); 1 unexpected tensor(s) "
                        f"(extra.weight); 2 of another shape (head.fc.bias ({classes - 1},) instead of ({classes},); "
                        f"head.fc.weight ({classes - 1}, 512) instead of ({classes}, 512))")
+
+
+def test_the_trainers_device_checks_apply(tmp_path, tiny_shards, capsys, monkeypatch):
+    """evaluate builds its Accelerator with build.make_accelerator: two ranks started with a GPU
+    launch config (bf16, one rank per GPU) on this machine without CUDA stop with the trainer's
+    one-line reason before any process group is formed (a rank would otherwise wait for a
+    partner that is never started)."""
+    if torch.cuda.is_available():
+        pytest.skip("the check under test is the one for machines without CUDA")
+    best = tmp_path / checkpoints.BEST_DIR
+    best.mkdir()
+    save_config(load_config(str(tiny_config(tmp_path, tiny_shards))), best / checkpoints.BEST_CONFIG_FILE)
+    save_file({"w": torch.zeros(1)}, str(best / checkpoints.MODEL_FILE))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.delenv("RSC_DIST_CPU_RANK", raising=False)
+    assert evaluate.main([str(best)]) == 2
+    assert _error(capsys).startswith("rsc_dist.evaluate: error: 2 ranks were started with a GPU launch config")
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +94,8 @@ def _expected(evaluation: dict) -> dict:
 
 @pytest.mark.slow
 def test_the_best_checkpoint_reproduces_results_json(trained_run, tmp_path, capsys):
-    results = json.loads((trained_run / "results.json").read_text())
-    assert results["best_checkpoint"] == "checkpoints/best"
+    results = json.loads((trained_run / RESULTS_FILE).read_text())
+    assert results["best_checkpoint"] == checkpoints.BEST_RELATIVE
     out = tmp_path / "eval.json"
     assert evaluate.main([str(trained_run / results["best_checkpoint"]), "--json", str(out)]) == 0
     got = json.loads(out.read_text())
@@ -95,9 +115,9 @@ def test_the_best_checkpoint_reproduces_results_json(trained_run, tmp_path, caps
 
 @pytest.mark.slow
 def test_every_checkpoint_reproduces_its_evaluation(trained_run, tmp_path):
-    history = {h["step"]: h for h in json.loads((trained_run / "results.json").read_text())["history"]}
+    history = {h["step"]: h for h in json.loads((trained_run / RESULTS_FILE).read_text())["history"]}
     for step in (2, 4, 6):
-        got = evaluate.evaluate_checkpoint(trained_run / "checkpoints" / f"checkpoint_{step:08d}")
+        got = evaluate.evaluate_checkpoint(trained_run / CHECKPOINTS_DIR / f"checkpoint_{step:08d}")
         assert got["step"] == step
         assert {d: row["top1"] for d, row in got["per_domain"].items()} == _expected(history[step]), step
 
@@ -107,7 +127,7 @@ def test_named_domains_whole_and_another_data_root(trained_run, tmp_path, tiny_s
     copy = tmp_path / "moved_shards"
     shutil.copytree(tiny_shards, copy)
     out = tmp_path / "eval.json"
-    best = trained_run / "checkpoints" / "best"
+    best = trained_run / checkpoints.BEST_RELATIVE
     assert evaluate.main([str(best), "--domains", "photo", "sketch", "--json", str(out),
                           f"--data.root={copy}"]) == 0
     got = json.loads(out.read_text())["per_domain"]
@@ -116,13 +136,13 @@ def test_named_domains_whole_and_another_data_root(trained_run, tmp_path, tiny_s
     assert got["photo"]["n"] == manifest.num_samples("photo") and got["photo"]["role"] == "source (all)"
     assert got["sketch"]["n"] == manifest.num_samples("sketch") and got["sketch"]["role"] == "target (all)"
     # The target domain's whole data is what the run evaluates it on: the same numbers.
-    best_sketch = json.loads((trained_run / "results.json").read_text())["best"]["target_acc"]["sketch"]
+    best_sketch = json.loads((trained_run / RESULTS_FILE).read_text())["best"]["target_acc"]["sketch"]
     assert got["sketch"]["top1"] == best_sketch
 
 
 @pytest.mark.slow
 def test_unknown_domain_is_a_one_line_error(trained_run, capsys):
-    assert evaluate.main([str(trained_run / "checkpoints" / "best"), "--domains", "quickdraw"]) == 2
+    assert evaluate.main([str(trained_run / checkpoints.BEST_RELATIVE), "--domains", "quickdraw"]) == 2
     assert "--domains ['quickdraw']: not in the data" in _error(capsys)
 
 
@@ -132,7 +152,7 @@ def test_two_processes_count_every_sample_once(trained_run, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "0", str(REPO / "rsc_dist" / "evaluate.py"),
-               str(trained_run / "checkpoints" / "best"), "--json", str(out)]
+               str(trained_run / checkpoints.BEST_RELATIVE), "--json", str(out)]
     from trainer_fixtures import _free_port
 
     command[command.index("--main_process_port") + 1] = str(_free_port())
@@ -141,7 +161,7 @@ def test_two_processes_count_every_sample_once(trained_run, tmp_path):
     assert result.returncode == 0, explain(result)
     assert "starting 2 CPU ranks" in result.stderr
     got = json.loads(out.read_text())["per_domain"]
-    single = evaluate.evaluate_checkpoint(trained_run / "checkpoints" / "best")["per_domain"]
+    single = evaluate.evaluate_checkpoint(trained_run / checkpoints.BEST_RELATIVE)["per_domain"]
     for domain, row in single.items():
         assert got[domain]["n"] == row["n"], domain
         # The same samples through the same weights; only the batch composition differs.

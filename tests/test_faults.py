@@ -2,13 +2,18 @@
 fault named on the last line; resuming with changed settings is refused (or forced)."""
 
 import json
+import os
 import shutil
+import signal
 import time
 
 import pytest
+from torch.utils.data import DataLoader, IterableDataset
 
 from data_prep.manifest import load_manifest
-from rsc_dist import train
+from data_prep.testing import corrupt_first_image
+from rsc_dist import data, engine, train
+from rsc_dist.contracts import CHECKPOINTS_DIR, RESULTS_FILE
 from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -20,21 +25,10 @@ def _copy(tmp_path, shards):
     return copy
 
 
-def _destroy_first_image(shards, domain="photo"):
-    """Zero the JPEG header of the first sample of a training shard (sizes stay the same)."""
-    manifest = load_manifest(shards)
-    shard = manifest.shards(domain, "train")[0]
-    path = manifest.root / shard.file
-    with open(path, "r+b") as handle:
-        handle.seek(shard.sample_offsets[0] + 512)
-        handle.write(b"\0" * 64)
-    return path
-
-
 @pytest.mark.parametrize("processes, workers", [(1, 1), (2, 1), (2, 0)])
 def test_a_corrupt_sample_ends_the_job_quickly_naming_it(tmp_path, tiny_shards, processes, workers):
     shards = _copy(tmp_path, tiny_shards)
-    victim = _destroy_first_image(shards)
+    victim = corrupt_first_image(shards, "photo")
     # Batches of the whole source set: the corrupt sample is in the first step of every rank.
     config = tiny_config(tmp_path, shards, data={"global_batch_size": 64, "workers": workers},
                          train={"max_steps": 4})
@@ -72,14 +66,14 @@ def test_resume_with_changed_settings_is_refused_then_forced(tmp_path, tiny_shar
     assert "does not continue this run" in err
     assert "resumed from" not in captured.out  # a refused resume never says it resumed
     assert "optim.lr: 0.01 -> 0.1" in err and "algorithm: 'rsc' -> 'erm'" in err
-    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run" / RESULTS_FILE).exists()
     # Settings that do not change the trajectory may change.
     assert train.main(run + ["--train.log_every_steps=1", "--train.stop_at_step=3"]) == 75
     capsys.readouterr()
     assert train.main(run + ["--optim.lr=0.1", "--resume", "force"]) == 0
     out = capsys.readouterr().out
     assert "--resume force" in out
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
     assert results["steps"] == 4
 
 
@@ -89,7 +83,7 @@ def test_a_checkpoint_of_the_old_sample_order_is_refused_clearly(tmp_path, tiny_
     config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 4})
     run = ["--config", str(config), "--output_dir", str(tmp_path / "run")]
     assert train.main(run + ["--train.stop_at_step=2"]) == 75
-    checkpoint = next((tmp_path / "run" / "checkpoints").glob("checkpoint_*"))
+    checkpoint = next((tmp_path / "run" / CHECKPOINTS_DIR).glob("checkpoint_*"))
     # Rewrite the TrainState as the previous version wrote it (stream_layout, no data_order).
     for state_file in checkpoint.glob("custom_checkpoint_*.pkl"):
         state = torch.load(state_file, weights_only=False)
@@ -101,3 +95,24 @@ def test_a_checkpoint_of_the_old_sample_order_is_refused_clearly(tmp_path, tiny_
     capsys.readouterr()
     assert train.main(run) == 2
     assert "order version 1" in capsys.readouterr().err
+
+
+class _Numbers(IterableDataset):
+    def __iter__(self):
+        yield from range(4)
+
+
+def _slow_worker_start(worker_id):
+    time.sleep(2)  # widens the window between torch's worker signal handlers and ours
+    data._worker_init(worker_id)
+
+
+def test_a_sigterm_while_loader_workers_start_does_not_kill_them():
+    """A job's SIGTERM reaches the loader workers too; one that arrives while a worker is being
+    started (every epoch and evaluation forks new ones) must not kill it before it ignores the
+    signal: the rank would crash instead of saving. (Without engine.start_loader the worker
+    below dies: "DataLoader worker exited unexpectedly".)"""
+    loader = DataLoader(_Numbers(), batch_size=None, num_workers=1, worker_init_fn=_slow_worker_start)
+    batches = engine.start_loader(loader)
+    os.kill(batches._workers[0].pid, signal.SIGTERM)
+    assert list(batches) == [0, 1, 2, 3]

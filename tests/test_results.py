@@ -9,6 +9,7 @@ import types
 import pytest
 
 from rsc_dist import results
+from rsc_dist.contracts import RESULTS_FILE
 
 
 def write_run(root, algorithm, target, seed, best, last, *, dataset="PACS", arch="resnet18",
@@ -27,8 +28,8 @@ def write_run(root, algorithm, target, seed, best, last, *, dataset="PACS", arch
     if top5 is not None:
         body["best"]["target_top5"] = {target: top5}
         body["last"]["target_top5"] = {target: top5}
-    (run_dir / "results.json").write_text(json.dumps(body))
-    return run_dir / "results.json"
+    (run_dir / RESULTS_FILE).write_text(json.dumps(body))
+    return run_dir / RESULTS_FILE
 
 
 # target -> seed -> (best, last)
@@ -177,7 +178,7 @@ def test_invalid_json_and_empty_folder(tmp_path):
     with pytest.raises(results.ResultsError, match="no results.json under"):
         results.find_runs(tmp_path)
     (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "results.json").write_text("{not json")
+    (tmp_path / "x" / RESULTS_FILE).write_text("{not json")
     with pytest.raises(results.ResultsError, match=r"x/results.json: not valid JSON"):
         results.find_runs(tmp_path)
 
@@ -323,10 +324,10 @@ def test_a_wandb_run_folders_copy_of_results_json_is_not_a_second_run(tmp_path):
     path = write_history_run(tmp_path, 0, HISTORY)
     files = path.parent / "wandb" / "offline-run-20260101_120000-abc123" / "files"
     files.mkdir(parents=True)
-    (files / "results.json").symlink_to(path)
+    (files / RESULTS_FILE).symlink_to(path)
     online = path.parent / "wandb" / "run-20260101_130000-def456" / "files"
     online.mkdir(parents=True)
-    (online / "results.json").write_text(path.read_text())  # a copy, as online runs keep it
+    (online / RESULTS_FILE).write_text(path.read_text())  # a copy, as online runs keep it
     assert [run.path for run in results.find_runs(tmp_path)] == [path]
     assert results.main([str(tmp_path)]) == 0
     # A folder that only looks like W&B's elsewhere is still read.

@@ -1,10 +1,7 @@
 """The trainer end to end, launched as users launch it (accelerate launch, subprocesses)."""
 
 import json
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,15 +12,17 @@ from data_prep.manifest import load_manifest
 from rsc_dist import contracts, selection, train
 from rsc_dist import results as results_module
 from rsc_dist.observe.metrics import TABLE_KEY
-from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
+from rsc_dist.checkpoints import MODEL_FILE
+from rsc_dist.contracts import CHECKPOINTS_DIR, PREEMPTED_MARKER, RESULTS_FILE
+from trainer_fixtures import explain, launch, launch_command, sigterm_the_job, tiny_config, tiny_shards  # noqa: F401
 from wandb_records import read_table, summarize
 
 pytestmark = pytest.mark.slow
 
 
 def _final_weights(run_dir: Path) -> dict:
-    newest = sorted((run_dir / "checkpoints").glob("checkpoint_*"))[-1]
-    return load_file(newest / "model.safetensors")
+    newest = sorted((run_dir / CHECKPOINTS_DIR).glob("checkpoint_*"))[-1]
+    return load_file(newest / MODEL_FILE)
 
 
 def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
@@ -35,7 +34,7 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
     assert result.returncode == 0, explain(result)
     assert "starting 2 CPU ranks" in result.stderr and "2 process(es)" in result.stdout
 
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
     manifest = load_manifest(tiny_shards)
     last = results["last"]
     # Every evaluation sample counted exactly once across the 2 ranks.
@@ -68,8 +67,8 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
                  ("mean over targets", "target (mean)"): manifest.num_samples("sketch")}
     assert logged["summary"]["best/selection"] == "source_val_pooled"
     # The W&B run folder holds a link to results.json (files/results.json): still one run.
-    assert (wandb_files[0].parent / "files" / "results.json").exists()
-    assert [run.path for run in results_module.find_runs(tmp_path)] == [run_dir / "results.json"]
+    assert (wandb_files[0].parent / "files" / RESULTS_FILE).exists()
+    assert [run.path for run in results_module.find_runs(tmp_path)] == [run_dir / RESULTS_FILE]
     assert results_module.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
 
 
@@ -84,62 +83,37 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, tiny_shards, processes,
 
     cut = tmp_path / "cut"
     first = launch(common + ["--output_dir", str(cut), f"--train.stop_at_step={stop}"], processes=processes)
-    assert first.returncode != 0 and (cut / "preempted.json").exists(), explain(first)
-    assert json.loads((cut / "preempted.json").read_text())["step"] == stop
-    assert [p.name for p in (cut / "checkpoints").iterdir()] == [f"checkpoint_{stop:08d}"]
+    assert first.returncode != 0 and (cut / PREEMPTED_MARKER).exists(), explain(first)
+    assert json.loads((cut / PREEMPTED_MARKER).read_text())["step"] == stop
+    assert [p.name for p in (cut / CHECKPOINTS_DIR).iterdir()] == [f"checkpoint_{stop:08d}"]
     second = launch(common + ["--output_dir", str(cut), "--resume", "auto"], processes=processes)
     assert second.returncode == 0, explain(second)
-    assert "resumed from" in second.stdout and not (cut / "preempted.json").exists()
+    assert "resumed from" in second.stdout and not (cut / PREEMPTED_MARKER).exists()
 
     expected, got = _final_weights(tmp_path / "whole"), _final_weights(cut)
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     history = lambda d: [(h["step"], h["val_acc"], h["target_acc"]) for h in
-                         json.loads((d / "results.json").read_text())["history"]]
+                         json.loads((d / RESULTS_FILE).read_text())["history"]]
     assert history(cut) == history(tmp_path / "whole")
 
 
 def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_shards):
     config = tiny_config(tmp_path, tiny_shards, train={"epochs": 30, "agree_every_steps": 1})
     run_dir = tmp_path / "run"
-    command = launch_command(["--config", str(config), "--output_dir", str(run_dir)], processes=2)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "config.yaml").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(8)  # into the training loop
-        # As SLURM or Kubernetes do: the whole process group. (accelerate's single-process
-        # launcher forwards nothing, torchrun forwards SIGTERM but not SIGUSR1.)
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    marker = run_dir / "preempted.json"
-    assert marker.exists(), f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
-    assert json.loads(marker.read_text())["reason"] == "SIGTERM"
+    stopped, saved = sigterm_the_job(launch_command(["--config", str(config), "--output_dir", str(run_dir)],
+                                                    processes=2), run_dir)
     # As README says: the launcher itself dies of the signal (a shell shows 143), not 75 or 1;
     # the marker is what tells a script to rerun.
-    assert proc.returncode == -signal.SIGTERM, f"exit {proc.returncode}"
-    step = json.loads(marker.read_text())["step"]
-    assert (run_dir / "checkpoints" / f"checkpoint_{step:08d}").is_dir()
+    assert stopped.returncode == -signal.SIGTERM, explain(stopped)
+    step = saved["step"]
+    assert (run_dir / CHECKPOINTS_DIR / f"checkpoint_{step:08d}").is_dir()
     # A shorter run changes the schedule: a different trajectory, so the resume must be forced.
     resumed = launch(["--config", str(config), "--output_dir", str(run_dir), "--train.max_steps",
                       str(step + 2), "--resume", "force"], processes=2)
     assert resumed.returncode == 0, explain(resumed)
     assert f"at step {step}" in resumed.stdout
-
-
-def launch_command(args, processes):
-    from trainer_fixtures import REPO, _free_port
-    import sys
-
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), str(REPO / "rsc_dist" / "train.py"), *args]
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shards, capsys):
@@ -148,7 +122,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shar
     code = train.main(["--config", str(config), "--output_dir", str(tmp_path / "run")])
     assert code == 3
     assert "non-finite loss" in capsys.readouterr().out
-    kept = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    kept = [p.name for p in (tmp_path / "run" / CHECKPOINTS_DIR).iterdir()]
     assert kept and all(int(name.split("_")[1]) < 6 for name in kept)
     weights = _final_weights(tmp_path / "run")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -203,19 +177,19 @@ def test_last_step_is_evaluated_and_saved_off_cadence(tmp_path, tiny_shards):
     config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 5, "eval_every_steps": 3,
                                                         "checkpoint_every_steps": 3})
     assert train.main(["--config", str(config), "--output_dir", str(tmp_path / "run")]) == 0
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
     assert [h["step"] for h in results["history"]] == [3, 5] and results["last"]["step"] == 5
-    assert (tmp_path / "run" / "checkpoints" / "checkpoint_00000005").is_dir()
+    assert (tmp_path / "run" / CHECKPOINTS_DIR / "checkpoint_00000005").is_dir()
 
 
 def test_rerunning_a_finished_run_keeps_its_results(tmp_path, tiny_shards, capsys):
     config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 2})
     args = ["--config", str(config), "--output_dir", str(tmp_path / "run")]
     assert train.main(args) == 0
-    before = (tmp_path / "run" / "results.json").read_text()
+    before = (tmp_path / "run" / RESULTS_FILE).read_text()
     assert train.main(args) == 0
     assert "already complete at step 2" in capsys.readouterr().out
-    assert (tmp_path / "run" / "results.json").read_text() == before
+    assert (tmp_path / "run" / RESULTS_FILE).read_text() == before
 
 
 def test_decoding_on_the_device_trains_to_the_same_weights(tmp_path, tiny_shards):
@@ -246,9 +220,9 @@ def test_a_source_without_validation_data_is_refused_unless_selection_needs_none
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"train.selection={rule}" in err[0] and "painting" in err[0]
         assert "cartoon" not in err[0] and "--train.selection=last" in err[0]
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / CHECKPOINTS_DIR).exists()
     assert train.main(run + ["--train.selection=last"]) == 0
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
     assert [e["step"] for e in results["history"]] == [2, 4] and results["best"]["step"] == 4
     assert results["selection"] == "last" and results["history"][0]["val_n"]["painting"] == 0
     assert results["history"][0]["val_acc_mean"] is None and results["history"][0]["val_acc"] is not None

@@ -1,12 +1,17 @@
 """Tiny shards and a tiny training config for the trainer's tests, made once per session."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from rsc_dist.contracts import CONFIG_FILE, PREEMPTED_MARKER
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,18 +49,51 @@ def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
     return path
 
 
+def launch_command(args: list[str], *, processes: int = 1, config_file: Path | None = None) -> list[str]:
+    """``accelerate launch rsc_dist/train.py ARGS`` as users type it: with a launch config file,
+    or with the flags of a CPU run (fp32, no dynamo)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    if config_file is not None:
+        command += ["--config_file", str(config_file)]
+    else:
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        command += ["--main_process_port", str(_free_port())]
+    return command + [str(REPO / "rsc_dist" / "train.py"), *args]
+
+
 def launch(args: list[str], *, processes: int = 1, timeout: int = 300, env: dict | None = None,
            cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the trainer as users do (accelerate launch), in a subprocess with a timeout."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        command += ["--main_process_port", str(_free_port())]
-    command += [str(REPO / "rsc_dist" / "train.py"), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
-                            cwd=cwd or REPO)
-    return result
+    return subprocess.run(launch_command(args, processes=processes), capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+def sigterm_the_job(command: list[str], run_dir: Path, settle_s: float = 8.0):
+    """Start the launcher ``command`` in its own process group, wait until the run is in its
+    training loop (RUN/config.yaml is written at the end of setup, then ``settle_s``), and send
+    SIGTERM to the whole group, as SLURM or Kubernetes stop a job (accelerate's single-process
+    launcher forwards nothing, torchrun forwards SIGTERM but not SIGUSR1). Returns the finished
+    launcher (a CompletedProcess) and RUN/preempted.json, which must say SIGTERM."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / CONFIG_FILE).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(settle_s)  # into the training loop
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped = subprocess.CompletedProcess(command, proc.returncode, out, err)
+    marker = run_dir / PREEMPTED_MARKER
+    assert marker.exists(), explain(stopped)
+    saved = json.loads(marker.read_text())
+    assert saved["reason"] == "SIGTERM", saved
+    return stopped, saved
 
 
 def _free_port() -> int:
