@@ -2,17 +2,21 @@
 
 DeepSpeed loads ZeRO optimizer shards only on the data-parallel world size that wrote them
 ("Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is not
-currently supported"), and its universal-checkpoint converter (ds_to_universal) knows only
-Adam's exp_avg/exp_avg_sq: with SGD it stops on the missing keys, and one taught to skip them
-would drop the momentum. So here every rank reads all the shards of the checkpoint (they are on
+currently supported"), and its universal-checkpoint converter (ds_to_universal) wants client
+state that Accelerate's save does not write and then reads Adam's exp_avg/exp_avg_sq
+unconditionally: an SGD checkpoint stops it on the missing keys, and a converter taught to skip
+them would drop the momentum. So here every rank reads all the shards of the checkpoint (they are on
 the shared run folder) and rebuilds, for every parameter, its whole fp32 master weight and each
-per-element optimizer state (SGD's momentum_buffer, Adam's exp_avg and exp_avg_sq), with the
+per-element optimizer state (SGD's momentum_buffer; Adam's exp_avg and exp_avg_sq the same way,
+though only SGD, the configs' optimizer, is tested), with the
 layout DeepSpeed's own zero_to_fp32 uses for the weights. Each rank then writes its slice of
 them into this launch's partitions, and the whole weights into the model. The param groups'
 hyperparameters (the learning rate the schedule reached, momentum, ...), any per-group scalar
 state (Adam's step) and the engine's step counters are the same on every rank and are copied.
 
-Nothing is approximated: the new partitions hold the bytes the old ones held, so the run
+The layout comes from zero_to_fp32's merge functions (module-private in DeepSpeed, pinned to
+0.19.8 by constraints.txt; tests/test_deepspeed_elastic.py is what notices a change). Nothing is
+approximated: the new partitions hold the bytes the old ones held, so the run
 continues as if it had not been stopped (tests/test_deepspeed_elastic.py). A checkpoint this
 cannot rebuild completely (an optimizer state of another shape, offloaded optimizer state, more
 than one ZeRO-3 parameter group) raises ``ReshardError`` naming what is missing.
