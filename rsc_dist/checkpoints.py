@@ -9,7 +9,8 @@ Layout of a run folder RUN:
     RUN/checkpoints/best/                  model.safetensors (unwrapped weights), evaluation.json,
                                            config.yaml; replaced by rename, never rotated away
 A checkpoint holds Accelerate's save_state files: model.safetensors and optimizer.bin, or under
-DeepSpeed the folder pytorch_model/ (model states and one ZeRO optimizer shard per rank);
+DeepSpeed the folder pytorch_model/ (model states and one ZeRO optimizer shard per rank; on
+another number of ranks the shards are re-partitioned while loading, rsc_dist.zero_elastic);
 best/ is always whole weights in safetensors, which rsc_dist.evaluate reads without DeepSpeed.
 
 Every failure here that the user can act on is a ``CheckpointError`` (a ``ConfigError``: the
