@@ -7,8 +7,7 @@ state that Accelerate's save does not write and then reads Adam's exp_avg/exp_av
 unconditionally: an SGD checkpoint stops it on the missing keys, and a converter taught to skip
 them would drop the momentum. So here every rank reads all the shards of the checkpoint (they are on
 the shared run folder) and rebuilds, for every parameter, its whole fp32 master weight and each
-per-element optimizer state (SGD's momentum_buffer; Adam's exp_avg and exp_avg_sq the same way,
-though only SGD, the configs' optimizer, is tested), with the
+per-element optimizer state (SGD's momentum_buffer, Adam's exp_avg and exp_avg_sq), with the
 layout DeepSpeed's own zero_to_fp32 uses for the weights. Each rank then writes its slice of
 them into this launch's partitions, and the whole weights into the model. The param groups'
 hyperparameters (the learning rate the schedule reached, momentum, ...), any per-group scalar
