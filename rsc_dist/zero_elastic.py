@@ -178,12 +178,13 @@ def load_repartitioned(engine, deepspeed_dir: Path) -> WholeState:
     for group, saved in zip(base.param_groups, whole.param_groups):
         group.update(saved)  # the learning rate the schedule reached, momentum, weight decay
     flats = zero.single_partition_of_fp32_groups if stage <= 2 else zero.fp32_partitioned_groups_flat
-    for flat in flats:
+    for index, flat in enumerate(flats):
         state = base.state[flat]
         for key in whole.element_keys:
             state.setdefault(key, torch.zeros_like(flat))  # lazily created by the optimizer; filled below
+        group = base.param_groups[index if stage <= 2 else 0]
         for key, value in whole.scalar_state.items():
-            state[key] = value.clone().to(flat.device) if torch.is_tensor(value) else value
+            state[key] = _scalar_state(key, value, group, flat.device)
     device = flats[0].device
     with torch.no_grad():
         if stage <= 2:
@@ -212,6 +213,16 @@ def load_repartitioned(engine, deepspeed_dir: Path) -> WholeState:
     for key, value in whole.counters.items():
         setattr(engine, key, value)
     return whole
+
+
+def _scalar_state(key, value, group: dict, device):
+    """A copy of a per-group scalar state where torch's Optimizer.load_state_dict would put it:
+    Adam's step stays on the CPU unless the optimizer is capturable or fused."""
+    if not torch.is_tensor(value):
+        return value
+    if key == "step" and not (group.get("capturable") or group.get("fused")):
+        return value.clone()
+    return value.clone().to(device)
 
 
 def _set_zero3_partition(zero, param, value: torch.Tensor, optim_state_key: str | None) -> None:
