@@ -9,7 +9,8 @@ Layout of a run folder RUN:
     RUN/checkpoints/best/                  model.safetensors (unwrapped weights), evaluation.json,
                                            config.yaml; replaced by rename, never rotated away
 A checkpoint holds Accelerate's save_state files: model.safetensors and optimizer.bin, or under
-DeepSpeed the folder pytorch_model/ (model states and one ZeRO optimizer shard per rank);
+DeepSpeed the folder pytorch_model/ (model states and one ZeRO optimizer shard per rank; on
+another number of ranks the shards are re-partitioned while loading, rsc_dist.zero_elastic);
 best/ is always whole weights in safetensors, which rsc_dist.evaluate reads without DeepSpeed.
 
 Every failure here that the user can act on is a ``CheckpointError`` (a ``ConfigError``: the
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from rsc_dist import zero_elastic
 from rsc_dist.config import ConfigError
 from rsc_dist.contracts import CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
 
@@ -272,11 +274,14 @@ def load_for_resume(accelerator, run_dir: Path, resume: str) -> Path | None:
             # A load that fails part-way may already have replaced some of the model, optimizer,
             # scheduler or TrainState: the next candidate's load_state overwrites all of them,
             # and when none loads the run stops, so a half-loaded state is never trained on.
-            accelerator.load_state(str(candidate))
+            with _zero_shards_repartitioned(accelerator, candidate, _zero_ranks_if_other(candidate, accelerator)):
+                accelerator.load_state(str(candidate))
         except _Damaged:
             pass
         except Exception as exc:  # noqa: BLE001 - agreed on first, so that no rank is left waiting
-            if isinstance(exc, _load_errors()) and not isinstance(exc, torch.OutOfMemoryError):
+            if isinstance(exc, CheckpointError):  # a refusal, not damage: every rank stops with it
+                problem, unexpected = str(exc), exc
+            elif isinstance(exc, _load_errors()) and not isinstance(exc, torch.OutOfMemoryError):
                 problem = describe_load_failure(candidate, exc)
             else:
                 problem, unexpected = f"{type(exc).__name__}: {exc}", exc
@@ -298,8 +303,9 @@ def load_for_resume(accelerator, run_dir: Path, resume: str) -> Path | None:
 
 def check_layout(checkpoint: Path, accelerator) -> None:
     """Refuse (CheckpointError) a checkpoint this launch cannot load, saying what to run instead:
-    DeepSpeed's layout under DDP or the reverse, or ZeRO shards of another number of ranks.
-    Every rank sees the same files, so every rank refuses alike (no collective)."""
+    DeepSpeed's layout under DDP or the reverse. (ZeRO shards of another number of ranks are
+    re-partitioned while loading: zero_elastic.) Every rank sees the same files, so every rank
+    refuses alike (no collective)."""
     checkpoint = Path(checkpoint)
     written_by_deepspeed = (checkpoint / DEEPSPEED_DIR).is_dir()
     written_by_ddp = (checkpoint / MODEL_FILE).exists() or (checkpoint / "optimizer.bin").exists()
@@ -310,11 +316,43 @@ def check_layout(checkpoint: Path, accelerator) -> None:
         raise CheckpointError(f"{checkpoint} was written {how} and this launch "
                               f"{'uses' if launched_with_deepspeed else 'does not use'} DeepSpeed: resume with "
                               "the accelerate config that wrote it")
-    ranks = len(list(checkpoint.glob("random_states_*.pkl")))  # Accelerate writes one per rank
-    if written_by_deepspeed and ranks and ranks != accelerator.num_processes:
-        raise CheckpointError(f"{checkpoint} holds DeepSpeed ZeRO shards of {ranks} ranks and this launch has "
-                              f"{accelerator.num_processes}: resume with --num_processes {ranks} (ZeRO's "
-                              "optimizer shards are not re-partitioned; DDP checkpoints resume on any number)")
+
+
+def _zero_ranks_if_other(checkpoint: Path, accelerator) -> int | None:
+    """The number of ranks that wrote a DeepSpeed checkpoint when it is not this launch's, else None."""
+    deepspeed_dir = Path(checkpoint) / DEEPSPEED_DIR
+    if accelerator.state.deepspeed_plugin is None or not deepspeed_dir.is_dir():
+        return None
+    ranks = zero_elastic.shard_count(deepspeed_dir)
+    return ranks if ranks and ranks != accelerator.num_processes else None
+
+
+@contextlib.contextmanager
+def _zero_shards_repartitioned(accelerator, checkpoint: Path, ranks: int | None):
+    """Within, accelerator.load_state loads the ZeRO shards of ``ranks`` ranks into this launch's
+    partitions (zero_elastic) instead of DeepSpeed's own load, which refuses another world size;
+    Accelerate still loads the rest (schedule, TrainState, random states) as it always does."""
+    if ranks is None:
+        yield
+        return
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    _warn(accelerator, f"{checkpoint} was written by {ranks} rank(s): re-partitioning its ZeRO weights and "
+                       f"optimizer state for {accelerator.num_processes}")
+
+    def load_checkpoint(load_dir, tag=None, **_options):
+        try:
+            zero_elastic.load_repartitioned(engine, Path(load_dir) / (tag or DEEPSPEED_DIR))
+        except zero_elastic.ReshardError as exc:
+            raise CheckpointError(f"{checkpoint} (ZeRO shards of {ranks} ranks) cannot be re-partitioned for "
+                                  f"{accelerator.num_processes}: {exc}; resume it with --num_processes {ranks} "
+                                  "and the accelerate config that wrote it") from None
+        return load_dir, {}
+
+    engine.load_checkpoint = load_checkpoint  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del engine.load_checkpoint
 
 
 class _Damaged(Exception):

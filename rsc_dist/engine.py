@@ -3,6 +3,7 @@ stop agreement between ranks. ``rsc_dist.loop`` wires them together."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 from dataclasses import dataclass, field
@@ -175,7 +176,7 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
                                          channels_last=config.model.channels_last)
             labels = batch["label"].to(device, non_blocking=True)
             domains = batch["domain"].to(device, non_blocking=True)
-            with accelerator.autocast():
+            with evaluation_autocast(accelerator):
                 logits = module(images)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit1 = (top[:, 0] == labels).double()
@@ -185,6 +186,24 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
             counts[role][2].index_add_(0, domains, torch.ones_like(hit1))
     module.train(was_training)
     return {role: accelerator.reduce(c, reduction="sum").cpu() for role, c in counts.items()}
+
+
+def evaluation_autocast(accelerator):
+    """The autocast training's forward runs under, for evaluation's forwards: bf16 runs evaluate in
+    bf16 under DDP and DeepSpeed alike, as rsc_dist.evaluate does.
+
+    Under DeepSpeed, Accelerate's autocast does nothing: the engine's own forward autocasts (its
+    torch_autocast section, build.use_deepspeed_mixed_precision). Evaluation calls the unwrapped
+    module (or ZeRO-3's gathered copy), so it takes the dtype from that section here.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return accelerator.autocast()
+    section = plugin.deepspeed_config.get("torch_autocast") or {}
+    if not section.get("enabled"):
+        return contextlib.nullcontext()
+    dtype = str(section.get("dtype", "bfloat16")).removeprefix("torch.")
+    return torch.autocast(accelerator.device.type, dtype=getattr(torch, dtype))
 
 
 def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int, sources: tuple[str, ...] = (),

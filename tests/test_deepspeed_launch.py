@@ -143,15 +143,14 @@ def _launched(deepspeed: bool, processes: int):
     return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=processes)
 
 
-def test_deepspeed_checkpoint_on_another_rank_count_or_engine_is_refused(tmp_path):
+def test_deepspeed_checkpoint_under_another_engine_is_refused(tmp_path):
     from rsc_dist.checkpoints import CheckpointError, check_layout, find_damaged_file
 
     checkpoint = _deepspeed_checkpoint(tmp_path / "checkpoint_00000004", ranks=2, shards=2)
     assert find_damaged_file(checkpoint) is None
     check_layout(checkpoint, _launched(deepspeed=True, processes=2))  # what wrote it: loads
-    with pytest.raises(CheckpointError, match="ZeRO shards of 2 ranks and this launch has 4: resume with "
-                                              "--num_processes 2"):
-        check_layout(checkpoint, _launched(deepspeed=True, processes=4))
+    # another number of ranks: re-partitioned while loading (tests/test_deepspeed_elastic.py)
+    check_layout(checkpoint, _launched(deepspeed=True, processes=4))
     with pytest.raises(CheckpointError, match="written with DeepSpeed and this launch does not use DeepSpeed"):
         check_layout(checkpoint, _launched(deepspeed=False, processes=2))
     ddp = tmp_path / "ddp"

@@ -1,8 +1,9 @@
 """Elastic resume: a checkpoint written by W ranks continues on W' ranks with the exact global
 sequence. With frozen BatchNorm statistics and the same global batch, 2 ranks to step k then
-1 process to step 2k (and 1 -> 2) end with the weights of an uninterrupted 1-process run, and
-every step along the way masks the same number of samples with nearly the same loss (the
-per-step metrics, all ranks reduced, read back from the TensorBoard events)."""
+1 process to step 2k (and 1 -> 2; and under DeepSpeed ZeRO-2, 2 -> 1) end with the weights of
+an uninterrupted 1-process run, and every step along the way masks the same number of samples
+with nearly the same loss (the per-step metrics, all ranks reduced, read back from the
+TensorBoard events)."""
 
 import pytest
 import torch
@@ -51,7 +52,32 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, elas
     resumed = launch(args, processes=second)
     assert resumed.returncode == 0, explain(resumed)
     assert "resumed from" in resumed.stdout and f"{second} process(es)" in resumed.stdout
-    got = _weights(run_dir)
+    _assert_continues(run_dir, _weights(run_dir), expected, whole)
+
+
+def test_a_deepspeed_run_resumes_on_another_number_of_ranks(tmp_path, elastic_config):
+    """ZeRO-2 on 2 ranks to step k, then 1 rank to 2k, its ZeRO shards re-partitioned on load
+    (rsc_dist.zero_elastic): the weights, masks and losses of the uninterrupted 1-process run."""
+    pytest.importorskip("deepspeed")
+    from test_deepspeed_launch import ACCELERATE_CONFIGS, launch_with_config
+    from test_deepspeed_train import consolidated_weights
+
+    config, expected, whole = elastic_config
+    run_dir = tmp_path / "run"
+    args = ["--config", str(config), "--output_dir", str(run_dir)]
+    zero2 = ACCELERATE_CONFIGS / "deepspeed_zero2.yaml"
+    cut = launch_with_config(zero2, 2, args + [f"--train.stop_at_step={K}"])
+    assert cut.returncode != 0 and (run_dir / "preempted.json").exists(), explain(cut)
+    resumed = launch_with_config(zero2, 1, args)
+    assert resumed.returncode == 0, explain(resumed)
+    assert f"resumed from {run_dir / 'checkpoints' / f'checkpoint_{K:08d}'}" in resumed.stdout, explain(resumed)
+    assert "written by 2 rank(s): re-partitioning its ZeRO weights and optimizer state for 1" in resumed.stderr
+    newest = sorted((run_dir / "checkpoints").glob("checkpoint_*"))[-1]
+    _assert_continues(run_dir, consolidated_weights(newest), expected, whole)
+
+
+def _assert_continues(run_dir, got, expected, whole):
+    """The weights of the uninterrupted run ``whole`` and, step by step, its masked fraction and loss."""
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
     masked, masked_whole = _per_step(run_dir, "train/masked_fraction"), _per_step(whole, "train/masked_fraction")
