@@ -38,6 +38,7 @@ from pathlib import Path
 from rsc_dist import methods, selection
 from rsc_dist.config import flatten
 from rsc_dist.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
+from rsc_dist.observe.identity import wandb_mode_from_environment
 
 METRICS = ("best", "last")
 # results.json layouts this reader understands: 1 (no "schema_version" key) up to the current one.
@@ -386,19 +387,6 @@ def write_outputs(tables: list[Table], out: Path, n_runs: int, root: Path) -> tu
     return md, csv_path
 
 
-def wandb_mode() -> str:
-    """online | offline | disabled: WANDB_MODE when set, else online with an API key (the
-    trainer's test), else offline."""
-    env = os.environ.get("WANDB_MODE", "").lower()
-    if env in ("offline", "dryrun"):
-        return "offline"
-    if env in ("disabled", "online"):
-        return env
-    from rsc_dist.observe.identity import wandb_api_key_configured  # imports torch: only when asked
-
-    return "online" if wandb_api_key_configured() else "offline"
-
-
 def table_rows(t: Table) -> tuple[list[str], list[list]]:
     """A table's columns and rows as logged to W&B: ours ("runs"), then the paper's."""
     columns = ["method", "source"] + [f"{c} mean" for c in t.columns] + [f"{c} std" for c in t.columns] + ["n"]
@@ -414,7 +402,7 @@ def table_rows(t: Table) -> tuple[list[str], list[list]]:
 def log_to_wandb(tables: list[Table], root: Path, project: str, out: Path | None = None) -> str | None:
     """Log every table as a wandb.Table in one "results" run. Returns the mode used ("online",
     or "offline" with the run under OUT/wandb/), None when W&B is disabled or not installed."""
-    mode = wandb_mode()
+    mode = wandb_mode_from_environment()
     if mode == "disabled":
         return None
     try:

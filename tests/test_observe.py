@@ -294,3 +294,18 @@ def test_run_id_precedence(monkeypatch, tmp_path):
 def test_mask_caption_without_labels():
     text = mask_caption(5, "channel", None, (), [True, False])
     assert text.splitlines()[1:] == ["1: ? selected", "2: ? not selected"]
+
+
+@pytest.mark.parametrize("env, key, expected", [
+    ("Offline", "", "offline"), ("DISABLED", "x" * 40, "disabled"), ("dryrun", "x" * 40, "offline"),
+    ("", "x" * 40, "online"), ("", "", "offline"), ("bogus", "", "offline")])
+def test_trainer_and_results_read_wandb_mode_from_the_environment_alike(monkeypatch, tmp_path, env, key, expected):
+    """wandb.mode=auto in the trainer and `python -m rsc_dist.results --wandb` share one reading
+    of WANDB_MODE and the API key (results.log_to_wandb calls the same function)."""
+    from rsc_dist.observe.identity import wandb_mode, wandb_mode_from_environment
+
+    monkeypatch.setenv("WANDB_MODE", env)
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert wandb_mode_from_environment() == expected
+    assert wandb_mode(load_config("demo", ["--wandb.mode=auto"])) == expected

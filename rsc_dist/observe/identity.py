@@ -30,14 +30,21 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
+def wandb_mode_from_environment() -> str:
+    """online | offline | disabled as the environment asks: WANDB_MODE when it names a mode
+    (any case; "dryrun" is offline), else online with an API key, else offline. The trainer's
+    wandb.mode=auto and `python -m rsc_dist.results` both decide this way."""
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if env == "dryrun" else env
+    return "online" if wandb_api_key_configured() else "offline"
+
+
 def wandb_mode(config: Config) -> str:
     """online | offline | disabled. "auto" honours WANDB_MODE, else offline without a key."""
     if config.wandb.mode != "auto":
         return config.wandb.mode
-    env = os.environ.get("WANDB_MODE")
-    if env in ("online", "offline", "disabled", "dryrun"):
-        return "offline" if env == "dryrun" else env
-    return "online" if wandb_api_key_configured() else "offline"
+    return wandb_mode_from_environment()
 
 
 def tracker_name(config: Config) -> str | None:
