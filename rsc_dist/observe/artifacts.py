@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rsc_dist import selection
 from rsc_dist.checkpoints import BEST_RELATIVE
 from rsc_dist.contracts import CONFIG_FILE
-from rsc_dist.observe.metrics import mean_or_none
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -32,7 +32,7 @@ def best_model_artifact(run, results: dict, run_dir: Path):
     metadata = {"step": best.get("step"), "val_acc": best.get("val_acc"),
                 "target_acc": best.get("target_acc"), "target_top5": best.get("target_top5"),
                 "val_per_domain": best.get("val_per_domain"),
-                "target_acc_mean": mean_or_none((best.get("target_acc") or {}).values()),
+                "target_acc_mean": selection.target_mean(best),
                 "algorithm": results.get("algorithm"), "dataset": results.get("dataset"),
                 "arch": results.get("arch"), "targets": results.get("targets"), "seed": results.get("seed"),
                 "fingerprint": results.get("fingerprint")}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import statistics
 
+from rsc_dist import selection
+
 STEP_KEY = "trainer/step"
 EPOCH_KEY = "trainer/epoch"
 TABLE_KEY = "results/per_domain"
@@ -72,7 +74,7 @@ def evaluation_metrics(evaluation: dict, best: dict | None = None) -> dict:
             if best.get(key) is not None:
                 values[f"best/{key}"] = best[key]
         if best.get("target_acc"):
-            values["best/target_acc"] = mean_or_none(best["target_acc"].values())
+            values["best/target_acc"] = selection.target_mean(best)
             values.update({f"best/target_acc_{d}": a for d, a in best["target_acc"].items()})
         if best.get("step") is not None:
             values["best/step"] = best["step"]
@@ -137,7 +139,7 @@ def summary_values(results: dict) -> dict:
             values[f"{key}/val_acc"] = block["val_acc"]
         accs = block.get("target_acc") or {}
         if accs:
-            values[f"{key}/target_acc"] = mean_or_none(accs.values())
+            values[f"{key}/target_acc"] = selection.target_mean(block)
         for domain, acc in accs.items():
             values[f"{key}/target_acc_{domain}"] = acc
         top5 = block.get("target_top5") or {}
