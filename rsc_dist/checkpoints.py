@@ -43,6 +43,10 @@ from rsc_dist.contracts import CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
 BEST_DIR = "best"
 BEST_RELATIVE = f"{CHECKPOINTS_DIR}/{BEST_DIR}"  # what results.json records as "best_checkpoint"
+# save_best writes the new best/ here, then swaps it in with two renames; a crash between
+# them leaves the previous best/ under OLD_BEST_DIR (put back by _recover_best and evaluate).
+NEW_BEST_DIR = f".tmp_{BEST_DIR}"
+OLD_BEST_DIR = f".old_{BEST_DIR}"
 LOCK_FILE = ".lock"
 MODEL_FILE = "model.safetensors"
 EVALUATION_FILE = "evaluation.json"
@@ -440,7 +444,7 @@ def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: 
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CHECKPOINTS_DIR
-    final, temporary, previous = root / BEST_DIR, root / f".tmp_{BEST_DIR}", root / f".old_{BEST_DIR}"
+    final, temporary, previous = root / BEST_DIR, root / NEW_BEST_DIR, root / OLD_BEST_DIR
     state_dict = accelerator.get_state_dict(model)
     failure = None
     if accelerator.is_main_process:
@@ -454,7 +458,7 @@ def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: 
             (temporary / BEST_CONFIG_FILE).write_text(yaml.safe_dump(config_dict, sort_keys=False))
             _fsync_dir_files(temporary)
             # Two renames (a folder cannot be renamed over a non-empty one); a crash between
-            # them leaves .old_best, which _recover_best (and rsc_dist.evaluate) put back.
+            # them leaves OLD_BEST_DIR, which _recover_best (and rsc_dist.evaluate) put back.
             if final.exists():
                 shutil.rmtree(previous, ignore_errors=True)
                 final.rename(previous)
@@ -472,7 +476,7 @@ def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: 
 
 def _recover_best(root: Path) -> None:
     """Put back best/ when a crash came between save_best's two renames."""
-    previous, final = root / f".old_{BEST_DIR}", root / BEST_DIR
+    previous, final = root / OLD_BEST_DIR, root / BEST_DIR
     if previous.is_dir() and not final.exists():
         previous.rename(final)
 

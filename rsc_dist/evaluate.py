@@ -57,7 +57,7 @@ def locate(checkpoint: Path) -> tuple[Path, Path]:
     """(weights file, config file) of a best/ or checkpoint_STEP folder."""
     checkpoint = Path(checkpoint).expanduser()
     if not checkpoint.is_dir():
-        previous = checkpoint.parent / f".old_{checkpoint.name}"  # save_best stopped between renames
+        previous = checkpoint.parent / checkpoints.OLD_BEST_DIR  # save_best stopped between renames
         if checkpoint.name == checkpoints.BEST_DIR and previous.is_dir():
             checkpoint = previous
         else:

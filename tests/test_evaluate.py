@@ -36,6 +36,20 @@ def test_missing_folder_weights_or_config_are_one_line_errors(tmp_path, capsys):
     assert f"no config for {empty}: neither" in _error(capsys)
 
 
+def test_a_best_left_aside_by_an_interrupted_save_is_found(tmp_path):
+    """save_best swaps best/ in with two renames; a crash between them leaves only .old_best/
+    (test_checkpoints repairs it at the next save). evaluate reads that one, and only for best/."""
+    root = tmp_path / "run" / CHECKPOINTS_DIR
+    previous = root / ".old_best"
+    previous.mkdir(parents=True)
+    (previous / checkpoints.MODEL_FILE).write_bytes(b"")
+    (previous / checkpoints.BEST_CONFIG_FILE).write_text("")
+    assert evaluate.locate(root / checkpoints.BEST_DIR) == (
+        previous / checkpoints.MODEL_FILE, previous / checkpoints.BEST_CONFIG_FILE)
+    with pytest.raises(evaluate.EvaluateError, match="no such checkpoint folder"):
+        evaluate.locate(root / "checkpoint_00000002")
+
+
 def test_weights_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_shards, capsys):
     best = tmp_path / checkpoints.BEST_DIR
     best.mkdir()
