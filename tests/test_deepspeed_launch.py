@@ -5,7 +5,6 @@ ranks (never silently replaced by DDP), and GPU-only requests on a machine witho
 import json
 import os
 import shutil
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -14,18 +13,15 @@ import torch
 
 from rsc_dist import bench, build
 from rsc_dist.config import ConfigError, load_config
-from trainer_fixtures import REPO, _free_port, explain, tiny_config, tiny_shards  # noqa: F401  (fixture)
+from trainer_fixtures import REPO, explain, launch, tiny_config, tiny_shards  # noqa: F401  (fixture)
 
 ACCELERATE_CONFIGS = REPO / "launch" / "accelerate"
 
 
 def launch_with_config(config_file, processes: int, args: list[str], timeout: int = 400, env=None):
-    """``accelerate launch --config_file CONFIG --num_processes N rsc_dist/train.py ARGS``."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-               "--num_processes", str(processes), "--main_process_port", str(_free_port()),
-               str(REPO / "rsc_dist" / "train.py"), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    """``accelerate launch --config_file CONFIG --num_processes N rsc_dist/train.py ARGS`` (the
+    shared trainer_fixtures.launch; this name is what test_elastic and test_deepspeed_train call)."""
+    return launch(args, processes=processes, config_file=config_file, timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -119,8 +115,8 @@ def test_gpu_launch_config_on_cpu_stops_before_training(tmp_path, tiny_shards):
     if torch.cuda.is_available():
         pytest.skip("checks the no-GPU refusal")  # pragma: no cover - CI has no GPU
     config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 1})
-    result = launch_with_config(REPO / "accelerate_config.yaml", 2,
-                                ["--config", str(config), "--output_dir", str(tmp_path / "run")], timeout=200)
+    result = launch(["--config", str(config), "--output_dir", str(tmp_path / "run")], processes=2,
+                    config_file=REPO / "accelerate_config.yaml", timeout=200)
     assert result.returncode != 0, explain(result)
     assert "rsc_dist.train: error: 2 ranks were started with a GPU launch config" in result.stderr, explain(result)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -180,8 +176,8 @@ def test_deepspeed_configs_train_through_accelerate_launch(tmp_path, tiny_shards
                               "--wandb.mode=disabled"]
     else:
         processes, args = 2, ["--config", str(tiny_config(tmp_path, tiny_shards, train={"max_steps": 2}))]
-    result = launch_with_config(ACCELERATE_CONFIGS / f"deepspeed_zero{stage}.yaml", processes,
-                                [*args, "--output_dir", str(run)], timeout=900)
+    result = launch([*args, "--output_dir", str(run)], processes=processes,
+                    config_file=ACCELERATE_CONFIGS / f"deepspeed_zero{stage}.yaml", timeout=900)
     assert result.returncode == 0, explain(result)
     last = json.loads((run / "results.json").read_text())["last"]["step"]
     assert last == (20 if _GPU else 2)

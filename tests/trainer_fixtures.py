@@ -57,17 +57,18 @@ def launch_command(args: list[str], *, processes: int = 1, config_file: Path | N
         command += ["--config_file", str(config_file)]
     else:
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        command += ["--main_process_port", str(_free_port())]
+    if processes > 1 or config_file is not None:  # a config may pin a port (DeepSpeed's: 29500),
+        command += ["--main_process_port", str(_free_port())]  # which even one rank opens
     return command + [str(REPO / "rsc_dist" / "train.py"), *args]
 
 
 def launch(args: list[str], *, processes: int = 1, timeout: int = 300, env: dict | None = None,
-           cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the trainer as users do (accelerate launch), in a subprocess with a timeout."""
+           cwd: Path | None = None, config_file: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the trainer as users do (accelerate launch, with ``config_file`` when given), in a
+    subprocess with a timeout."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run(launch_command(args, processes=processes), capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd or REPO)
+    return subprocess.run(launch_command(args, processes=processes, config_file=config_file), capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
 def sigterm_the_job(command: list[str], run_dir: Path, settle_s: float = 8.0):
