@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import sys
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -68,6 +68,28 @@ def test_deepspeed_ops_are_built_by_this_environments_ninja(tmp_path):
     build.use_this_environments_ninja(env)
     assert env["PATH"].split(os.pathsep) == [ninja.BIN_DIR, str(other), "/usr/bin"]
     assert shutil.which("ninja", path=env["PATH"]) == os.path.join(ninja.BIN_DIR, "ninja")
+
+
+@pytest.mark.parametrize("deepspeed", [True, False])
+def test_make_accelerator_puts_this_environments_ninja_first_only_for_deepspeed(no_cuda, monkeypatch, deepspeed):
+    """The helper above is called where it matters: before the Accelerator (whose DeepSpeed process
+    group builds the op) is made, and a run without DeepSpeed keeps its PATH."""
+    ninja = pytest.importorskip("ninja")
+
+    class Built(Exception):
+        pass
+
+    def stop_before_the_process_group(**kwargs):
+        raise Built
+
+    monkeypatch.setattr(build, "Accelerator", stop_before_the_process_group)
+    monkeypatch.setitem(sys.modules, "deepspeed", ModuleType("deepspeed"))  # importable, cheaply
+    monkeypatch.setenv("PATH", "/usr/bin")
+    if deepspeed:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(Built):
+        build.make_accelerator(_config(), None)
+    assert os.environ["PATH"] == (os.pathsep.join([ninja.BIN_DIR, "/usr/bin"]) if deepspeed else "/usr/bin")
 
 
 @pytest.mark.parametrize("env, overrides, message", [
