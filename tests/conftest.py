@@ -12,3 +12,14 @@ def fresh_wandb_session():
     wandb = sys.modules.get("wandb")
     if wandb is not None and hasattr(wandb, "teardown"):
         wandb.teardown()
+
+
+@pytest.fixture(scope="session")
+def trained_on_one_and_two_ranks(tmp_path_factory):
+    """Every method (and the RSC ablations) trained through the trainer's step code on 1
+    process and on 2 ranks, in one launch per world size; read by
+    test_trainer_step_equivalence.compare_ranks (tests/test_methods.py and
+    tests/test_trainer_step_equivalence.py)."""
+    from test_trainer_step_equivalence import train_every_variant
+
+    return train_every_variant(tmp_path_factory.mktemp("one_and_two_ranks"))

@@ -423,14 +423,19 @@ def _two_rank_full_disk(rank, world_size, run_dir):
     assert not (Path(run_dir) / "checkpoints" / ".tmp_checkpoint_00000003").exists() or rank != 0
 
 
+def _two_rank_fallback_then_full_disk(rank, world_size, run_dir):
+    """Both checks in one launch (the ranks start once), each with its own Trainer."""
+    _two_rank_fallback(rank, world_size, run_dir)
+    _two_rank_full_disk(rank, world_size, run_dir)
+
+
 @pytest.mark.slow
 def test_two_ranks_agree_on_fallback_and_on_a_full_disk(tmp_path):
     from dist_utils import run_on_ranks
 
     run_dir = tmp_path / "run"
     _train_and_save(run_dir)
-    run_on_ranks(_two_rank_fallback, 2, str(run_dir), env_init=True, timeout=120)
-    run_on_ranks(_two_rank_full_disk, 2, str(run_dir), env_init=True, timeout=120)
+    run_on_ranks(_two_rank_fallback_then_full_disk, 2, str(run_dir), env_init=True, timeout=240)
     assert [p.name for p in checkpoints.checkpoint_dirs(run_dir)] == ["checkpoint_00000001",
                                                                      "checkpoint_00000002"]
 

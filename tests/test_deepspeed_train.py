@@ -3,7 +3,8 @@
 partitioned weights, checkpoints/best as consolidated safetensors that rsc_dist.evaluate reads
 without DeepSpeed, results.json; a stopped run resumed from DeepSpeed's checkpoint (mid-epoch,
 gradient accumulation) ends bit-identical to an uninterrupted one; a damaged ZeRO shard makes
-resuming fall back to the previous checkpoint; SIGTERM to the job saves and the run resumes.
+resuming fall back to the previous checkpoint (both in one resume); SIGTERM to the job saves and
+the run resumes.
 
 ZeRO-3 because it is the stage that changes the most (the weights themselves are sharded);
 ZeRO-1/2 are compared with DDP step by step in test_deepspeed_equivalence.py.
@@ -94,29 +95,25 @@ def test_zero3_on_two_ranks_evaluates_and_saves_a_consolidated_best(uninterrupte
         assert torch.equal(saved[name], value), name
 
 
-def test_zero3_resume_mid_epoch_is_bit_identical(uninterrupted, tmp_path):
+def test_zero3_resume_mid_epoch_past_a_damaged_shard_is_bit_identical(uninterrupted, tmp_path):
+    """A run stopped at step 4 (mid-epoch, on an accumulation boundary) finds a newer checkpoint
+    whose ZeRO shard was cut short (the uninterrupted run's step 8, planted): resuming falls back
+    to the stop's checkpoint and ends bit-identical to the uninterrupted run. One resume proves
+    both (a clean resume from a ZeRO-3 checkpoint: the SIGTERM test below)."""
     config, reference = uninterrupted
     run = tmp_path / "run"
     stopped = _train(config, run, "--train.stop_at_step=4")
     assert stopped.returncode != 0 and (run / PREEMPTED_MARKER).exists(), explain(stopped)
-    resumed = _train(config, run)
-    assert resumed.returncode == 0, explain(resumed)
-    assert "resumed from" in resumed.stdout + resumed.stderr
-    _assert_same_end(reference, run)
-
-
-def test_damaged_zero_shard_falls_back_to_the_previous_checkpoint(uninterrupted, tmp_path):
-    config, reference = uninterrupted
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)
-    (run / "results.json").unlink()
-    newest = run / "checkpoints" / "checkpoint_00000008" / "pytorch_model"
-    shard = sorted(newest.glob("*zero_pp_rank_1_*optim_states.pt"))[0]
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint_*")) == ["checkpoint_00000004"]
+    newest = run / "checkpoints" / "checkpoint_00000008"
+    shutil.copytree(reference / "checkpoints" / "checkpoint_00000008", newest)
+    shard = sorted((newest / "pytorch_model").glob("*zero_pp_rank_1_*optim_states.pt"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a save cut short
     resumed = _train(config, run)
     assert resumed.returncode == 0, explain(resumed)
     assert f"pytorch_model/{shard.name} is truncated" in resumed.stderr, explain(resumed)
     assert "resuming from" in resumed.stderr and "checkpoint_00000004" in resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
     _assert_same_end(reference, run)
 
 

@@ -68,10 +68,11 @@ def test_meter_logs_the_method_metrics(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", methods.NAMES)
-def test_two_ranks_reach_the_weights_of_one_process(tmp_path, name):
+def test_two_ranks_reach_the_weights_of_one_process(trained_on_one_and_two_ranks, name):
     """Through the trainer's step code, the method's defaults (CORAL: statistics over the global
-    batch, whose gradient reaches every rank's rows; RSC: global batch selection)."""
-    compare_ranks(tmp_path, name)
+    batch, whose gradient reaches every rank's rows; RSC: global batch selection). Every method
+    trains in the same two launches (conftest's session fixture)."""
+    compare_ranks(trained_on_one_and_two_ranks, name)
 
 
 def _final_weights(run_dir: Path) -> dict:

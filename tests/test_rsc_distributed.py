@@ -1,4 +1,6 @@
-"""Two gloo ranks compute what one process computes on the concatenated batch."""
+"""Two gloo ranks compute what one process computes on the concatenated batch.
+
+Each test's cases run in one 2-rank launch (a module fixture), so the ranks start once."""
 
 from pathlib import Path
 
@@ -33,7 +35,20 @@ def _local_slice(sizes, rank):
     return slice(start, start + sizes[rank])
 
 
-def _masks_worker(rank, world_size, sizes, out_dir, use_capacity):
+def _on_two_ranks(tmp_path_factory, worker, cases):
+    out = tmp_path_factory.mktemp(worker.__name__)
+    for index in range(len(cases)):
+        (out / str(index)).mkdir()
+    run_on_ranks(_run_cases, 2, worker, str(out), cases)
+    return {case: out / str(index) for index, case in enumerate(cases)}
+
+
+def _run_cases(rank, world_size, worker, out_dir, cases):
+    for index, case in enumerate(cases):
+        worker(rank, world_size, *case, Path(out_dir, str(index)))
+
+
+def _masks_worker(rank, world_size, sizes, use_capacity, out_dir):
     z, y, head = _feature_batch(sum(sizes))
     part = _local_slice(sizes, rank)
     capacity = max(sizes) if use_capacity else None
@@ -46,11 +61,17 @@ def _masks_worker(rank, world_size, sizes, out_dir, use_capacity):
     torch.save(results, Path(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize(
-    "sizes, use_capacity", [((16, 16), True), ((16, 16), False), ((11, 21), True), ((21, 11), False)]
-)
-def test_global_selection_equals_single_process(tmp_path, sizes, use_capacity):
-    run_on_ranks(_masks_worker, 2, sizes, str(tmp_path), use_capacity)
+SELECTION_CASES = [((16, 16), True), ((16, 16), False), ((11, 21), True), ((21, 11), False)]
+
+
+@pytest.fixture(scope="module")
+def selection_on_two_ranks(tmp_path_factory):
+    return _on_two_ranks(tmp_path_factory, _masks_worker, SELECTION_CASES)
+
+
+@pytest.mark.parametrize("sizes, use_capacity", SELECTION_CASES)
+def test_global_selection_equals_single_process(selection_on_two_ranks, sizes, use_capacity):
+    tmp_path = selection_on_two_ranks[sizes, use_capacity]
     z, y, head = _feature_batch(sum(sizes))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for mode in ("spatial", "channel"):
@@ -102,9 +123,17 @@ def _ddp_worker(rank, world_size, sizes, mode, out_dir):
     torch.save({"grads": grads, "mask": mask}, Path(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("sizes, mode", [((4, 4), "spatial"), ((3, 6), "channel")])
-def test_ddp_step_gradients_equal_single_process(tmp_path, sizes, mode):
-    run_on_ranks(_ddp_worker, 2, sizes, mode, str(tmp_path))
+DDP_CASES = [((4, 4), "spatial"), ((3, 6), "channel")]
+
+
+@pytest.fixture(scope="module")
+def ddp_steps_on_two_ranks(tmp_path_factory):
+    return _on_two_ranks(tmp_path_factory, _ddp_worker, DDP_CASES)
+
+
+@pytest.mark.parametrize("sizes, mode", DDP_CASES)
+def test_ddp_step_gradients_equal_single_process(ddp_steps_on_two_ranks, sizes, mode):
+    tmp_path = ddp_steps_on_two_ranks[sizes, mode]
     x, y = _image_batch(sum(sizes))
     single = _model()
     reference = _step_grads(single, x, y, mode, 1 / sum(sizes))

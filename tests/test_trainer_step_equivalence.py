@@ -10,11 +10,15 @@ from accelerate import Accelerator
 from torch import nn
 
 from dist_utils import run_on_ranks
-from rsc_dist import engine
+from rsc_dist import engine, methods
 from rsc_dist.config import load_config
 from rsc_dist.build import build_training_model
 
 GLOBAL_BATCH, STEPS, CLASSES, DOMAINS = 8, 3, 5, 3
+# (algorithm, RSC strategy) pairs compared: every registered method with its defaults
+# (tests/test_methods.py) and the random-score ablation (here). One launch per world size trains
+# them all in turn (each from the same seed), so the processes start and warm up once.
+VARIANTS = (*((name, "top_gradient") for name in methods.NAMES), ("rsc", "random"))
 
 
 def _global_batch(step):
@@ -23,12 +27,17 @@ def _global_batch(step):
     return images, torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
 
 
-def _train(rank, world_size, out_dir, algorithm, strategy="top_gradient", overrides=()):
+def _train_variants(rank, world_size, out_dir, variants):
+    for algorithm, strategy in variants:
+        _train(rank, world_size, Path(out_dir, f"{algorithm}-{strategy}"), algorithm, strategy)
+
+
+def _train(rank, world_size, out_dir, algorithm, strategy):
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == world_size
     config = load_config("demo", [f"--algorithm={algorithm}", "--rsc.mode=spatial+channel",
                                   "--rsc.p_batch=0.5", "--optim.lr=0.05", "--schedule.warmup_steps=0",
-                                  f"--rsc.strategy={strategy}", *overrides])
+                                  f"--rsc.strategy={strategy}"])
     local = GLOBAL_BATCH // world_size
     torch.manual_seed(0)
     model = build_training_model(config, CLASSES, accelerator, capacity=local, num_domains=DOMAINS)
@@ -56,18 +65,29 @@ def _train(rank, world_size, out_dir, algorithm, strategy="top_gradient", overri
 
 
 @pytest.mark.parametrize("algorithm, strategy", [("rsc", "random")])
-def test_two_ranks_reach_the_weights_of_one_process(tmp_path, algorithm, strategy):
+def test_two_ranks_reach_the_weights_of_one_process(trained_on_one_and_two_ranks, algorithm, strategy):
     """The random-score ablation: its scores are seeded per sample, not per rank. (Every
     registered method with its defaults: tests/test_methods.py, which calls ``compare_ranks``.)"""
-    compare_ranks(tmp_path, algorithm, strategy)
+    compare_ranks(trained_on_one_and_two_ranks, algorithm, strategy)
 
 
-def compare_ranks(tmp_path, algorithm, strategy="top_gradient", overrides=()):
-    """Train 1 process and 2 ranks on the same global batches; assert the same final weights."""
-    # A generous timeout: on a loaded 2-core machine one 2-rank run was seen to take 6 minutes.
+def train_every_variant(out_dir: Path) -> Path:
+    """Train every VARIANT on 1 process, then on 2 ranks, on the same global batches (conftest's
+    session fixture ``trained_on_one_and_two_ranks`` calls this once)."""
+    for algorithm, strategy in VARIANTS:
+        Path(out_dir, f"{algorithm}-{strategy}").mkdir()
+    # A generous timeout: on a loaded 2-core machine one 2-rank run was seen to take 6 minutes
+    # (and a launch now trains every variant).
     for world_size in (1, 2):
-        run_on_ranks(_train, world_size, str(tmp_path), algorithm, strategy, tuple(overrides), env_init=True,
-                     timeout=600)
+        run_on_ranks(_train_variants, world_size, str(out_dir), VARIANTS, env_init=True, timeout=900)
+    return out_dir
+
+
+def compare_ranks(trained: Path, algorithm, strategy="top_gradient"):
+    """Assert that 1 process and 2 ranks, trained by ``train_every_variant`` into ``trained``,
+    reached the same final weights (and, for RSC, drew the same masks)."""
+    assert (algorithm, strategy) in VARIANTS, "add the pair to VARIANTS to train it"
+    tmp_path = trained / f"{algorithm}-{strategy}"
     single, double = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
     for name, value in single.items():
         torch.testing.assert_close(double[name], value, rtol=1e-4, atol=1e-5, msg=name)
