@@ -29,11 +29,16 @@ def _steps() -> list[str]:
                     for arch in ("resnet18", "resnet50") for decode in ("device", "workers")]
 
 
-def test_gpu_checks_dry_run_runs_every_step(tmp_path):
+def _dry_run(tmp_path: Path, timeout: int, **extra_env: str) -> subprocess.CompletedProcess:
+    """``gpu_checks.sh --dry-run`` with this interpreter, results under tmp_path/out."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
-           "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+           "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **extra_env}
+    return subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_checks_dry_run_runs_every_step(tmp_path):
+    done = _dry_run(tmp_path, timeout=900)
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert done.returncode == 0, summary + done.stderr[-3000:]
     steps = _steps()
@@ -63,10 +68,7 @@ def test_gpu_checks_refuses_unknown_arguments():
 def test_gpu_checks_keep_to_their_time_budget(tmp_path):
     """With no time left every step is skipped and named as such, so a lent GPU's call always
     returns its summary before the device tool's per-call limit kills it."""
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
-           "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "GPU_CHECKS_BUDGET_S": "0"}
-    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = _dry_run(tmp_path, timeout=120, GPU_CHECKS_BUDGET_S="0")
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert done.returncode == 0, summary + done.stderr[-3000:]
     for name in _steps():
@@ -76,7 +78,5 @@ def test_gpu_checks_keep_to_their_time_budget(tmp_path):
 
 
 def test_gpu_checks_refuse_a_budget_that_is_not_seconds(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "GPU_CHECKS_BUDGET_S": "9m"}
-    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)
+    done = _dry_run(tmp_path, timeout=60, GPU_CHECKS_BUDGET_S="9m")
     assert done.returncode == 2 and "GPU_CHECKS_BUDGET_S" in done.stderr and "'9m'" in done.stderr
