@@ -9,7 +9,8 @@ Exit codes of ``rsc_dist.train`` (and ``rsc_dist.evaluate``):
     2   bad configuration, data or checkpoint; the last line names the file, key or value
     3   non-finite loss; the last good checkpoint is kept
     75  stopped on request (SIGTERM/SIGUSR1, train.stop_at_step) after saving a checkpoint;
-        rerun the same command to resume (EX_TEMPFAIL)
+        rerun the same command to resume (EX_TEMPFAIL); a stop that arrives once the last
+        step is done ends the run as finished (0)
 
 A stop that should be resumed is also announced by the file ``RUN/preempted.json`` (what the
 launcher itself exits with depends on how the stop reached it; see launch/README.md):

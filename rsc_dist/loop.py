@@ -120,7 +120,9 @@ def _between_steps(run: Run, meter: Meter, eval_loaders: dict) -> int:
     if checkpoint_now or signalled:
         checkpoints.save_checkpoint(accelerator, run.run_dir, state.step, config.train.keep_checkpoints)
     meter.exclude(time.perf_counter() - pause_start)
-    if signalled:
+    # A stop that arrives with the last step done has nothing left to save for: the run ends as
+    # finished (results.json, exit 0) instead of asking the launcher to requeue a complete run.
+    if signalled and not last_step:
         checkpoints.mark_preempted(accelerator, run.run_dir, state.step, run.stop.signalled)
         # No rank exits before the marker exists: a launcher that sees one rank end (srun
         # --kill-on-bad-exit) may signal the others, and the job script reads the marker.

@@ -182,6 +182,13 @@ def test_last_step_is_evaluated_and_saved_off_cadence(tmp_path, tiny_shards):
     assert (tmp_path / "run" / CHECKPOINTS_DIR / "checkpoint_00000005").is_dir()
 
 
+def test_a_stop_requested_at_the_last_step_finishes_the_run(tmp_path, tiny_shards):
+    config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 2, "stop_at_step": 2})
+    assert train.main(["--config", str(config), "--output_dir", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / RESULTS_FILE).read_text())["last"]["step"] == 2
+    assert not (tmp_path / "run" / PREEMPTED_MARKER).exists()
+
+
 def test_rerunning_a_finished_run_keeps_its_results(tmp_path, tiny_shards, capsys):
     config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 2})
     args = ["--config", str(config), "--output_dir", str(tmp_path / "run")]
