@@ -23,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch rsc_dist/train.py` runs this as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
 from accelerate.utils import set_seed
 
 from rsc_dist import build, checkpoints, cpu_launch, engine, loop, methods, selection
@@ -93,8 +94,11 @@ def _run(config: Config, args: argparse.Namespace, run_dir: Path, accelerator) -
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run continues a preempted one
 
     tracking = start_tracking(accelerator, config, run_dir, plan)
+    # On the CPU the intra-op thread count changes how kernels split their float sums, so runs
+    # with other counts (plain python: all cores; accelerate launch: OMP_NUM_THREADS=1) part ways.
+    threads = f" x {torch.get_num_threads()} thread(s)" if accelerator.device.type == "cpu" else ""
     accelerator.print(
-        f"run folder {run_dir}\n{accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"run folder {run_dir}\n{accelerator.num_processes} process(es){threads} on {accelerator.device}, "
         f"sources {list(plan.sources)}, targets {list(plan.targets)}; {plan.steps_per_epoch} steps/epoch, "
         f"{plan.total_steps} steps, global batch {plan.global_batch} samples "
         f"({plan.global_forward_batch} images per step)")
