@@ -477,7 +477,7 @@ def test_trainer_resumes_past_a_damaged_checkpoint_and_keeps_the_best(tmp_path, 
 def test_trainer_exits_2_when_no_checkpoint_loads(tmp_path, tiny_shards, capsys):
     from rsc_dist import train
 
-    args = _tiny_run(tmp_path, tiny_shards, stop_at_step=4)
+    args = _tiny_run(tmp_path, tiny_shards, max_steps=6, stop_at_step=4)  # a stop before the end: exit 75
     assert train.main(args) == 75
     run_dir = tmp_path / "run"
     (_ckpt(run_dir, 4) / "optimizer.bin").unlink()
