@@ -65,10 +65,20 @@ def launch_command(args: list[str], *, processes: int = 1, config_file: Path | N
 def launch(args: list[str], *, processes: int = 1, timeout: int = 300, env: dict | None = None,
            cwd: Path | None = None, config_file: Path | None = None) -> subprocess.CompletedProcess:
     """Run the trainer as users do (accelerate launch, with ``config_file`` when given), in a
-    subprocess with a timeout."""
+    subprocess with a timeout. The launcher gets its own process group, and a timeout kills the
+    whole group: killing the launcher alone leaves its ranks running (a hung rank would keep its
+    CPU, ports and shared memory for the rest of the suite)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run(launch_command(args, processes=processes, config_file=config_file), capture_output=True,
-                          text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+    command = launch_command(args, processes=processes, config_file=config_file)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          cwd=cwd or REPO, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def sigterm_the_job(command: list[str], run_dir: Path, settle_s: float = 8.0):
