@@ -33,11 +33,11 @@ import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rsc_dist import engine
+from rsc_dist.trainer import engine
 from rsc_dist.config import load_config
-from rsc_dist.data import make_loader
-from rsc_dist.build import build_training_model
-from rsc_dist.plan import DataPlan, data_root
+from rsc_dist.data.streams import make_loader
+from rsc_dist.trainer.build import build_training_model
+from rsc_dist.data.plan import DataPlan, data_root
 
 
 def loader_rate(stream, workers: int, steps: int) -> float:
@@ -76,7 +76,7 @@ def jpeg_backend(device: torch.device) -> str:
 def device_path_stats(stream, device: torch.device, batches: int = 6) -> dict:
     """aten ops per batch and host ms per batch of the device path's decode + augmentation
     (``data.device_images``), as the training thread issues them (no wait for the device)."""
-    from rsc_dist.data import device_images
+    from rsc_dist.data.streams import device_images
 
     stream.set_position(0, 0)
     loaded = [batch for _, batch in zip(range(batches), make_loader(stream, 0, False))]
@@ -109,7 +109,7 @@ def _synthetic_images(count: int, seed: int) -> list[torch.Tensor]:
 
 def augment_costs(sizes=(32, 256), image_size: int = 224, repeats: int = 2) -> list[dict]:
     """aten ops and CPU ms per batch of the augmentation, worker path and device path."""
-    from rsc_dist import augment as A
+    from rsc_dist.data import augment as A
 
     torch.set_num_threads(1)
     chunk = A._CPU_CHUNK_ELEMENTS
@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
         print(f"| loader only | {rates['loader only']:.1f} |")
         return {"rates": rates}
 
-    from rsc_dist.data import DevicePrefetch  # here: --augment-only also runs against older checkouts
+    from rsc_dist.data.streams import DevicePrefetch  # here: --augment-only also runs against older checkouts
 
     model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
                                  num_domains=len(plan.domains))

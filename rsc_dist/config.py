@@ -24,8 +24,8 @@ from typing import Any, Callable, Literal
 import yaml
 
 from rsc_dist import methods
-from rsc_dist.fields import section, setting
-from rsc_dist.models import ARCHS
+from rsc_dist.core.fields import section, setting
+from rsc_dist.models.backbones import ARCHS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 

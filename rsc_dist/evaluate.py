@@ -28,11 +28,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch rsc_dist/evaluate.py` runs this as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rsc_dist import build, checkpoints, cpu_launch, engine
+from rsc_dist.trainer import build
+from rsc_dist.trainer import checkpoints
+from rsc_dist.trainer import cpu_launch
+from rsc_dist.trainer import engine
 from rsc_dist.config import Config, ConfigError, load_config
-from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK
-from rsc_dist.data import DataError, error_line
-from rsc_dist.plan import DataPlan, data_root
+from rsc_dist.core.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK
+from rsc_dist.data.streams import DataError, error_line
+from rsc_dist.data.plan import DataPlan, data_root
 
 
 class EvaluateError(ConfigError):

@@ -9,7 +9,7 @@
 
 The run: parse the config, plan the data, assemble model and optimizer, resume if a checkpoint
 exists, train (rsc_dist.loop), write results.json and print the accuracy table. Exit codes and
-files other programs rely on: rsc_dist/contracts.py.
+files other programs rely on: rsc_dist/core/contracts.py.
 """
 
 from __future__ import annotations
@@ -26,14 +26,20 @@ if __package__ in (None, ""):  # `accelerate launch rsc_dist/train.py` runs this
 import torch
 from accelerate.utils import set_seed
 
-from rsc_dist import build, checkpoints, cpu_launch, engine, loop, methods, selection
+from rsc_dist import methods
+from rsc_dist.trainer import build
+from rsc_dist.trainer import checkpoints
+from rsc_dist.trainer import cpu_launch
+from rsc_dist.trainer import engine
+from rsc_dist.trainer import loop
+from rsc_dist.core import selection
 from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
                              trajectory_settings)
-from rsc_dist.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
-from rsc_dist.data import DataError, error_line
+from rsc_dist.core.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
+from rsc_dist.data.streams import DataError, error_line
 from rsc_dist.observe.report import format_accuracy_table, results_document
 from rsc_dist.observe.tracking import start_tracking
-from rsc_dist.plan import DataPlan, data_root
+from rsc_dist.data.plan import DataPlan, data_root
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

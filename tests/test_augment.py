@@ -16,8 +16,8 @@ from PIL import Image
 from torchcodec.decoders import decode_jpeg, decode_png
 from torchvision.transforms.v2 import functional as TF
 
-from rsc_dist import augment as A
-from rsc_dist.augment import (Augment, augment_batch, augment_one, decode_batch, draw_params, eval_resize, is_jpeg)
+from rsc_dist.data import augment as A
+from rsc_dist.data.augment import (Augment, augment_batch, augment_one, decode_batch, draw_params, eval_resize, is_jpeg)
 
 # (height, width): every batch mixes sizes, so crop+resize sees different shapes.
 SIZES = [(30, 40), (40, 30), (45, 90), (90, 45), (120, 90), (64, 64), (33, 77), (100, 100),
@@ -528,7 +528,7 @@ def _device_batches(augment: Augment, count: int) -> list[dict]:
 
 
 def test_prefetch_issues_the_next_batch_first_and_equals_the_plain_path(monkeypatch):
-    from rsc_dist import data
+    from rsc_dist.data import streams as data
 
     augment = Augment(32, crop_scale=(0.3, 1.0), grayscale=0.3)
     batches = _device_batches(augment, 5)
@@ -554,7 +554,7 @@ def test_prefetch_issues_the_next_batch_first_and_equals_the_plain_path(monkeypa
 
 
 def test_prefetch_raises_a_data_error_when_its_batch_is_asked_for():
-    from rsc_dist import data
+    from rsc_dist.data import streams as data
 
     batches = _device_batches(Augment(32), 3)
     broken = bytearray(batches[1]["encoded"][0].numpy().tobytes())
@@ -571,7 +571,7 @@ def test_prefetch_raises_a_data_error_when_its_batch_is_asked_for():
 def test_cuda_prefetch_on_a_side_stream_equals_the_plain_path():
     """DevicePrefetch on CUDA: the work runs on a side stream, the images come out equal to the
     plain device path's and are readable on the consumer's stream."""
-    from rsc_dist import data
+    from rsc_dist.data import streams as data
 
     batches = _device_batches(Augment(48, crop_scale=(0.3, 1.0)), 4)
     plain = [data.device_images(batch, "cuda") for batch in batches]

@@ -2,7 +2,7 @@
 
 import torch
 
-from trainer_fixtures import tiny_shards  # noqa: F401  (fixture)
+from support.trainer_fixtures import tiny_shards  # noqa: F401  (fixture)
 
 from rsc_dist import bench
 

@@ -18,10 +18,11 @@ import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from rsc_dist import checkpoints, engine
-from rsc_dist.checkpoints import CheckpointError
+from rsc_dist.trainer import checkpoints
+from rsc_dist.trainer import engine
+from rsc_dist.trainer.checkpoints import CheckpointError
 from rsc_dist.config import ConfigError
-from trainer_fixtures import tiny_shards  # noqa: F401
+from support.trainer_fixtures import tiny_shards  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -295,7 +296,7 @@ def test_a_killed_holder_leaves_no_lock_behind(tmp_path):
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             sys.path.insert(0, {str(REPO)!r})
-            from rsc_dist.checkpoints import RunLock
+            from rsc_dist.trainer.checkpoints import RunLock
             lock = RunLock({str(run_dir)!r}).acquire()
             print("locked", flush=True)
             time.sleep(120)
@@ -384,7 +385,7 @@ def test_a_crash_between_the_renames_of_best_is_repaired(tmp_path):
 
 
 def _two_rank_fallback(rank, world_size, run_dir):
-    from rsc_dist import checkpoints as ck
+    from rsc_dist.trainer import checkpoints as ck
 
     trainer = Trainer()
     real_load = trainer.accelerator.load_state
@@ -401,7 +402,7 @@ def _two_rank_fallback(rank, world_size, run_dir):
 
 
 def _two_rank_full_disk(rank, world_size, run_dir):
-    from rsc_dist import checkpoints as ck
+    from rsc_dist.trainer import checkpoints as ck
 
     trainer = Trainer()
     real_save = trainer.accelerator.save_state
@@ -431,7 +432,7 @@ def _two_rank_fallback_then_full_disk(rank, world_size, run_dir):
 
 @pytest.mark.slow
 def test_two_ranks_agree_on_fallback_and_on_a_full_disk(tmp_path):
-    from dist_utils import run_on_ranks
+    from support.dist_utils import run_on_ranks
 
     run_dir = tmp_path / "run"
     _train_and_save(run_dir)
@@ -445,7 +446,7 @@ def test_two_ranks_agree_on_fallback_and_on_a_full_disk(tmp_path):
 
 
 def _tiny_run(tmp_path, shards, **train):
-    from trainer_fixtures import tiny_config
+    from support.trainer_fixtures import tiny_config
 
     settings = {"max_steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2, **train}
     config = tiny_config(tmp_path, shards, train=settings)

@@ -143,7 +143,8 @@ def test_the_default_run_folder_follows_the_resolved_global_batch():
 
 
 def test_the_trainer_names_its_folder_with_the_launchers_process_count(monkeypatch, tmp_path):
-    from rsc_dist import build, train
+    from rsc_dist import train
+    from rsc_dist.trainer import build
 
     seen = []
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rsc_dist import contracts
+from rsc_dist.core import contracts
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {
@@ -29,7 +29,7 @@ def test_shell_literals_equal_the_python_constants(script):
 
 
 def test_fake_trainer_follows_the_contract():
-    from fake_trainer import EX_TEMPFAIL
+    from support.fake_trainer import EX_TEMPFAIL
 
     assert EX_TEMPFAIL == contracts.EXIT_PREEMPTED
 
@@ -37,15 +37,15 @@ def test_fake_trainer_follows_the_contract():
 def test_results_json_is_described_once_and_the_docs_point_there():
     """contracts.py holds the layout; the other places that mention results.json refer to it
     instead of repeating (and drifting from) it."""
-    import rsc_dist.results
+    import rsc_dist.results.tables
 
     for key, (kind, meaning) in {**contracts.RESULTS_LAYOUT, **contracts.EVALUATION_RECORD}.items():
         assert kind and meaning, key
     places = {"launch/README.md": (REPO / "launch/README.md").read_text(),
               "README.md": (REPO / "README.md").read_text(),
-              "rsc_dist/results.py docstring": rsc_dist.results.__doc__}
+              "rsc_dist/results/tables.py docstring": rsc_dist.results.tables.__doc__}
     for name, text in places.items():
-        assert "rsc_dist/contracts.py" in text, f"{name} should point to rsc_dist/contracts.py"
+        assert "rsc_dist/core/contracts.py" in text, f"{name} should point to rsc_dist/core/contracts.py"
         for repeated in ('"val_acc"', '"target_acc"', "best_checkpoint", '"history"'):
             assert repeated not in text, f"{name} repeats the results.json layout ({repeated})"
 
@@ -64,7 +64,7 @@ def test_the_run_folder_names_users_rely_on():
     """The one place the names are written out: scripts, docs and users' habits rely on them, so
     renaming a constant is a change of contract that must fail here first. Every other test
     builds its paths from the constants."""
-    from rsc_dist import checkpoints
+    from rsc_dist.trainer import checkpoints
 
     assert (contracts.RESULTS_FILE, contracts.CONFIG_FILE, contracts.PREEMPTED_MARKER, contracts.CHECKPOINTS_DIR) \
         == ("results.json", "config.yaml", "preempted.json", "checkpoints")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rsc_dist import cpu_launch
-from rsc_dist.cpu_launch import LaunchError, requested_layout
+from rsc_dist.trainer import cpu_launch
+from rsc_dist.trainer.cpu_launch import LaunchError, requested_layout
 
 
 def test_flag_forms_and_config_file(tmp_path):

@@ -15,7 +15,7 @@ from data_prep.convert import convert
 from data_prep.images import decode_rgb
 from data_prep.manifest import MANIFEST_NAME, load_manifest
 from data_prep.records import ConvertError
-from data_prep.testing import image_bytes, image_of, make_class_tree, make_pacs, read_all_samples, write
+from support.data_prep_samples import image_bytes, image_of, make_class_tree, make_pacs, read_all_samples, write
 
 
 def _convert(fmt: str, src: Path, out: Path, **options):
@@ -290,7 +290,7 @@ def test_symlink_loop_in_a_pacs_tree_is_reported_once(tmp_path):
 
 
 def test_pixel_bomb_is_skipped_from_its_header(tree, tmp_path, capsys):
-    from data_prep.testing import png_header_only
+    from support.data_prep_samples import png_header_only
 
     write(tree / "photo/dog/bomb.png", png_header_only(30000, 30000))
     out = tmp_path / "out"

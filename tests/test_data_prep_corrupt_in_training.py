@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from data_prep.testing import corrupt_first_image
-from trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
+from support.data_prep_samples import corrupt_first_image
+from support.trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from data_prep.demo import ensure_demo_shards
 from data_prep.manifest import load_manifest
 from data_prep.synth import DOMAINS, write_demo_dataset
 from data_prep.synth_shapes import CLASSES
-from data_prep.testing import tree_bytes
+from support.data_prep_samples import tree_bytes
 from data_prep.verify import verify
 
 SMALL = dict(image_size=16, images_per_class=5)
@@ -90,7 +90,7 @@ import signal, sys, time
 from pathlib import Path
 from data_prep.demo import _exclusive
 from data_prep.parallel import unordered_map
-from data_prep.testing import signal_dispositions
+from support.data_prep_samples import signal_dispositions
 
 signal.signal(signal.SIGTERM, lambda *a: None)  # as the trainer does before it builds the demo
 signal.signal(signal.SIGUSR1, lambda *a: None)
@@ -107,13 +107,15 @@ with _exclusive(Path(sys.argv[1])):
 
 
 def _holder(tmp_path, mode: str):
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(filter(None, [str(repo / "tests"), os.environ.get("PYTHONPATH")]))  # for support.*
     process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / ".lock"), mode], cwd=repo,
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
     lines = [process.stdout.readline()]
     while lines[-1].strip() != "locked":
         assert lines[-1], "the lock holder exited early"

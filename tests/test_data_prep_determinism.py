@@ -8,7 +8,7 @@ import pytest
 
 from data_prep.convert import convert
 from data_prep.manifest import load_manifest
-from data_prep.testing import image_bytes, make_pacs, tree_bytes, write
+from support.data_prep_samples import image_bytes, make_pacs, tree_bytes, write
 from data_prep.verify import verify
 
 
@@ -35,7 +35,7 @@ def test_two_runs_give_identical_bytes_whatever_the_worker_count(pacs, tmp_path)
 
 
 def test_seed_changes_holdout_and_order_only_through_the_seed(tmp_path):
-    from data_prep.testing import make_class_tree
+    from support.data_prep_samples import make_class_tree
 
     make_class_tree(tmp_path / "src", ["a", "b"], ["x", "y"], 6)
     convert("imagefolder", tmp_path / "src", tmp_path / "s0", seed=0, workers=1, progress=False)

@@ -11,7 +11,7 @@ import pytest
 
 from data_prep.convert import convert
 from data_prep.manifest import load_manifest
-from data_prep.testing import (image_bytes, image_of, make_class_tree, make_domainnet, make_pacs, read_all_samples,
+from support.data_prep_samples import (image_bytes, image_of, make_class_tree, make_domainnet, make_pacs, read_all_samples,
                                write)
 
 

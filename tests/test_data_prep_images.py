@@ -12,7 +12,7 @@ from data_prep.images import (MAX_PIXELS, AcceptedImage, RejectedImage, check_pi
 from data_prep.keys import sanitize_key
 from data_prep.synth import render_image
 from data_prep.tarshard import split_member_name
-from data_prep.testing import image_bytes, png_header_only
+from support.data_prep_samples import image_bytes, png_header_only
 
 GOOD = ["jpeg", "jpeg_progressive", "jpeg_subsampled", "jpeg_gray", "jpeg_cmyk", "png", "png_rgba", "png_palette",
         "webp"]

@@ -17,7 +17,7 @@ from data_prep.__main__ import main
 from data_prep.convert import convert
 from data_prep.manifest import load_manifest
 from data_prep.records import ConvertError, LayoutNotFound
-from data_prep.testing import image_bytes, make_class_tree, make_domainnet, make_pacs, read_all_samples, write
+from support.data_prep_samples import image_bytes, make_class_tree, make_domainnet, make_pacs, read_all_samples, write
 
 
 def _convert(fmt: str, src: Path, out: Path, **options):

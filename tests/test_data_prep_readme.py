@@ -11,8 +11,8 @@ import yaml
 
 import data_prep.demo
 from data_prep.manifest import load_manifest
-from data_prep.testing import make_class_tree
-from trainer_fixtures import REPO, tiny_shards  # noqa: F401
+from support.data_prep_samples import make_class_tree
+from support.trainer_fixtures import REPO, tiny_shards  # noqa: F401
 
 README = REPO / "data_prep" / "README.md"
 PRESET = REPO / "rsc_dist" / "configs" / "imagenet_resnet50.yaml"

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_utils import run_on_ranks
+from support.dist_utils import run_on_ranks
 from test_deepspeed_equivalence import CLASSES, GLOBAL_BATCH, _fresh_accelerate_state, _global_batch, deepspeed_launch_env
-from trainer_fixtures import REPO
+from support.trainer_fixtures import REPO
 
 pytest.importorskip("deepspeed")
 
@@ -35,7 +35,7 @@ LEARNING_RATE = {"sgd": 0.05, "adam": 0.001}
 
 
 def _objects(stage, name, world_size, run_dir):
-    from rsc_dist import build
+    from rsc_dist.trainer import build
     from rsc_dist.config import load_config
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
@@ -59,7 +59,7 @@ def _objects(stage, name, world_size, run_dir):
 
 
 def _train(config, accelerator, model, optimizer, scheduler, steps):
-    from rsc_dist import engine
+    from rsc_dist.trainer import engine
 
     local = GLOBAL_BATCH // accelerator.num_processes
     part = slice(accelerator.process_index * local, (accelerator.process_index + 1) * local)
@@ -84,7 +84,7 @@ def _whole_state(config, accelerator, model, optimizer, scheduler):
 
 
 def _write(rank, world_size, out, variants):
-    from rsc_dist import checkpoints
+    from rsc_dist.trainer import checkpoints
 
     for stage, name in variants:
         run_dir = Path(out) / f"zero{stage}_{name}"
@@ -99,7 +99,7 @@ def _write(rank, world_size, out, variants):
 
 
 def _resume(rank, world_size, out, variants):
-    from rsc_dist import checkpoints
+    from rsc_dist.trainer import checkpoints
 
     for stage, name in variants:
         run_dir = Path(out) / f"zero{stage}_{name}"
@@ -145,7 +145,7 @@ def _assert_continues(run_dir, variant, writers, readers):
 
 def test_a_checkpoint_that_cannot_be_repartitioned_names_the_launch_that_can(tmp_path):
     """No guess and no partial load: the refusal says which --num_processes resumes it as it is."""
-    from rsc_dist import checkpoints
+    from rsc_dist.trainer import checkpoints
 
     checkpoint = tmp_path / "checkpoint_00000004"
     (checkpoint / "pytorch_model").mkdir(parents=True)

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from dist_utils import run_on_ranks
-from trainer_fixtures import REPO
+from support.dist_utils import run_on_ranks
+from support.trainer_fixtures import REPO
 
 pytest.importorskip("deepspeed")
 
@@ -61,7 +61,8 @@ def _fresh_accelerate_state():
 
 
 def _train_variants(rank, world_size, out_dir):
-    from rsc_dist import build, engine
+    from rsc_dist.trainer import build
+    from rsc_dist.trainer import engine
     from rsc_dist.config import load_config
 
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=STEPS, domains=("a", "b"),
@@ -159,7 +160,7 @@ def test_zero_stages_reach_the_weights_of_ddp(tmp_path):
 
 
 def _initial_weights():
-    from rsc_dist.models import build_model
+    from rsc_dist.models.backbones import build_model
 
     torch.manual_seed(0)
     return build_model("resnet18", CLASSES).state_dict()

@@ -11,9 +11,10 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
-from rsc_dist import bench, build
+from rsc_dist import bench
+from rsc_dist.trainer import build
 from rsc_dist.config import ConfigError, load_config
-from trainer_fixtures import REPO, explain, launch, tiny_config, tiny_shards  # noqa: F401  (fixture)
+from support.trainer_fixtures import REPO, explain, launch, tiny_config, tiny_shards  # noqa: F401  (fixture)
 
 ACCELERATE_CONFIGS = REPO / "launch" / "accelerate"
 
@@ -162,7 +163,7 @@ def _launched(deepspeed: bool, processes: int):
 
 
 def test_deepspeed_checkpoint_under_another_engine_is_refused(tmp_path):
-    from rsc_dist.checkpoints import CheckpointError, check_layout, find_damaged_file
+    from rsc_dist.trainer.checkpoints import CheckpointError, check_layout, find_damaged_file
 
     checkpoint = _deepspeed_checkpoint(tmp_path / "checkpoint_00000004", ranks=2, shards=2)
     assert find_damaged_file(checkpoint) is None

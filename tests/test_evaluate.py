@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from data_prep.manifest import load_manifest
-from rsc_dist import checkpoints, evaluate, train
+from rsc_dist import evaluate, train
+from rsc_dist.trainer import checkpoints
 from rsc_dist.config import load_config, save_config
-from rsc_dist.contracts import CHECKPOINTS_DIR, RESULTS_FILE
-from trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
+from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
+from support.trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
 
 
 def _error(capsys) -> str:
@@ -54,7 +55,7 @@ def test_weights_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_shards, cap
     best = tmp_path / checkpoints.BEST_DIR
     best.mkdir()
     save_config(load_config(str(tiny_config(tmp_path, tiny_shards))), best / checkpoints.BEST_CONFIG_FILE)
-    from rsc_dist.models import build_model
+    from rsc_dist.models.backbones import build_model
 
     classes = load_manifest(tiny_shards).num_classes
     weights = build_model("resnet18", classes - 1).state_dict()  # a class fewer than the data
@@ -167,7 +168,7 @@ def test_two_processes_count_every_sample_once(trained_run, tmp_path):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "0", str(REPO / "rsc_dist" / "evaluate.py"),
                str(trained_run / checkpoints.BEST_RELATIVE), "--json", str(out)]
-    from trainer_fixtures import _free_port
+    from support.trainer_fixtures import _free_port
 
     command[command.index("--main_process_port") + 1] = str(_free_port())
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from rsc_dist import build, engine
+from rsc_dist.trainer import build
+from rsc_dist.trainer import engine
 
 
 def _deepspeed_accelerator(precision):

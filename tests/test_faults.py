@@ -11,10 +11,12 @@ import pytest
 from torch.utils.data import DataLoader, IterableDataset
 
 from data_prep.manifest import load_manifest
-from data_prep.testing import corrupt_first_image
-from rsc_dist import data, engine, train
-from rsc_dist.contracts import CHECKPOINTS_DIR, RESULTS_FILE
-from trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
+from support.data_prep_samples import corrupt_first_image
+from rsc_dist import train
+from rsc_dist.data import streams as data
+from rsc_dist.trainer import engine
+from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
+from support.trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from rsc_dist import methods, train
 from rsc_dist.config import load_config, trajectory_settings
 from rsc_dist.observe.meter import Meter
 from test_trainer_step_equivalence import compare_ranks
-from trainer_fixtures import tiny_config, tiny_shards  # noqa: F401  (fixture)
+from support.trainer_fixtures import tiny_config, tiny_shards  # noqa: F401  (fixture)
 
 
 def test_the_registry_feeds_the_choices_and_the_config():

@@ -10,8 +10,8 @@ import torchvision
 from torch import nn
 
 from rsc_dist.methods import RSC
-from rsc_dist.models import BACKBONES, build_model, pretrained_path
-from rsc_dist.rsc import PooledLinearHead, _autograd_saliency, saliency
+from rsc_dist.models.backbones import BACKBONES, build_model, pretrained_path
+from rsc_dist.methods.rsc_masks import PooledLinearHead, _autograd_saliency, saliency
 
 CLASSES = 5
 

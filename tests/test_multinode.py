@@ -1,10 +1,10 @@
 """Multi-node training for real, on one machine: every "node" is a Linux network namespace
-(tests/netns.py) with its own address on a private bridge, its own interface name, and no
+(tests/support/netns.py) with its own address on a private bridge, its own interface name, and no
 route to the others except that bridge; hostnames do not resolve to those addresses.
 
 - accelerate across 2 nodes x 1 CPU rank (gloo), by hand as the accelerate docs describe it;
 - launch/slurm/train.sbatch on a 2-node SLURM cluster (slurmctld on this host, one slurmd per
-  namespace, tests/slurm_cluster.py): a run to the end, and a USR1 preemption -> requeue ->
+  namespace, tests/support/slurm_cluster.py): a run to the end, and a USR1 preemption -> requeue ->
   resume across both nodes, with DDP and with DeepSpeed ZeRO-2 (ACCELERATE_CONFIG).
 
 Each ends with bit-identical weights to the same training on 2 local processes with DDP (same
@@ -31,9 +31,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from netns import NetnsUnavailable, network_namespaces
-from slurm_cluster import FINAL_STATES, ClusterUnavailable, SlurmCluster, SlurmNode, apt_install
-from trainer_fixtures import tiny_config, tiny_shards  # noqa: F401  (a fixture)
+from support.netns import NetnsUnavailable, network_namespaces
+from support.slurm_cluster import FINAL_STATES, ClusterUnavailable, SlurmCluster, SlurmNode, apt_install
+from support.trainer_fixtures import tiny_config, tiny_shards  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 

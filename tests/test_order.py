@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from rsc_dist.order import GroupOrder, ShardRef, rank_slice
+from rsc_dist.data.order import GroupOrder, ShardRef, rank_slice
 
 IMAGENET_SAMPLES, IMAGENET_SHARDS = 1_281_167, 1_252
 

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from rsc_dist import results
-from rsc_dist.contracts import RESULTS_FILE
+from rsc_dist.results import tables as results
+from rsc_dist.core.contracts import RESULTS_FILE
 
 
 def write_run(root, algorithm, target, seed, best, last, *, dataset="PACS", arch="resnet18",
@@ -199,7 +199,7 @@ def test_wandb_skipped_quietly_when_disabled(runs, monkeypatch, capsys):
 
 
 def test_wandb_offline_logs_the_tables_for_a_later_sync(runs, monkeypatch, tmp_path, capsys):
-    from wandb_records import read_table, summarize
+    from support.wandb_records import read_table, summarize
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "")
@@ -260,7 +260,7 @@ def evaluation(step, val, target, val_n=(30, 10)):
 
 
 def write_history_run(root, seed, history, rule="source_val_pooled"):
-    from rsc_dist import selection
+    from rsc_dist.core import selection
 
     path = write_run(root, "rsc", "sketch", seed, 0.5, 0.5)
     data = json.loads(path.read_text())
@@ -293,7 +293,7 @@ def test_any_rule_applied_after_the_fact_from_the_history(tmp_path, capsys, rule
 
 
 def selection_label(rule):
-    from rsc_dist import selection
+    from rsc_dist.core import selection
 
     return selection.LABELS[rule]
 

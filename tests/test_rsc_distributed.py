@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_utils import run_on_ranks
+from support.dist_utils import run_on_ranks
 from rsc_dist.methods import RSC
-from rsc_dist.models import build_model
-from rsc_dist.rsc import PooledLinearHead, rsc_mask
+from rsc_dist.models.backbones import build_model
+from rsc_dist.methods.rsc_masks import PooledLinearHead, rsc_mask
 
 NUM_CLASSES = 5
 

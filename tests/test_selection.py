@@ -1,8 +1,9 @@
-"""The model-selection rules (rsc_dist/selection.py) on hand-made evaluation histories."""
+"""The model-selection rules (rsc_dist/core/selection.py) on hand-made evaluation histories."""
 
 import pytest
 
-from rsc_dist import engine, selection
+from rsc_dist.trainer import engine
+from rsc_dist.core import selection
 
 
 def record(step, val, target, counts=(90, 10)):
@@ -81,7 +82,7 @@ def test_summarized_records_list_every_source_and_target_with_its_count():
     assert summary["val_n"] == {"big": 90, "small": 0} and summary["target_n"] == {"t": 50}
     assert summary["val_acc"] == pytest.approx(0.5) and summary["val_acc_mean"] is None
     assert summary["target_acc"] == {"t": pytest.approx(0.2)} and summary["target_top5"] == {"t": pytest.approx(0.8)}
-    from rsc_dist import contracts
+    from rsc_dist.core import contracts
 
     assert contracts.layout_problems(summary, contracts.EVALUATION_RECORD) == []
 

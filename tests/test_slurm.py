@@ -1,11 +1,11 @@
-"""launch/slurm against a real SLURM: a one-node cluster on this machine (tests/slurm_cluster.py;
+"""launch/slurm against a real SLURM: a one-node cluster on this machine (tests/support/slurm_cluster.py;
 installs slurm-wlm and munge with apt when missing), the real sbatch scripts, 2 CPU processes.
 
 Requeued jobs: Slurm holds a requeued batch job for about two minutes (BeginTime = now + 120 s)
 before it may start again; the tests lift that hold with `scontrol update StartTime=now` so they
 take seconds. On a cluster the hold simply delays the resume.
 
-The trainer is tests/fake_trainer.py (same launch contract as rsc_dist/train.py, seconds per
+The trainer is tests/support/fake_trainer.py (same launch contract as rsc_dist/train.py, seconds per
 run). To run the preemption test with the real trainer, it is the second entry of TRAINERS.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import FINAL_STATES, ClusterUnavailable, SlurmCluster
+from support.slurm_cluster import FINAL_STATES, ClusterUnavailable, SlurmCluster
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ class Trainer:
         return value
 
 
-FAKE = Trainer(ROOT / "tests" / "fake_trainer.py",
+FAKE = Trainer(ROOT / "tests" / "support" / "fake_trainer.py",
                ("--config", "demo", "--fake.steps=40", "--fake.step_time=0.25", "--fake.ckpt_every=5"),
                ("fake", "weight"))
 # The real trainer on its demo preset, CPU-sized (key names from rsc_dist/config.py).

@@ -15,14 +15,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-FAKE_TRAINER = ROOT / "tests" / "fake_trainer.py"
+FAKE_TRAINER = ROOT / "tests" / "support" / "fake_trainer.py"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 SCRIPTS = sorted(p for p in LAUNCH.rglob("*") if p.suffix in (".sh", ".sbatch"))
 
 
 def test_every_script_passes_shellcheck():
     if not shutil.which("shellcheck") and os.geteuid() == 0 and shutil.which("apt-get"):
-        from slurm_cluster import apt_install
+        from support.slurm_cluster import apt_install
 
         try:
             apt_install(["shellcheck"])

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rsc_dist import results as results_cli
-from trainer_fixtures import tiny_shards  # noqa: F401  (a session fixture)
+from rsc_dist.results import tables as results_cli
+from support.trainer_fixtures import tiny_shards  # noqa: F401  (a session fixture)
 
 pytestmark = pytest.mark.slow
 

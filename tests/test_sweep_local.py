@@ -1,4 +1,4 @@
-"""The local launcher's mechanics with the stand-in trainer (tests/fake_trainer.py, the trainer's
+"""The local launcher's mechanics with the stand-in trainer (tests/support/fake_trainer.py, the trainer's
 launch contract in a fraction of a second): a queue of K at a time, a failed run does not stop
 the others, Ctrl-C stops every run with a checkpoint, a killed launcher leaves no run behind,
 rerunning resumes. The real trainer runs through it in test_sweep_e2e.py."""
@@ -18,7 +18,7 @@ from rsc_dist.sweep.launch_local import make_slots
 from rsc_dist.sweep.spec import SweepError
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE = REPO / "tests" / "fake_trainer.py"
+FAKE = REPO / "tests" / "support" / "fake_trainer.py"
 
 
 def setup(tmp_path: Path, fail: str = "") -> tuple[Path, Path, dict]:

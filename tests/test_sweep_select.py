@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rsc_dist import results as results_cli
-from rsc_dist.sweep.select import choose, load_trial_runs, markdown
+from rsc_dist.results import tables as results_cli
+from rsc_dist.results.sweep_select import choose, load_trial_runs, markdown
 
 
 def evaluation(step, val, target):

@@ -9,10 +9,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from dist_utils import run_on_ranks
-from rsc_dist import engine, methods
+from support.dist_utils import run_on_ranks
+from rsc_dist import methods
+from rsc_dist.trainer import engine
 from rsc_dist.config import load_config
-from rsc_dist.build import build_training_model
+from rsc_dist.trainer.build import build_training_model
 
 GLOBAL_BATCH, STEPS, CLASSES, DOMAINS = 8, 3, 5, 3
 # (algorithm, RSC strategy) pairs compared: every registered method with its defaults
@@ -105,6 +106,6 @@ def compare_ranks(trained: Path, algorithm, strategy="top_gradient"):
 
 def _initial_state():
     torch.manual_seed(0)
-    from rsc_dist.models import build_model
+    from rsc_dist.models.backbones import build_model
 
     return build_model("resnet18", CLASSES).state_dict()

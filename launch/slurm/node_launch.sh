@@ -22,7 +22,7 @@
 # stop from a crash. train.sbatch requeues after a stop it asked for or one the trainer reports
 # (OUTPUT_DIR/preempted.json), never after a crash.
 set -uo pipefail
-# The trainer's "stopped after a checkpoint, resume me" exit code (rsc_dist/contracts.py).
+# The trainer's "stopped after a checkpoint, resume me" exit code (rsc_dist/core/contracts.py).
 EXIT_PREEMPTED=75
 
 : "${SLURM_NODEID:?node_launch.sh runs under srun (SLURM_NODEID unset)}"

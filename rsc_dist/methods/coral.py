@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsc_dist.fields import setting
+from rsc_dist.core.fields import setting
 from rsc_dist.methods.base import Method
 
 _PADDING_DOMAIN = -1.0  # the domain column of a padded row: matches no domain

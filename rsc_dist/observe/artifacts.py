@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rsc_dist import selection
-from rsc_dist.checkpoints import BEST_RELATIVE
-from rsc_dist.contracts import CONFIG_FILE
+from rsc_dist.core import selection
+from rsc_dist.trainer.checkpoints import BEST_RELATIVE
+from rsc_dist.core.contracts import CONFIG_FILE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

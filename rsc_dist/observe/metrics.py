@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 
-from rsc_dist import selection
+from rsc_dist.core import selection
 
 STEP_KEY = "trainer/step"
 EPOCH_KEY = "trainer/epoch"

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rsc_dist.checkpoints import BEST_RELATIVE
+from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 from rsc_dist.config import Config, to_dict, trajectory_fingerprint
-from rsc_dist.contracts import RESULTS_SCHEMA_VERSION
+from rsc_dist.core.contracts import RESULTS_SCHEMA_VERSION
 from rsc_dist.observe.identity import dataset_name
 from rsc_dist.observe.meter import Meter
 
 
 def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | None = None) -> dict:
-    """RUN/results.json (layout: rsc_dist/contracts.py, RESULTS_LAYOUT); run_dir decides
+    """RUN/results.json (layout: rsc_dist/core/contracts.py, RESULTS_LAYOUT); run_dir decides
     best_checkpoint."""
     best_checkpoint = None
     if run_dir is not None and (Path(run_dir) / BEST_RELATIVE).is_dir():

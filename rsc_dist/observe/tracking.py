@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from rsc_dist import selection
-from rsc_dist.checkpoints import BEST_RELATIVE
+from rsc_dist.core import selection
+from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 from rsc_dist.config import Config
-from rsc_dist.contracts import RESULTS_FILE
+from rsc_dist.core.contracts import RESULTS_FILE
 from rsc_dist.observe.artifacts import best_model_artifact
 from rsc_dist.observe.identity import (remember_run_id, run_config, run_tags, tensorboard_hparams,
                                        tracker_name, wandb_mode, wandb_run_id)

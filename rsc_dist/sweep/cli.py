@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from rsc_dist.contracts import EXIT_CONFIG
+from rsc_dist.core.contracts import EXIT_CONFIG
 from rsc_dist.sweep.spec import Sweep, SweepError, load_sweep
 from rsc_dist.sweep.state import check_finished_runs, write_record
 

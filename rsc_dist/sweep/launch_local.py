@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsc_dist.contracts import EXIT_OK, EXIT_PREEMPTED, PREEMPTED_MARKER, RESULTS_FILE
+from rsc_dist.core.contracts import EXIT_OK, EXIT_PREEMPTED, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.sweep.spec import RunSpec, Sweep, SweepError
 from rsc_dist.sweep.state import DONE, check_finished_runs, write_record
 

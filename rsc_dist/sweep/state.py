@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from rsc_dist.config import flatten, trajectory_settings
-from rsc_dist.contracts import RESULTS_FILE
+from rsc_dist.core.contracts import RESULTS_FILE
 from rsc_dist.sweep.spec import RunSpec, SweepError
 
 DONE, STARTED, NEW = "done", "started", "new"

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from rsc_dist.contracts import EXIT_CONFIG
+from rsc_dist.core.contracts import EXIT_CONFIG
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsc_dist.seeding import mix_seed
+from rsc_dist.core.seeding import mix_seed
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from rsc_dist.rsc import PooledLinearHead
+from rsc_dist.methods.rsc_masks import PooledLinearHead
 
 class Network(nn.Module):
     """A backbone's ``features`` and ``head``, with the method (if any) applied between them

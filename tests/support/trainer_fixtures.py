@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rsc_dist.contracts import CONFIG_FILE, PREEMPTED_MARKER
+from rsc_dist.core.contracts import CONFIG_FILE, PREEMPTED_MARKER
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rsc_dist import build, checkpoints, engine, methods
+from rsc_dist import methods
+from rsc_dist.trainer import build
+from rsc_dist.trainer import checkpoints
+from rsc_dist.trainer import engine
 from rsc_dist.config import Config, to_dict
-from rsc_dist.contracts import CHECKPOINTS_DIR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
-from rsc_dist.data import DevicePrefetch, make_loader
+from rsc_dist.core.contracts import CHECKPOINTS_DIR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
+from rsc_dist.data.streams import DevicePrefetch, make_loader
 from rsc_dist.observe.meter import Meter
 from rsc_dist.observe.tracking import Tracking
-from rsc_dist.plan import DataPlan
+from rsc_dist.data.plan import DataPlan
 
 
 @dataclass

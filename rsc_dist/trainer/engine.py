@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rsc_dist import methods, selection
+from rsc_dist import methods
+from rsc_dist.core import selection
 from rsc_dist.config import Config
-from rsc_dist.data import device_images, normalize_on_device
+from rsc_dist.data.streams import device_images, normalize_on_device
 
 
 
@@ -208,7 +209,7 @@ def evaluation_autocast(accelerator):
 
 def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int, sources: tuple[str, ...] = (),
                          targets: tuple[str, ...] = ()) -> dict:
-    """One evaluation record (layout: rsc_dist/contracts.py, EVALUATION_RECORD) from summed
+    """One evaluation record (layout: rsc_dist/core/contracts.py, EVALUATION_RECORD) from summed
     counts. ``sources``/``targets`` list every domain of the role, so one without samples shows
     as n = 0; without them, the domains that had samples."""
     result = {"step": step, "val_acc": None, "val_acc_mean": None, "val_per_domain": {}, "val_n": {},

@@ -20,7 +20,7 @@ launcher itself exits with depends on how the stop reached it; see launch/README
 type and meaning); tests/test_contracts.py checks a trainer-written file against it, and
 rsc_dist.results reads versions 1 to 3. Every evaluation (``best``, ``last`` and each entry of
 ``history``) is an EVALUATION_RECORD, which keeps per-domain accuracies AND sample counts, so
-any selection rule (rsc_dist/selection.py) can be applied after the fact. Accuracies are
+any selection rule (rsc_dist/core/selection.py) can be applied after the fact. Accuracies are
 fractions in [0, 1]. Version 2 had no val_acc_mean/val_n/target_n/selection keys and a
 "num_samples" map instead; version 1 had no "schema_version" key.
 """
@@ -34,7 +34,7 @@ EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
 
 # The run folder RUN as other programs find it (rsc_dist.evaluate, results, the sweeps, the SLURM
-# scripts); rsc_dist/checkpoints.py names what lies inside RUN/CHECKPOINTS_DIR (checkpoint_STEP/,
+# scripts); rsc_dist/trainer/checkpoints.py names what lies inside RUN/CHECKPOINTS_DIR (checkpoint_STEP/,
 # best/ and their files). tests/test_contracts.py pins these names: users' scripts rely on them.
 PREEMPTED_MARKER = "preempted.json"
 RESULTS_FILE = "results.json"
@@ -66,7 +66,7 @@ RESULTS_LAYOUT = {
     "seed": ("int", "run.seed"),
     "targets": ("list[str]", "held-out domains"),
     "sources": ("list[str]", "training domains"),
-    "selection": ("str", "the rule that chose best (train.selection; rsc_dist/selection.py)"),
+    "selection": ("str", "the rule that chose best (train.selection; rsc_dist/core/selection.py)"),
     "best": ("evaluation|null", "the evaluation the selection rule chose (null: it could choose none)"),
     "last": ("evaluation", "the last evaluation"),
     "best_checkpoint": ("str|null", "RUN-relative folder with best's weights (checkpoints/best), or null"),

@@ -1,7 +1,7 @@
 """Model selection: which evaluation of a run is reported as "best".
 
 Pure functions over evaluation records (the entries of results.json's ``history``, layout in
-rsc_dist/contracts.py), so the trainer (choosing checkpoints/best/ as it goes) and
+rsc_dist/core/contracts.py), so the trainer (choosing checkpoints/best/ as it goes) and
 ``python -m rsc_dist.results --selection RULE`` (choosing after the fact) apply the same rules:
 
     source_val_mean    DomainBed's training-domain validation: the MEAN over the source domains

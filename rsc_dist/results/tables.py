@@ -18,7 +18,7 @@ one W&B run (job type "results"): online with an API key, else offline under OUT
 later with `wandb sync OUT/wandb/offline-run-*`); WANDB_MODE=disabled skips it.
 
 Reads results.json schema versions 1 to 3; the layout is described once, in
-rsc_dist/contracts.py. A W&B run folder's copy or link of results.json (wandb/*run-*/files/) is
+rsc_dist/core/contracts.py. A W&B run folder's copy or link of results.json (wandb/*run-*/files/) is
 not a run of its own: each run is read once whatever its tracker.
 """
 
@@ -35,9 +35,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsc_dist import methods, selection
+from rsc_dist import methods
+from rsc_dist.core import selection
 from rsc_dist.config import flatten
-from rsc_dist.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
+from rsc_dist.core.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
 from rsc_dist.observe.identity import wandb_mode_from_environment
 
 METRICS = ("best", "last")
@@ -119,7 +120,7 @@ def dataset_key(name: str) -> str:
 
 
 def load_run(path: Path, rule: str | None = None) -> Run:
-    """Parse and check one results.json (layout: rsc_dist/contracts.py). ``rule``: choose "best"
+    """Parse and check one results.json (layout: rsc_dist/core/contracts.py). ``rule``: choose "best"
     from the history with this selection rule instead of taking the run's own choice."""
     try:
         data = json.loads(Path(path).read_text())
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="log the tables to W&B (offline under OUT/wandb/ without an API key)")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "rsc_dist"))
     args = p.parse_args(argv)
-    from rsc_dist.sweep import select as sweep_select  # a sweep's folder: selection across its trials
+    from rsc_dist.results import sweep_select  # a sweep's folder: selection across its trials
 
     if args.selection and sweep_select.is_sweep(args.runs_dir):
         return sweep_select.report(args.runs_dir, args.selection, args.out)

@@ -1,7 +1,7 @@
 """A stand-in for rsc_dist/train.py that honours the trainer's launch contract, and nothing else.
 
 The SLURM tests run the real launch scripts with this script as the trainer
-(`RSC_TRAIN_SCRIPT=tests/fake_trainer.py`), so the scripts' behaviour (ranks, rendezvous,
+(`RSC_TRAIN_SCRIPT=tests/support/fake_trainer.py`), so the scripts' behaviour (ranks, rendezvous,
 signals, requeue, resume, output folders, W&B variables) is tested in seconds and without data.
 The contract it honours, the same the real trainer must:
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsc_dist.seeding import mix_seed
+from rsc_dist.core.seeding import mix_seed
 
 Mode = Literal["spatial", "channel"]
 Strategy = Literal["top_gradient", "top_activation", "random"]

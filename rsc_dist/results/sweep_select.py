@@ -3,7 +3,7 @@
     python -m rsc_dist.results SWEEP_OUT --selection source_val_mean
 
 For each method, target and trial seed, every trial (hyperparameter setting) of that cell is a
-candidate; within each trial's run the rule picks an evaluation (rsc_dist/selection.py), and the
+candidate; within each trial's run the rule picks an evaluation (rsc_dist/core/selection.py), and the
 trial whose picked evaluation scores best under the rule wins. Its target accuracy is the
 cell's value for that seed; the table gives mean +- std over the trial seeds (and the average
 over targets as results.py does). A second table shows every hyperparameter setting on its
@@ -28,9 +28,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsc_dist import selection
-from rsc_dist.contracts import RESULTS_FILE
-from rsc_dist.results import Cell, ResultsError, average_cell
+from rsc_dist.core import selection
+from rsc_dist.core.contracts import RESULTS_FILE
+from rsc_dist.results.tables import Cell, ResultsError, average_cell
 from rsc_dist.sweep.state import RECORD_FILE
 
 

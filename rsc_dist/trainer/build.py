@@ -13,11 +13,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from rsc_dist import engine, methods
+from rsc_dist import methods
+from rsc_dist.trainer import engine
 from rsc_dist.config import Config, ConfigError
-from rsc_dist.models import build_model
+from rsc_dist.models.backbones import build_model
 from rsc_dist.observe.identity import tracker_name
-from rsc_dist.plan import DataPlan
+from rsc_dist.data.plan import DataPlan
 
 # Every collective waits at most this long (a rank that died leaves the others waiting).
 COLLECTIVE_TIMEOUT_S = int(os.environ.get("RSC_DIST_TIMEOUT_S", "1800"))
