@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsc_dist.methods import ERM, RSC
-from rsc_dist.models.backbones import Network, build_model
-from rsc_dist.methods.rsc_released import released_mask
 from rsc_dist.methods.rsc_masks import DEFAULT_P_BATCH, draw_mode, rsc_mask
+from rsc_dist.methods.rsc_released import released_mask
+from rsc_dist.models.build import build_model
+from rsc_dist.models.network import Network
 
 VARIANTS = ("erm", "rsc_closed_form", "rsc_autograd", "rsc_released_logic")
 

@@ -33,11 +33,12 @@ import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rsc_dist.trainer import engine
 from rsc_dist.config import load_config
-from rsc_dist.data.streams import make_loader
-from rsc_dist.trainer.build import build_training_model
 from rsc_dist.data.plan import DataPlan, data_root
+from rsc_dist.data.streams import make_loader
+from rsc_dist.trainer import optim
+from rsc_dist.trainer.build import build_training_model
+from rsc_dist.trainer.step import prepare_batch, train_step
 
 
 def loader_rate(stream, workers: int, steps: int) -> float:
@@ -137,14 +138,14 @@ def augment_costs(sizes=(32, 256), image_size: int = 224, repeats: int = 2) -> l
 
 def training_rate(accelerator, model, optimizer, scheduler, config, batches, steps: int) -> float:
     device = accelerator.device
-    step_inputs = lambda step, batch: engine.prepare_batch(config, batch, device, step, 10**9)
+    step_inputs = lambda step, batch: prepare_batch(config, batch, device, step, 10**9)
     first = next(batches)
-    engine.train_step(accelerator, model, optimizer, scheduler, step_inputs(0, first))  # warm-up
+    train_step(accelerator, model, optimizer, scheduler, step_inputs(0, first))  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     start, images = time.perf_counter(), 0
     for step, batch in zip(range(1, steps + 1), batches):
-        engine.train_step(accelerator, model, optimizer, scheduler, step_inputs(step, batch))
+        train_step(accelerator, model, optimizer, scheduler, step_inputs(step, batch))
         images += batch["label"].shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -193,8 +194,8 @@ def main(argv=None) -> dict:
 
     model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
                                  num_domains=len(plan.domains))
-    optimizer = engine.build_optimizer(config, model)
-    scheduler = engine.build_scheduler(config, optimizer, 10**9)
+    optimizer = optim.build_optimizer(config, model)
+    scheduler = optim.build_scheduler(config, optimizer, 10**9)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream.set_position(0, 0)
     from_shards = iter(DevicePrefetch(make_loader(stream, config.data.workers, accelerator.device.type == "cuda"),
@@ -202,7 +203,7 @@ def main(argv=None) -> dict:
     rates["train, from shards"] = training_rate(accelerator, model, optimizer, scheduler, config,
                                                 from_shards, args.steps)
     first = next(iter(make_loader(stream, 0, False)))
-    pixels = engine.prepare_batch(config, first, accelerator.device, 0, 10**9).pixels
+    pixels = prepare_batch(config, first, accelerator.device, 0, 10**9).pixels
     synthetic_batch = {"image": pixels, "label": first["label"]}  # decoded and augmented already
     synthetic = iter(lambda: synthetic_batch, None)
     rates["train, synthetic in memory"] = training_rate(accelerator, model, optimizer, scheduler, config,

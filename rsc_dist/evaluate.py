@@ -28,14 +28,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch rsc_dist/evaluate.py` runs this as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rsc_dist.trainer import build
-from rsc_dist.trainer import checkpoints
-from rsc_dist.trainer import cpu_launch
-from rsc_dist.trainer import engine
 from rsc_dist.config import Config, ConfigError, load_config
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK
-from rsc_dist.data.streams import DataError, error_line
 from rsc_dist.data.plan import DataPlan, data_root
+from rsc_dist.data.streams import DataError, error_line
+from rsc_dist.trainer import build, checkpoints, cpu_launch, evaluation
 
 
 class EvaluateError(ConfigError):
@@ -126,7 +123,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str] | None = None,
         loaders = domain_loaders(plan, list(dict.fromkeys(domains)), accelerator.process_index, pin)
     else:
         loaders = plan.eval_loaders(accelerator.process_index, pin)
-    counts = engine.evaluate(accelerator, model, loaders, config, len(plan.domains))
+    counts = evaluation.evaluate(accelerator, model, loaders, config, len(plan.domains))
     result = document(counts, plan, checkpoint, whole_domains=bool(domains))
     return {"checkpoint": result["checkpoint"], "step": checkpoint_step(weights.parent), **result}
 
@@ -143,8 +140,8 @@ def checkpoint_step(folder: Path) -> int | None:
 
 
 def document(counts: dict, plan, checkpoint: Path, whole_domains: bool) -> dict:
-    """Per-domain top-1/top-5/n from summed counts, with engine.summarize_evaluation's arithmetic."""
-    summary = engine.summarize_evaluation(counts, plan.domains, -1, plan.sources, plan.targets)
+    """Per-domain top-1/top-5/n from summed counts, with evaluation.summarize_evaluation's arithmetic."""
+    summary = evaluation.summarize_evaluation(counts, plan.domains, -1, plan.sources, plan.targets)
     per_domain = {}
     for role, (top1, top5, total) in counts.items():
         for i, domain in enumerate(plan.domains):

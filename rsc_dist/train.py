@@ -27,19 +27,14 @@ import torch
 from accelerate.utils import set_seed
 
 from rsc_dist import methods
-from rsc_dist.trainer import build
-from rsc_dist.trainer import checkpoints
-from rsc_dist.trainer import cpu_launch
-from rsc_dist.trainer import engine
-from rsc_dist.trainer import loop
+from rsc_dist.config import Config, ConfigError, describe_fields, load_config, save_config, to_dict, trajectory_settings
 from rsc_dist.core import selection
-from rsc_dist.config import (Config, ConfigError, describe_fields, load_config, save_config, to_dict,
-                             trajectory_settings)
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
+from rsc_dist.data.plan import DataPlan, data_root
 from rsc_dist.data.streams import DataError, error_line
 from rsc_dist.observe.report import format_accuracy_table, results_document
 from rsc_dist.observe.tracking import start_tracking
-from rsc_dist.data.plan import DataPlan, data_root
+from rsc_dist.trainer import build, checkpoints, cpu_launch, loop, state, stopping
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -84,14 +79,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
 def _run(config: Config, args: argparse.Namespace, run_dir: Path, accelerator) -> int:
     # Installed right after the Accelerator exists: a stop requested during setup is honoured
     # at the first agreement step instead of killing the process with the default action.
-    stop = engine.StopFlags(accelerator.device)
+    stop = stopping.StopFlags(accelerator.device)
     stop.install()
     set_seed(config.run.seed)
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
     check_selection_data(config, plan)
 
     model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
-    state = engine.TrainState(data_order=plan.data_order(), settings=trajectory_settings(config))
+    state = state.TrainState(data_order=plan.data_order(), settings=trajectory_settings(config))
     accelerator.register_for_checkpointing(scheduler, state)
     resume_from(accelerator, state, run_dir, args.resume)
     if accelerator.is_main_process:
@@ -133,7 +128,7 @@ def check_selection_data(config: Config, plan: DataPlan) -> None:
                           "reconvert with a validation split, or pass --train.selection=last")
 
 
-def resume_from(accelerator, state: engine.TrainState, run_dir: Path, resume: str) -> None:
+def resume_from(accelerator, state: state.TrainState, run_dir: Path, resume: str) -> None:
     """Load the checkpoint ``resume`` names (the newest that loads, for auto/force) and check it
     continues this run: same trajectory settings and sample order. A difference is a ConfigError
     listing it (exit 2) unless ``resume`` is "force", which is recorded."""
@@ -156,7 +151,7 @@ def resume_from(accelerator, state: engine.TrainState, run_dir: Path, resume: st
     state.forced_resumes.append({"step": state.step, "changes": changes})
 
 
-def resume_differences(state: engine.TrainState, expected: dict) -> list[str]:
+def resume_differences(state: state.TrainState, expected: dict) -> list[str]:
     """What differs between a loaded checkpoint's run and this one, one line per key."""
     saved_order = state.data_order
     if saved_order.get("order_version") != expected["data_order"]["order_version"]:

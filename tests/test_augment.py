@@ -10,14 +10,13 @@ import io
 import numpy as np
 import pytest
 import torch
-
-from data_prep.images import check_pixels
 from PIL import Image
 from torchcodec.decoders import decode_jpeg, decode_png
 from torchvision.transforms.v2 import functional as TF
 
+from data_prep.images import check_pixels
 from rsc_dist.data import augment as A
-from rsc_dist.data.augment import (Augment, augment_batch, augment_one, decode_batch, draw_params, eval_resize, is_jpeg)
+from rsc_dist.data.augment import Augment, augment_batch, augment_one, decode_batch, draw_params, eval_resize, is_jpeg
 
 # (height, width): every batch mixes sizes, so crop+resize sees different shapes.
 SIZES = [(30, 40), (40, 30), (45, 90), (90, 45), (120, 90), (64, 64), (33, 77), (100, 100),

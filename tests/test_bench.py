@@ -2,9 +2,8 @@
 
 import torch
 
-from support.trainer_fixtures import tiny_shards  # noqa: F401  (fixture)
-
 from rsc_dist import bench
+from support.trainer_fixtures import tiny_shards  # noqa: F401  (fixture)
 
 
 def test_variants_compute_the_same_logits():

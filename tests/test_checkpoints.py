@@ -18,10 +18,9 @@ import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from rsc_dist.trainer import checkpoints
-from rsc_dist.trainer import engine
-from rsc_dist.trainer.checkpoints import CheckpointError
 from rsc_dist.config import ConfigError
+from rsc_dist.trainer import checkpoints, state
+from rsc_dist.trainer.checkpoints import CheckpointError
 from support.trainer_fixtures import tiny_shards  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +35,7 @@ class Trainer:
         model = torch.nn.Linear(features, outputs)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.state = engine.TrainState()
+        self.state = state.TrainState()
         self.accelerator.register_for_checkpointing(self.state)
         self.features = features
 

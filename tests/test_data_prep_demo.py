@@ -7,8 +7,8 @@ from data_prep.demo import ensure_demo_shards
 from data_prep.manifest import load_manifest
 from data_prep.synth import DOMAINS, write_demo_dataset
 from data_prep.synth_shapes import CLASSES
-from support.data_prep_samples import tree_bytes
 from data_prep.verify import verify
+from support.data_prep_samples import tree_bytes
 
 SMALL = dict(image_size=16, images_per_class=5)
 

@@ -8,8 +8,8 @@ import pytest
 
 from data_prep.convert import convert
 from data_prep.manifest import load_manifest
-from support.data_prep_samples import image_bytes, make_pacs, tree_bytes, write
 from data_prep.verify import verify
+from support.data_prep_samples import image_bytes, make_pacs, tree_bytes, write
 
 
 @pytest.fixture

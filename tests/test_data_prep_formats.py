@@ -11,8 +11,15 @@ import pytest
 
 from data_prep.convert import convert
 from data_prep.manifest import load_manifest
-from support.data_prep_samples import (image_bytes, image_of, make_class_tree, make_domainnet, make_pacs, read_all_samples,
-                               write)
+from support.data_prep_samples import (
+    image_bytes,
+    image_of,
+    make_class_tree,
+    make_domainnet,
+    make_pacs,
+    read_all_samples,
+    write,
+)
 
 
 def _convert(fmt: str, src: Path, out: Path, **options):

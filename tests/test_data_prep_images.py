@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.images import (MAX_PIXELS, AcceptedImage, RejectedImage, check_pixels, decode_rgb, prepare_image)
+from data_prep.images import MAX_PIXELS, AcceptedImage, RejectedImage, check_pixels, decode_rgb, prepare_image
 from data_prep.keys import sanitize_key
 from data_prep.synth import render_image
 from data_prep.tarshard import split_member_name

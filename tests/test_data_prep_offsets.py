@@ -11,7 +11,14 @@ from data_prep.convert import convert
 from data_prep.index import index_manifest
 from data_prep.manifest import FORMAT_VERSION, ManifestError, load_manifest, write_manifest
 from data_prep.shard_writer import STATE_DIR
-from data_prep.tarshard import TAR_BLOCK, iter_tar_samples, parse_sample_span, sample_members, scan_sample_offsets, write_tar
+from data_prep.tarshard import (
+    TAR_BLOCK,
+    iter_tar_samples,
+    parse_sample_span,
+    sample_members,
+    scan_sample_offsets,
+    write_tar,
+)
 from support.data_prep_samples import image_bytes, make_pacs
 
 

@@ -13,8 +13,8 @@ from data_prep.convert import convert
 from data_prep.manifest import ManifestError, load_manifest, write_manifest
 from data_prep.shard_writer import file_sha256
 from data_prep.tarshard import sample_members, write_tar
-from support.data_prep_samples import image_bytes, make_pacs, png_header_only
 from data_prep.verify import verify
+from support.data_prep_samples import image_bytes, make_pacs, png_header_only
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import torch
 from data_prep.manifest import load_manifest
 from rsc_dist.data import streams as data
 from rsc_dist.data.augment import Augment
-from rsc_dist.data.streams import DataError, EvalStream, TrainStream, check_shard_sizes, make_loader
 from rsc_dist.data.order import ShardRef
+from rsc_dist.data.streams import DataError, EvalStream, TrainStream, check_shard_sizes, make_loader
 from support.trainer_fixtures import tiny_shards  # noqa: F401  (fixture)
 
 AUGMENT = Augment(24, (0.7, 1.0), True, 0.3, 0.1)

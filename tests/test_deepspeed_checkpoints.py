@@ -9,18 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_deepspeed_equivalence import CLASSES, _fresh_accelerate_state, deepspeed_launch_env
 
 from support.dist_utils import run_on_ranks
-from test_deepspeed_equivalence import CLASSES, _fresh_accelerate_state, deepspeed_launch_env
 from support.trainer_fixtures import REPO
 
 pytest.importorskip("deepspeed")
 
 
 def _save_with_a_full_disk_on_rank_1(rank, world_size, run_dir):
-    from rsc_dist.trainer import build
-    from rsc_dist.trainer import checkpoints
     from rsc_dist.config import load_config
+    from rsc_dist.trainer import build, checkpoints
 
     os.environ.update(deepspeed_launch_env(REPO / "launch" / "accelerate" / "deepspeed_zero2.yaml"))
     _fresh_accelerate_state()

@@ -17,9 +17,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_deepspeed_equivalence import (
+    CLASSES,
+    GLOBAL_BATCH,
+    _fresh_accelerate_state,
+    _global_batch,
+    deepspeed_launch_env,
+)
 
 from support.dist_utils import run_on_ranks
-from test_deepspeed_equivalence import CLASSES, GLOBAL_BATCH, _fresh_accelerate_state, _global_batch, deepspeed_launch_env
 from support.trainer_fixtures import REPO
 
 pytest.importorskip("deepspeed")
@@ -35,8 +41,8 @@ LEARNING_RATE = {"sgd": 0.05, "adam": 0.001}
 
 
 def _objects(stage, name, world_size, run_dir):
-    from rsc_dist.trainer import build
     from rsc_dist.config import load_config
+    from rsc_dist.trainer import build
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     os.environ.clear()
@@ -59,15 +65,15 @@ def _objects(stage, name, world_size, run_dir):
 
 
 def _train(config, accelerator, model, optimizer, scheduler, steps):
-    from rsc_dist.trainer import engine
+    from rsc_dist.trainer.step import prepare_batch, train_step
 
     local = GLOBAL_BATCH // accelerator.num_processes
     part = slice(accelerator.process_index * local, (accelerator.process_index + 1) * local)
     for step in steps:
         images, labels = _global_batch(step)
-        inputs = engine.prepare_batch(config, {"image": images[part], "label": labels[part]},
+        inputs = prepare_batch(config, {"image": images[part], "label": labels[part]},
                                       accelerator.device, step, steps_per_epoch=100)
-        engine.train_step(accelerator, model, optimizer, scheduler, inputs)
+        train_step(accelerator, model, optimizer, scheduler, inputs)
 
 
 def _whole_state(config, accelerator, model, optimizer, scheduler):

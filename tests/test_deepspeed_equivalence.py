@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-1, -2 and -3 on 2 CPU ranks reach the weights of DDP on 2 ranks, RSC and ERM,
 through the trainer's own assembly (build.make_accelerator, build.training_objects) and step
-(engine.train_step); RSC's masks under ZeRO-3, whose head weight is partitioned, equal DDP's.
+(rsc_dist.trainer.step.train_step); RSC's masks under ZeRO-3, whose head weight is partitioned, equal DDP's.
 
 Same global batch, BatchNorm statistics frozen (model.freeze_bn), fp32. One launch of 2 ranks
 runs every variant in turn (Accelerate's state is reset between them; the gloo group stays).
@@ -61,9 +61,9 @@ def _fresh_accelerate_state():
 
 
 def _train_variants(rank, world_size, out_dir):
-    from rsc_dist.trainer import build
-    from rsc_dist.trainer import engine
     from rsc_dist.config import load_config
+    from rsc_dist.trainer import build
+    from rsc_dist.trainer.step import prepare_batch, train_step
 
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=STEPS, domains=("a", "b"),
                            local_forward_batch=GLOBAL_BATCH // world_size, global_forward_batch=GLOBAL_BATCH)
@@ -96,9 +96,9 @@ def _train_variants(rank, world_size, out_dir):
         for step in range(STEPS):
             images, labels = _global_batch(step)
             part = slice(rank * plan.local_forward_batch, (rank + 1) * plan.local_forward_batch)
-            inputs = engine.prepare_batch(config, {"image": images[part], "label": labels[part]},
+            inputs = prepare_batch(config, {"image": images[part], "label": labels[part]},
                                           accelerator.device, step, steps_per_epoch=100)
-            out = engine.train_step(accelerator, model, optimizer, scheduler, inputs)
+            out = train_step(accelerator, model, optimizer, scheduler, inputs)
             masks.append(out["mask"])
         seconds_per_step = (time.perf_counter() - started) / STEPS
         # Outside the head's forward, ZeRO-3 leaves each rank an empty placeholder of the
@@ -160,7 +160,7 @@ def test_zero_stages_reach_the_weights_of_ddp(tmp_path):
 
 
 def _initial_weights():
-    from rsc_dist.models.backbones import build_model
+    from rsc_dist.models.build import build_model
 
     torch.manual_seed(0)
     return build_model("resnet18", CLASSES).state_dict()

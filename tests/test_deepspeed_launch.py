@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rsc_dist import bench
-from rsc_dist.trainer import build
 from rsc_dist.config import ConfigError, load_config
+from rsc_dist.trainer import build
 from support.trainer_fixtures import REPO, explain, launch, tiny_config, tiny_shards  # noqa: F401  (fixture)
 
 ACCELERATE_CONFIGS = REPO / "launch" / "accelerate"

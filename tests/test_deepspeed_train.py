@@ -18,11 +18,10 @@ import sys
 
 import pytest
 import torch
-
 from test_deepspeed_launch import ACCELERATE_CONFIGS, launch_with_config
+
 from rsc_dist.core.contracts import PREEMPTED_MARKER
-from support.trainer_fixtures import (REPO, explain, launch_command, sigterm_the_job, tiny_config,  # noqa: F401
-                              tiny_shards)
+from support.trainer_fixtures import REPO, explain, launch_command, sigterm_the_job, tiny_config, tiny_shards  # noqa: F401
 
 pytest.importorskip("deepspeed")
 

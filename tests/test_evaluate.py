@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 from data_prep.manifest import load_manifest
 from rsc_dist import evaluate, train
-from rsc_dist.trainer import checkpoints
 from rsc_dist.config import load_config, save_config
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
+from rsc_dist.trainer import checkpoints
 from support.trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
 
 
@@ -55,7 +55,7 @@ def test_weights_that_do_not_fit_are_a_one_line_error(tmp_path, tiny_shards, cap
     best = tmp_path / checkpoints.BEST_DIR
     best.mkdir()
     save_config(load_config(str(tiny_config(tmp_path, tiny_shards))), best / checkpoints.BEST_CONFIG_FILE)
-    from rsc_dist.models.backbones import build_model
+    from rsc_dist.models.build import build_model
 
     classes = load_manifest(tiny_shards).num_classes
     weights = build_model("resnet18", classes - 1).state_dict()  # a class fewer than the data

@@ -6,8 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rsc_dist.trainer import build
-from rsc_dist.trainer import engine
+from rsc_dist.trainer import build, evaluation
 
 
 def _deepspeed_accelerator(precision):
@@ -19,7 +18,7 @@ def _deepspeed_accelerator(precision):
 
 def _output_dtype(accelerator):
     layer = torch.nn.Linear(4, 4)
-    with engine.evaluation_autocast(accelerator):
+    with evaluation.evaluation_autocast(accelerator):
         return layer(torch.ones(2, 4)).dtype
 
 

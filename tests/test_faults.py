@@ -11,11 +11,11 @@ import pytest
 from torch.utils.data import DataLoader, IterableDataset
 
 from data_prep.manifest import load_manifest
-from support.data_prep_samples import corrupt_first_image
 from rsc_dist import train
-from rsc_dist.data import streams as data
-from rsc_dist.trainer import engine
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
+from rsc_dist.data import streams as data
+from rsc_dist.trainer.stopping import start_loader
+from support.data_prep_samples import corrupt_first_image
 from support.trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -112,9 +112,9 @@ def _slow_worker_start(worker_id):
 def test_a_sigterm_while_loader_workers_start_does_not_kill_them():
     """A job's SIGTERM reaches the loader workers too; one that arrives while a worker is being
     started (every epoch and evaluation forks new ones) must not kill it before it ignores the
-    signal: the rank would crash instead of saving. (Without engine.start_loader the worker
+    signal: the rank would crash instead of saving. (Without start_loader the worker
     below dies: "DataLoader worker exited unexpectedly".)"""
     loader = DataLoader(_Numbers(), batch_size=None, num_workers=1, worker_init_fn=_slow_worker_start)
-    batches = engine.start_loader(loader)
+    batches = start_loader(loader)
     os.kill(batches._workers[0].pid, signal.SIGTERM)
     assert list(batches) == [0, 1, 2, 3]

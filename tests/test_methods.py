@@ -9,11 +9,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
+from test_trainer_step_equivalence import compare_ranks
 
 from rsc_dist import methods, train
 from rsc_dist.config import load_config, trajectory_settings
 from rsc_dist.observe.meter import Meter
-from test_trainer_step_equivalence import compare_ranks
 from support.trainer_fixtures import tiny_config, tiny_shards  # noqa: F401  (fixture)
 
 

@@ -10,8 +10,11 @@ import torchvision
 from torch import nn
 
 from rsc_dist.methods import RSC
-from rsc_dist.models.backbones import BACKBONES, build_model, pretrained_path
-from rsc_dist.methods.rsc_masks import PooledLinearHead, _autograd_saliency, saliency
+from rsc_dist.methods.rsc_masks import _autograd_saliency, saliency
+from rsc_dist.models.backbones import BACKBONES
+from rsc_dist.models.build import build_model
+from rsc_dist.models.heads import PooledLinearHead
+from rsc_dist.models.weights import pretrained_path
 
 CLASSES = 5
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from support.dist_utils import run_on_ranks
 from rsc_dist.methods.coral import coral_penalty
+from support.dist_utils import run_on_ranks
 
 NUM_DOMAINS = 4  # index 3 never appears: a held-out target domain
 

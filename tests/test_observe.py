@@ -11,8 +11,8 @@ import torch
 from accelerate import Accelerator
 
 from rsc_dist import config as config_module
-from rsc_dist.core import contracts
 from rsc_dist.config import load_config
+from rsc_dist.core import contracts
 from rsc_dist.observe.identity import REPO_ROOT, git_commit, remember_run_id, run_tags, tracker_name, wandb_run_id
 from rsc_dist.observe.masks import mask_caption
 from rsc_dist.observe.metrics import TABLE_COLUMNS, TABLE_KEY, evaluation_metrics, per_domain_rows

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from rsc_dist.results import tables as results
 from rsc_dist.core.contracts import RESULTS_FILE
+from rsc_dist.results import tables as results
 
 
 def write_run(root, algorithm, target, seed, best, last, *, dataset="PACS", arch="resnet18",

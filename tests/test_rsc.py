@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from rsc_dist.methods.rsc_released import released_mask
 from rsc_dist.methods import rsc_masks as rsc
-from rsc_dist.methods.rsc_masks import PooledLinearHead, draw_mode, rsc_mask
+from rsc_dist.methods.rsc_masks import draw_mode, rsc_mask
+from rsc_dist.methods.rsc_released import released_mask
+from rsc_dist.models.heads import PooledLinearHead
 
 
 class MLPHead(nn.Module):

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from support.dist_utils import run_on_ranks
 from rsc_dist.methods import RSC
-from rsc_dist.models.backbones import build_model
-from rsc_dist.methods.rsc_masks import PooledLinearHead, rsc_mask
+from rsc_dist.methods.rsc_masks import rsc_mask
+from rsc_dist.models.build import build_model
+from rsc_dist.models.heads import PooledLinearHead
+from support.dist_utils import run_on_ranks
 
 NUM_CLASSES = 5
 

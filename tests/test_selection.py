@@ -2,8 +2,9 @@
 
 import pytest
 
-from rsc_dist.trainer import engine
 from rsc_dist.core import selection
+from rsc_dist.trainer.evaluation import summarize_evaluation
+from rsc_dist.trainer.state import TrainState
 
 
 def record(step, val, target, counts=(90, 10)):
@@ -59,15 +60,15 @@ def test_older_records_without_counts():
 
 def test_record_evaluation_never_keeps_an_unscored_first_evaluation():
     """Planted defect: with no source validation (val acc None) the FIRST evaluation stayed "best"."""
-    state = engine.TrainState()
+    state = TrainState()
     no_val = {"step": 1, "val_acc": None, "val_per_domain": {}, "val_n": {"big": 0}, "target_acc": {"t": 0.1}}
     assert state.record_evaluation(no_val, "source_val_pooled") is False and state.best == {}
     assert state.record_evaluation(HISTORY[0], "source_val_pooled") is True and state.best["step"] == 1
-    state = engine.TrainState()
+    state = TrainState()
     for evaluation in HISTORY:
         state.record_evaluation(evaluation, "last")
     assert state.best["step"] == 4 and [e["step"] for e in state.history] == [1, 2, 3, 4]
-    state = engine.TrainState()
+    state = TrainState()
     chosen = [state.record_evaluation(e, "source_val_mean") for e in HISTORY]
     assert chosen == [True, False, False, False] and state.best["step"] == 1
 
@@ -78,7 +79,7 @@ def test_summarized_records_list_every_source_and_target_with_its_count():
     domains = ("big", "small", "t")
     counts = {"val": torch.tensor([[45.0, 0, 0], [80, 0, 0], [90, 0, 0]], dtype=torch.float64),
               "target": torch.tensor([[0, 0, 10.0], [0, 0, 40], [0, 0, 50]], dtype=torch.float64)}
-    summary = engine.summarize_evaluation(counts, domains, 7, ("big", "small"), ("t",))
+    summary = summarize_evaluation(counts, domains, 7, ("big", "small"), ("t",))
     assert summary["val_n"] == {"big": 90, "small": 0} and summary["target_n"] == {"t": 50}
     assert summary["val_acc"] == pytest.approx(0.5) and summary["val_acc_mean"] is None
     assert summary["target_acc"] == {"t": pytest.approx(0.2)} and summary["target_top5"] == {"t": pytest.approx(0.8)}
@@ -93,7 +94,7 @@ def test_a_checkpoint_from_before_train_selection_continues_under_the_pooled_rul
     from rsc_dist.train import resume_differences
 
     order = {"order_version": 2, "global_batch": 8}
-    old = engine.TrainState(data_order=dict(order), settings={"optim.lr": 0.01})
+    old = TrainState(data_order=dict(order), settings={"optim.lr": 0.01})
     same = {"data_order": order, "settings": {"optim.lr": 0.01, "train.selection": "source_val_pooled"}}
     assert resume_differences(old, same) == []
     other = {"data_order": order, "settings": {"optim.lr": 0.01, "train.selection": "source_val_mean"}}

@@ -11,12 +11,11 @@ from safetensors.torch import load_file
 
 from data_prep.manifest import load_manifest
 from rsc_dist import train
-from rsc_dist.core import contracts
-from rsc_dist.core import selection
-from rsc_dist.results import tables as results_module
-from rsc_dist.observe.metrics import TABLE_KEY
-from rsc_dist.trainer.checkpoints import MODEL_FILE
+from rsc_dist.core import contracts, selection
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, PREEMPTED_MARKER, RESULTS_FILE
+from rsc_dist.observe.metrics import TABLE_KEY
+from rsc_dist.results import tables as results_module
+from rsc_dist.trainer.checkpoints import MODEL_FILE
 from support.trainer_fixtures import explain, launch, launch_command, sigterm_the_job, tiny_config, tiny_shards  # noqa: F401
 from support.wandb_records import read_table, summarize
 

@@ -9,11 +9,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from support.dist_utils import run_on_ranks
 from rsc_dist import methods
-from rsc_dist.trainer import engine
 from rsc_dist.config import load_config
 from rsc_dist.trainer.build import build_training_model
+from rsc_dist.trainer.optim import build_optimizer, build_scheduler
+from rsc_dist.trainer.step import prepare_batch, train_step
+from support.dist_utils import run_on_ranks
 
 GLOBAL_BATCH, STEPS, CLASSES, DOMAINS = 8, 3, 5, 3
 # (algorithm, RSC strategy) pairs compared: every registered method with its defaults
@@ -46,8 +47,8 @@ def _train(rank, world_size, out_dir, algorithm, strategy):
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.eval()
-    optimizer = engine.build_optimizer(config, model)
-    scheduler = engine.build_scheduler(config, optimizer, STEPS)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, STEPS)
     model, optimizer = accelerator.prepare(model, optimizer)
     masked = []
     for step in range(STEPS):
@@ -56,8 +57,8 @@ def _train(rank, world_size, out_dir, algorithm, strategy):
         ids = torch.arange(GLOBAL_BATCH, dtype=torch.int64) * 7919 + step  # identities in the global order
         domains = (torch.arange(GLOBAL_BATCH) + step) % DOMAINS  # 2-3 samples of each per step
         batch = {"image": images[part], "label": labels[part], "sample_id": ids[part], "domain": domains[part]}
-        inputs = engine.prepare_batch(config, batch, accelerator.device, step, steps_per_epoch=100)
-        out = engine.train_step(accelerator, model, optimizer, scheduler, inputs)  # RSC's draws: the method's
+        inputs = prepare_batch(config, batch, accelerator.device, step, steps_per_epoch=100)
+        out = train_step(accelerator, model, optimizer, scheduler, inputs)  # RSC's draws: the method's
         masked.append(out["mask"])
     if rank == 0:
         state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
@@ -106,6 +107,6 @@ def compare_ranks(trained: Path, algorithm, strategy="top_gradient"):
 
 def _initial_state():
     torch.manual_seed(0)
-    from rsc_dist.models.backbones import build_model
+    from rsc_dist.models.build import build_model
 
     return build_model("resnet18", CLASSES).state_dict()

@@ -21,10 +21,10 @@ import functools
 import os
 from pathlib import Path
 
-from rsc_dist.data.augment import Augment
 from rsc_dist.config import Config, ConfigError
-from rsc_dist.data.streams import EvalStream, TrainStream, check_shard_sizes, make_loader
+from rsc_dist.data.augment import Augment
 from rsc_dist.data.order import ShardRef
+from rsc_dist.data.streams import EvalStream, TrainStream, check_shard_sizes, make_loader
 
 # What a checkpoint records about the sample order; a different one cannot continue the run.
 ORDER_VERSION = 2

@@ -32,9 +32,9 @@ from webdataset import tarfile_samples
 
 from data_prep.images import MAX_PIXELS, check_pixels, decode_rgb
 from data_prep.tarshard import parse_sample_span, scan_sample_offsets
+from rsc_dist.core.seeding import mix_seed
 from rsc_dist.data.augment import Augment, augment_batch, augment_one, decode_batch, draw_params, eval_resize, is_jpeg
 from rsc_dist.data.order import GroupOrder, ShardRef, rank_slice
-from rsc_dist.core.seeding import mix_seed
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 

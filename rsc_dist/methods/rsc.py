@@ -16,10 +16,17 @@ from typing import Literal
 from torch import Tensor
 
 from rsc_dist.core.fields import setting
-from rsc_dist.methods.base import Method
-from rsc_dist.methods.rsc_masks import (DEFAULT_P_BATCH, DEFAULT_P_CHANNEL, DEFAULT_P_SPATIAL, draw_mode,
-                          masked_sample_fraction, p_batch_schedule, rsc_mask)
 from rsc_dist.core.seeding import mix_seed
+from rsc_dist.methods.base import Method
+from rsc_dist.methods.rsc_masks import (
+    DEFAULT_P_BATCH,
+    DEFAULT_P_CHANNEL,
+    DEFAULT_P_SPATIAL,
+    draw_mode,
+    masked_sample_fraction,
+    p_batch_schedule,
+    rsc_mask,
+)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsc_dist.core.seeding import mix_seed
+from rsc_dist.models.heads import PooledLinearHead
 
 Mode = Literal["spatial", "channel"]
 Strategy = Literal["top_gradient", "top_activation", "random"]
@@ -46,21 +47,6 @@ DEFAULT_P_BATCH = 1 / 3
 CHANGE_MARGIN = 1e-4
 # Padding value of the all-gathered change vector: real changes are >= 0.
 _PAD = -1.0
-
-
-class PooledLinearHead(nn.Module):
-    """Global average pool + linear: ``h(z) = W . GAP(z) + b``.
-
-    rsc_mask recognizes this class and computes saliency in closed form (Step 1):
-    ``G[i, c, h, w] = W[y_i, c] / (H * W)``, so no backward pass is needed at all.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.fc(z.mean(dim=(2, 3)))
 
 
 # ---------------------------------------------------------------------------------------------

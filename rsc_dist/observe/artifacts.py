@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rsc_dist.core import selection
-from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 from rsc_dist.core.contracts import CONFIG_FILE
+from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

@@ -9,16 +9,32 @@ from pathlib import Path
 
 import torch
 
-from rsc_dist.core import selection
-from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 from rsc_dist.config import Config
+from rsc_dist.core import selection
 from rsc_dist.core.contracts import RESULTS_FILE
 from rsc_dist.observe.artifacts import best_model_artifact
-from rsc_dist.observe.identity import (remember_run_id, run_config, run_tags, tensorboard_hparams,
-                                       tracker_name, wandb_mode, wandb_run_id)
+from rsc_dist.observe.identity import (
+    remember_run_id,
+    run_config,
+    run_tags,
+    tensorboard_hparams,
+    tracker_name,
+    wandb_mode,
+    wandb_run_id,
+)
 from rsc_dist.observe.masks import mask_caption, mask_overlay_grid
-from rsc_dist.observe.metrics import (EPOCH_KEY, STEP_KEY, TABLE_COLUMNS, TABLE_KEY, define_metrics,
-                                      evaluation_metrics, per_domain_rows, rows_markdown, summary_values)
+from rsc_dist.observe.metrics import (
+    EPOCH_KEY,
+    STEP_KEY,
+    TABLE_COLUMNS,
+    TABLE_KEY,
+    define_metrics,
+    evaluation_metrics,
+    per_domain_rows,
+    rows_markdown,
+    summary_values,
+)
+from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 
 
 class Tracking:

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsc_dist import methods
-from rsc_dist.core import selection
 from rsc_dist.config import flatten
+from rsc_dist.core import selection
 from rsc_dist.core.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
 from rsc_dist.observe.identity import wandb_mode_from_environment
 

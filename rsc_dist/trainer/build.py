@@ -14,11 +14,11 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from rsc_dist import methods
-from rsc_dist.trainer import engine
 from rsc_dist.config import Config, ConfigError
-from rsc_dist.models.backbones import build_model
-from rsc_dist.observe.identity import tracker_name
 from rsc_dist.data.plan import DataPlan
+from rsc_dist.models.build import build_model
+from rsc_dist.observe.identity import tracker_name
+from rsc_dist.trainer import optim
 
 # Every collective waits at most this long (a rank that died leaves the others waiting).
 COLLECTIVE_TIMEOUT_S = int(os.environ.get("RSC_DIST_TIMEOUT_S", "1800"))
@@ -155,9 +155,9 @@ def training_objects(config: Config, plan: DataPlan, accelerator: Accelerator):
     """Model, optimizer and schedule, prepared by Accelerate (DDP or DeepSpeed)."""
     model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
                                  num_domains=len(plan.domains))
-    optimizer = engine.build_optimizer(config, model)
+    optimizer = optim.build_optimizer(config, model)
     total_optimizer_steps = math.ceil(plan.total_steps / config.train.grad_accum)
-    scheduler = engine.build_scheduler(config, optimizer, total_optimizer_steps)
+    scheduler = optim.build_scheduler(config, optimizer, total_optimizer_steps)
     configure_deepspeed(accelerator, config, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, scheduler

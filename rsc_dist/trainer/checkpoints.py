@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from rsc_dist.trainer import zero_elastic
 from rsc_dist.config import ConfigError
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
+from rsc_dist.trainer import zero_elastic
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
 BEST_DIR = "best"

@@ -15,15 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from rsc_dist import methods
-from rsc_dist.trainer import build
-from rsc_dist.trainer import checkpoints
-from rsc_dist.trainer import engine
 from rsc_dist.config import Config, to_dict
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
+from rsc_dist.data.plan import DataPlan
 from rsc_dist.data.streams import DevicePrefetch, make_loader
 from rsc_dist.observe.meter import Meter
 from rsc_dist.observe.tracking import Tracking
-from rsc_dist.data.plan import DataPlan
+from rsc_dist.trainer import build, checkpoints, evaluation, state, stopping
+from rsc_dist.trainer.step import prepare_batch, train_step
 
 
 @dataclass
@@ -37,8 +36,8 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    state: engine.TrainState
-    stop: engine.StopFlags
+    state: state.TrainState
+    stop: stopping.StopFlags
     tracking: Tracking
 
 
@@ -59,7 +58,7 @@ def train(run: Run) -> tuple[int, Meter]:
         loader = make_loader(stream, config.data.workers, pin)
         meter.start_wait()
         # Device-path batches: batch i+1's decode + augmentation are issued before step i runs.
-        for batch in DevicePrefetch(engine.start_loader(loader), accelerator.device):
+        for batch in DevicePrefetch(stopping.start_loader(loader), accelerator.device):
             meter.end_wait()
             step = state.step
             if batch["step"] != step - epoch * plan.steps_per_epoch:  # a broken stream, not user error
@@ -88,8 +87,8 @@ def train(run: Run) -> tuple[int, Meter]:
 
 def _train_step(run: Run, batch: dict, step: int):
     config, accelerator = run.config, run.accelerator
-    inputs = engine.prepare_batch(config, batch, accelerator.device, step, run.plan.steps_per_epoch)
-    out = engine.train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs)
+    inputs = prepare_batch(config, batch, accelerator.device, step, run.plan.steps_per_epoch)
+    out = train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs)
     run.stop.track_loss(out["loss"])
     return out, inputs
 
@@ -114,9 +113,9 @@ def _between_steps(run: Run, meter: Meter, eval_loaders: dict) -> int:
         return EXIT_NONFINITE
     if evaluate_now:
         evaluated = build.evaluation_model(config, plan.manifest.num_classes, accelerator, run.model)
-        counts = engine.evaluate(accelerator, evaluated, eval_loaders, config, len(plan.domains))
+        counts = evaluation.evaluate(accelerator, evaluated, eval_loaders, config, len(plan.domains))
         del evaluated
-        evaluation = engine.summarize_evaluation(counts, plan.domains, state.step, plan.sources, plan.targets)
+        evaluation = evaluation.summarize_evaluation(counts, plan.domains, state.step, plan.sources, plan.targets)
         if state.record_evaluation(evaluation, config.train.selection):  # the new best; every rank
             checkpoints.save_best(accelerator, run.model, run.run_dir, evaluation, to_dict(config))
         run.tracking.log_evaluation(evaluation, state.step, best=state.best)

@@ -1,0 +1,39 @@
+"""``build_model``: a registered backbone, its pretrained weights loaded, as a ``Network``."""
+
+from __future__ import annotations
+
+import os
+
+import torchvision
+
+from rsc_dist.models.backbones import ARCHS, BACKBONES
+from rsc_dist.models.network import Network
+from rsc_dist.models.weights import load_imagenet_weights
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    *,
+    pretrained: str | os.PathLike | None = None,
+    method=None,
+    freeze_bn: bool = False,
+) -> Network:
+    """A registered torchvision backbone split into features and head, with ``method``
+    (rsc_dist.methods; None: the plain network, as evaluation uses it).
+
+    ``pretrained``: None (random init), "torchvision" (the ImageNet weights file in the
+    torchvision cache, never downloaded), or a path to a state-dict file. The ImageNet
+    classifier layer is always replaced by a fresh one with ``num_classes`` outputs.
+    """
+    if arch not in BACKBONES:
+        raise ValueError(f"model.arch must be one of {ARCHS}; got {arch!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if pretrained not in (None, "", "none"):
+        load_imagenet_weights(net, arch, pretrained)
+    features, head = BACKBONES[arch].split(net, num_classes)
+    return Network(features, head, method, freeze_bn=freeze_bn)
+
+
