@@ -24,124 +24,14 @@ from typing import Any, Callable, Literal
 import yaml
 
 from rsc_dist import methods
+from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import section, setting
-from rsc_dist.models.backbones import ARCHS
+from rsc_dist.data.settings import DataConfig
+from rsc_dist.models.settings import ModelConfig
+from rsc_dist.observe.settings import WandbConfig
+from rsc_dist.trainer.settings import OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config problem, with the key (and file) at fault in the message."""
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    experiment: str = setting("default", "W&B group of a sweep; part of the default output folder")
-    name: str | None = setting(None, "W&B run name (default ALGORITHM-TARGET-seedS)")
-    output_dir: str | None = setting(
-        None, "run folder (default runs/EXPERIMENT/ALGORITHM/TARGET/seedS-FINGERPRINT)")
-    seed: int = setting(0, "seeds the model init, the sample order, augmentation and RSC draws")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    root: str = setting("demo", 'shard folder holding _info.json; "demo" = the built-in demo set')
-    dataset: str = setting("", "dataset name for reports (default: the manifest's)")
-    classes: tuple[str, ...] = setting((), "when set, the manifest's class list must equal it")
-    target: tuple[str, ...] = setting((), "held-out domain(s), evaluated but never trained on")
-    sources: tuple[str, ...] = setting((), "training domains (default: every domain not a target)")
-    image_size: int = setting(222, "side of the square training/evaluation input", check="positive")
-    batch_size: int = setting(
-        64, "samples per process and step (x source domains with sampling=balanced)", check="positive")
-    global_batch_size: int | None = setting(
-        None, "samples per step over all processes (and source domains); when set, replaces batch_size "
-        "and lets a run resume on any number of processes that divides it", check="positive")
-    sampling: Literal["merged", "balanced"] = setting(
-        "merged", "merged: sources pooled (released code); balanced: batch_size from each (DomainBed)")
-    flip_double: bool = setting(False, "released recipe: each batch doubled with its mirror image")
-    random_resized_crop_scale: tuple[float, float] = setting((0.8, 1.0), "RandomResizedCrop scale range")
-    hflip: bool = setting(True, "random horizontal flip")
-    color_jitter: float = setting(0.4, "ColorJitter strength (brightness, contrast, saturation, hue)",
-                                  check="nonnegative")
-    grayscale: float = setting(0.1, "RandomGrayscale probability", check="fraction")
-    workers: int = setting(4, "loader worker processes per rank (0: load in the training process)",
-                           check="nonnegative")
-    decode: Literal["auto", "workers", "device"] = setting(
-        "auto", "where JPEGs are decoded and augmented: workers (CPU), device (the training device, "
-        "batched; workers only read bytes and draw the random parameters); auto: device on CUDA")
-    shuffle_block_shards: int = setting(
-        16, "shards whose samples are shuffled together in the global sample order", check="positive")
-    eval_batch_size: int = setting(128, "samples per evaluation batch", check="positive")
-    mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "normalization mean (RGB, 0-1)")
-    std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalization std (RGB, 0-1)")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    arch: Literal[ARCHS] = setting("resnet18", "backbone (rsc_dist.models.BACKBONES)")
-    pretrained: str | None = setting(
-        None, 'None (random init), "torchvision" (local torchvision cache) or a weights file')
-    sync_bn: bool = setting(False, "SyncBatchNorm across ranks (GPUs only)")
-    freeze_bn: bool = setting(
-        False, "BatchNorm layers stay in eval mode while training (DomainBed's default): fine-tuning "
-        "with frozen statistics; the step then does not depend on how the batch is split over ranks")
-    channels_last: bool = setting(True, "channels_last memory format (faster convolutions on GPUs)")
-    compile: bool = setting(False, "torch.compile the backbone (RSC itself stays eager)")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    name: Literal["sgd", "adam"] = setting("sgd", "optimizer")
-    lr: float = setting(0.01, "base learning rate")
-    momentum: float = setting(0.9, "SGD momentum", check="nonnegative")
-    nesterov: bool = setting(False, "SGD Nesterov momentum")
-    weight_decay: float = setting(5e-4, "L2 weight decay", check="nonnegative")
-    betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas")
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    name: Literal["step", "cosine", "constant"] = setting("step", "learning-rate schedule after warmup")
-    warmup_steps: int = setting(0, "linear warmup, in optimizer steps", check="nonnegative")
-    milestones: tuple[float, ...] = setting((0.8,), "step decay points, as fractions of all steps")
-    gamma: float = setting(0.1, "step decay factor")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = setting(30, "epochs (ignored when max_steps is set)", check="positive")
-    steps_per_epoch: int | None = setting(None, "default: source training samples // global batch")
-    max_steps: int | None = setting(None, "when set, replaces epochs x steps_per_epoch")
-    grad_accum: int = setting(1, "gradient accumulation steps per optimizer step", check="positive")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = setting(
-        "auto", "auto: what accelerate launch says; no | bf16 | fp16 autocast")
-    eval_every_steps: int | None = setting(None, "default: at the end of every epoch")
-    checkpoint_every_steps: int | None = setting(None, "default: at the end of every epoch")
-    keep_checkpoints: int = setting(2, "how many recent checkpoints to keep", check="positive")
-    log_every_steps: int = setting(10, "metrics logging period", check="positive")
-    image_log_every_steps: int = setting(200, "input grid with RSC masks; 0 disables", check="nonnegative")
-    agree_every_steps: int = setting(
-        10, "ranks agree on stop signals and non-finite loss this often", check="positive")
-    stop_at_step: int | None = setting(None, "act as if preempted after this step (tests resume paths)")
-    tracker: Literal["wandb", "tensorboard", "none"] = setting("wandb", "where metrics go besides the console")
-    selection: Literal["source_val_pooled", "source_val_mean", "last"] = setting(
-        "source_val_pooled", "which evaluation is best (checkpoints/best/): source_val_pooled = correct/total "
-        "over all source val samples (released code); source_val_mean = mean of the per-source val "
-        "accuracies (DomainBed's training-domain validation); last = the last evaluation")
-
-
-@dataclass(frozen=True)
-class WandbConfig:
-    project: str = setting("rsc_dist", "W&B project")
-    entity: str | None = setting(None, "W&B entity (team or user)")
-    group: str | None = setting(None, "W&B group (default: run.experiment)")
-    job_type: str | None = setting(None, "W&B job type (default: the algorithm)")
-    mode: Literal["auto", "online", "offline", "disabled"] = setting(
-        "auto", "auto: online with an API key, else offline (WANDB_MODE wins)")
-    tags: tuple[str, ...] = setting((), "extra W&B tags")
-    log_model: Literal["off", "best"] = setting("off", "best: log the best checkpoint as a model artifact")
-
-
 METHOD_NAMES = methods.NAMES  # the registered methods (rsc_dist.methods)
 
 
