@@ -8,11 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from test_deepspeed_equivalence import CLASSES, _fresh_accelerate_state, deepspeed_launch_env
 
+from support.deepspeed import deepspeed_launch_env, fresh_accelerate_state
 from support.dist_utils import run_on_ranks
 from support.trainer_fixtures import REPO
+
+CLASSES = 5
 
 pytest.importorskip("deepspeed")
 
@@ -22,7 +23,7 @@ def _save_with_a_full_disk_on_rank_1(rank, world_size, run_dir):
     from rsc_dist.trainer import build, checkpoints
 
     os.environ.update(deepspeed_launch_env(REPO / "launch" / "accelerate" / "deepspeed_zero2.yaml"))
-    _fresh_accelerate_state()
+    fresh_accelerate_state()
     config = load_config("demo", ["--model.arch=resnet18", "--wandb.mode=disabled"])
     accelerator = build.make_accelerator(config, Path(run_dir))
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=4, domains=("a", "b"),

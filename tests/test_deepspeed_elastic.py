@@ -17,16 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_deepspeed_equivalence import (
-    CLASSES,
-    GLOBAL_BATCH,
-    _fresh_accelerate_state,
-    _global_batch,
-    deepspeed_launch_env,
-)
 
+from support.deepspeed import deepspeed_launch_env, fresh_accelerate_state
 from support.dist_utils import run_on_ranks
+from support.synthetic import synthetic_batch
 from support.trainer_fixtures import REPO
+
+GLOBAL_BATCH, CLASSES = 8, 5
 
 pytest.importorskip("deepspeed")
 
@@ -48,7 +45,7 @@ def _objects(stage, name, world_size, run_dir):
     os.environ.clear()
     os.environ.update(base_env)
     os.environ.update(deepspeed_launch_env(REPO / "launch" / "accelerate" / f"deepspeed_zero{stage}.yaml"))
-    _fresh_accelerate_state()
+    fresh_accelerate_state()
     config = load_config("demo", ["--algorithm=erm", f"--optim.name={name}", f"--optim.lr={LEARNING_RATE[name]}",
                                   "--schedule.warmup_steps=3",
                                   "--model.freeze_bn=true", "--model.channels_last=false", "--wandb.mode=disabled"])
@@ -70,7 +67,7 @@ def _train(config, accelerator, model, optimizer, scheduler, steps):
     local = GLOBAL_BATCH // accelerator.num_processes
     part = slice(accelerator.process_index * local, (accelerator.process_index + 1) * local)
     for step in steps:
-        images, labels = _global_batch(step)
+        images, labels = synthetic_batch(step, GLOBAL_BATCH, CLASSES)
         inputs = prepare_batch(config, {"image": images[part], "label": labels[part]},
                                       accelerator.device, step, steps_per_epoch=100)
         train_step(accelerator, model, optimizer, scheduler, inputs)

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
+from support.deepspeed import deepspeed_launch_env, fresh_accelerate_state
 from support.dist_utils import run_on_ranks
+from support.synthetic import synthetic_batch
 from support.trainer_fixtures import REPO
 
 pytest.importorskip("deepspeed")
@@ -27,39 +28,6 @@ ALGORITHMS = ("rsc", "erm")
 # BatchNorm training (its statistics in fp32: the case DeepSpeed's own bf16 mode fails on).
 VARIANTS = ([(e, a, "no") for e in ENGINES for a in ALGORITHMS]
             + [(e, "rsc", "bf16") for e in ("ddp", "zero2", "zero3")])
-# accelerate launch turns a DeepSpeed config file's keys into these variables for the ranks.
-_DEEPSPEED_ENV = {"zero_stage": "ACCELERATE_DEEPSPEED_ZERO_STAGE",
-                  "gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
-                  "offload_optimizer_device": "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
-                  "offload_param_device": "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
-                  "zero3_init_flag": "ACCELERATE_DEEPSPEED_ZERO3_INIT",
-                  "zero3_save_16bit_model": "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"}
-
-
-def deepspeed_launch_env(config_file: Path) -> dict:
-    """The environment ``accelerate launch --config_file CONFIG`` gives each rank of a DeepSpeed config."""
-    raw = yaml.safe_load(config_file.read_text())
-    assert raw["distributed_type"] == "DEEPSPEED"
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": raw["mixed_precision"]}
-    for key, value in raw["deepspeed_config"].items():
-        if key in _DEEPSPEED_ENV:
-            env[_DEEPSPEED_ENV[key]] = str(value).lower()
-    return env
-
-
-def _global_batch(step):
-    g = torch.Generator().manual_seed(100 + step)
-    images = torch.randint(0, 256, (GLOBAL_BATCH, 3, 64, 64), generator=g, dtype=torch.uint8)
-    return images, torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
-
-
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # the process group itself stays
-    GradientState._reset_state()
-
-
 def _train_variants(rank, world_size, out_dir):
     from rsc_dist.config import load_config
     from rsc_dist.trainer import build
@@ -75,7 +43,7 @@ def _train_variants(rank, world_size, out_dir):
         if engine_name != "ddp":
             os.environ.update(deepspeed_launch_env(
                 REPO / "launch" / "accelerate" / f"deepspeed_{engine_name}.yaml"))
-        _fresh_accelerate_state()
+        fresh_accelerate_state()
         config = load_config("demo", [f"--algorithm={algorithm}", "--rsc.mode=spatial+channel",
                                       "--rsc.p_batch=0.5", "--optim.lr=0.05", "--schedule.warmup_steps=0",
                                       f"--model.freeze_bn={precision == 'no'}", "--model.channels_last=false",
@@ -94,7 +62,7 @@ def _train_variants(rank, world_size, out_dir):
             lambda module, args, output: feature_dtypes.add(args[0].dtype))
         masks, started = [], time.perf_counter()
         for step in range(STEPS):
-            images, labels = _global_batch(step)
+            images, labels = synthetic_batch(step, GLOBAL_BATCH, CLASSES)
             part = slice(rank * plan.local_forward_batch, (rank + 1) * plan.local_forward_batch)
             inputs = prepare_batch(config, {"image": images[part], "label": labels[part]},
                                           accelerator.device, step, steps_per_epoch=100)

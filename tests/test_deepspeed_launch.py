@@ -14,15 +14,8 @@ import torch
 from rsc_dist import bench
 from rsc_dist.config import ConfigError, load_config
 from rsc_dist.trainer import build
+from support.deepspeed import ACCELERATE_CONFIGS
 from support.trainer_fixtures import REPO, explain, launch, tiny_config, tiny_shards  # noqa: F401  (fixture)
-
-ACCELERATE_CONFIGS = REPO / "launch" / "accelerate"
-
-
-def launch_with_config(config_file, processes: int, args: list[str], timeout: int = 400, env=None):
-    """``accelerate launch --config_file CONFIG --num_processes N rsc_dist/train.py ARGS`` (the
-    shared trainer_fixtures.launch; this name is what test_elastic and test_deepspeed_train call)."""
-    return launch(args, processes=processes, config_file=config_file, timeout=timeout, env=env)
 
 
 @pytest.fixture

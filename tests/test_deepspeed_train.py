@@ -18,9 +18,9 @@ import sys
 
 import pytest
 import torch
-from test_deepspeed_launch import ACCELERATE_CONFIGS, launch_with_config
 
 from rsc_dist.core.contracts import PREEMPTED_MARKER
+from support.deepspeed import ACCELERATE_CONFIGS, consolidated_weights, launch_with_config
 from support.trainer_fixtures import REPO, explain, launch_command, sigterm_the_job, tiny_config, tiny_shards  # noqa: F401
 
 pytest.importorskip("deepspeed")
@@ -56,13 +56,6 @@ def uninterrupted(tmp_path_factory, tiny_shards):
     result = _train(config, root / "run")
     assert result.returncode == 0, explain(result)
     return config, root / "run"
-
-
-def consolidated_weights(checkpoint):
-    """Whole fp32 weights and buffers from a DeepSpeed ZeRO checkpoint folder."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
 
 
 def test_zero3_on_two_ranks_evaluates_and_saves_a_consolidated_best(uninterrupted, tmp_path):

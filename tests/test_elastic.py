@@ -59,8 +59,7 @@ def test_a_deepspeed_run_resumes_on_another_number_of_ranks(tmp_path, elastic_co
     """ZeRO-2 on 2 ranks to step k, then 1 rank to 2k, its ZeRO shards re-partitioned on load
     (rsc_dist.zero_elastic): the weights, masks and losses of the uninterrupted 1-process run."""
     pytest.importorskip("deepspeed")
-    from test_deepspeed_launch import ACCELERATE_CONFIGS, launch_with_config
-    from test_deepspeed_train import consolidated_weights
+    from support.deepspeed import ACCELERATE_CONFIGS, consolidated_weights, launch_with_config
 
     config, expected, whole = elastic_config
     run_dir = tmp_path / "run"

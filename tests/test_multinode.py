@@ -271,7 +271,7 @@ def test_multinode_slurm_deepspeed_zero2_preempted_and_resumed(slurm, config, re
     ranks, its own checkpoint layout saved at the USR1 stop and loaded on both nodes after the
     requeue; ZeRO-2 on 2 ranks ends with the weights of DDP on 2 ranks, bit for bit."""
     pytest.importorskip("deepspeed")
-    from test_deepspeed_train import consolidated_weights
+    from support.deepspeed import consolidated_weights
 
     run_dir, log = preempt_and_resume(slurm, tmp_path, "zero2", config, ACCELERATE_CONFIG=str(ZERO2))
     assert f"--config_file {ZERO2}" in log, log
