@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsc_dist.methods import ERM, RSC
+from rsc_dist.methods.base import StepBatch
 from rsc_dist.methods.rsc_masks import DEFAULT_P_BATCH, draw_mode, rsc_mask
 from rsc_dist.methods.rsc_released import released_mask
 from rsc_dist.models.build import build_model
@@ -42,8 +43,30 @@ class OpaqueHead(nn.Module):
         return self.inner(z)
 
 
+class MethodModel(nn.Module):
+    """A network and a method as one module: ``forward(x, y, mode=, p_batch=)`` runs the method's
+    objective (inside the network's forward, as the trainer does) and returns its logits."""
+
+    def __init__(self, network: Network, method):
+        super().__init__()
+        self.network, self.method = network, method
+
+    @property
+    def features(self):
+        return self.network.features
+
+    @property
+    def head(self):
+        return self.network.head
+
+    def forward(self, x, y, *, mode, p_batch):
+        batch = StepBatch(images=x, labels=y, pixels=x)
+        out = self.network(x, objective=self.method.objective, batch=batch, draws={"mode": mode, "p_batch": p_batch})
+        return out.logits
+
+
 class ReleasedLogicModel(nn.Module):
-    """The released code's forward, for cost comparison: ``rsc_dist.released.released_mask`` (a
+    """The released code's forward, for cost comparison: ``rsc_released.released_mask`` (a
     backward through the head into a copy of the features, full sorts, a ``nonzero()`` host
     sync), the head gradients it leaves cleared as the released ``zero_grad`` does, then the
     masked head."""
@@ -62,12 +85,12 @@ class ReleasedLogicModel(nn.Module):
 
 def make_variant(name: str, arch: str, num_classes: int) -> nn.Module:
     torch.manual_seed(0)
-    base = build_model(arch, num_classes, method=ERM() if name == "erm" else RSC())
+    base = build_model(arch, num_classes)
     if name == "rsc_autograd":
         base.head = OpaqueHead(base.head)
     if name == "rsc_released_logic":
         return ReleasedLogicModel(base)
-    return base
+    return MethodModel(base, ERM() if name == "erm" else RSC())
 
 
 def train_steps(model, optimizer, x, y, steps, start_step, autocast) -> None:

@@ -38,7 +38,7 @@ from rsc_dist.data.plan import DataPlan, data_root
 from rsc_dist.data.streams import make_loader
 from rsc_dist.trainer import optim
 from rsc_dist.trainer.build import build_training_model
-from rsc_dist.trainer.step import prepare_batch, train_step
+from rsc_dist.trainer.step import Trainables, prepare_batch, train_on_batch
 
 
 def loader_rate(stream, workers: int, steps: int) -> float:
@@ -136,16 +136,15 @@ def augment_costs(sizes=(32, 256), image_size: int = 224, repeats: int = 2) -> l
     return rows
 
 
-def training_rate(accelerator, model, optimizer, scheduler, config, batches, steps: int) -> float:
+def training_rate(accelerator, trained, config, batches, steps: int) -> float:
     device = accelerator.device
-    step_inputs = lambda step, batch: prepare_batch(config, batch, device, step, 10**9)
     first = next(batches)
-    train_step(accelerator, model, optimizer, scheduler, step_inputs(0, first))  # warm-up
+    train_on_batch(accelerator, trained, config, first, 0, 10**9)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     start, images = time.perf_counter(), 0
     for step, batch in zip(range(1, steps + 1), batches):
-        train_step(accelerator, model, optimizer, scheduler, step_inputs(step, batch))
+        train_on_batch(accelerator, trained, config, batch, step, 10**9)
         images += batch["label"].shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -192,21 +191,22 @@ def main(argv=None) -> dict:
 
     from rsc_dist.data.streams import DevicePrefetch  # here: --augment-only also runs against older checkouts
 
-    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
-                                 num_domains=len(plan.domains))
-    optimizer = optim.build_optimizer(config, model)
-    scheduler = optim.build_scheduler(config, optimizer, 10**9)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    network, method = build_training_model(config, plan.manifest.num_classes, accelerator,
+                                           capacity=plan.local_forward_batch, num_domains=len(plan.domains))
+    optimizer = optim.build_optimizer(config.optim, method.parameter_groups(network))
+    scheduler = optim.build_scheduler(config.schedule, optimizer, 10**9)
+    model, optimizer = accelerator.prepare(network, optimizer)
+    trained = Trainables(model, network, optimizer, scheduler, method)
     stream.set_position(0, 0)
     from_shards = iter(DevicePrefetch(make_loader(stream, config.data.workers, accelerator.device.type == "cuda"),
                                       accelerator.device))  # as the trainer: batch i+1 issued before step i
-    rates["train, from shards"] = training_rate(accelerator, model, optimizer, scheduler, config,
+    rates["train, from shards"] = training_rate(accelerator, trained, config,
                                                 from_shards, args.steps)
     first = next(iter(make_loader(stream, 0, False)))
-    pixels = prepare_batch(config, first, accelerator.device, 0, 10**9).pixels
+    pixels = prepare_batch(config, first, accelerator.device).pixels
     synthetic_batch = {"image": pixels, "label": first["label"]}  # decoded and augmented already
     synthetic = iter(lambda: synthetic_batch, None)
-    rates["train, synthetic in memory"] = training_rate(accelerator, model, optimizer, scheduler, config,
+    rates["train, synthetic in memory"] = training_rate(accelerator, trained, config,
                                                         synthetic, args.steps)
     fed = rates["train, from shards"] / rates["train, synthetic in memory"]
     print(f"{config.model.arch} {config.algorithm} at {config.data.image_size}px, batch {plan.local_forward_batch}, "

@@ -28,14 +28,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch rsc_dist/evaluate.py` runs this as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rsc_dist.config import Config, ConfigError, load_config
+from rsc_dist.config import Config, load_config
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK
+from rsc_dist.core.errors import UsageError
 from rsc_dist.data.plan import DataPlan, data_root
-from rsc_dist.data.streams import DataError, error_line
+from rsc_dist.data.streams import error_line
 from rsc_dist.trainer import build, checkpoints, cpu_launch, evaluation
 
 
-class EvaluateError(ConfigError):
+class EvaluateError(UsageError):
     """A checkpoint, config or data problem; the message is one line."""
 
 
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         _weights, config_path = locate(Path(args.checkpoint))
         accelerator = build.make_accelerator(load_run_config(config_path, overrides), run_dir=None)
         result = evaluate_checkpoint(Path(args.checkpoint), overrides, args.domains, accelerator)
-    except (ConfigError, FileNotFoundError, DataError) as exc:
+    except (UsageError, FileNotFoundError) as exc:
         print(f"rsc_dist.evaluate: error: {error_line(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_CONFIG
     if accelerator.is_main_process:

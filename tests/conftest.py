@@ -1,6 +1,16 @@
-import sys, os; sys.path.insert(0, os.path.dirname(__file__))
+import os
+import sys
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS)
+# The tests' own methods (tests/support/toy_methods.py) are registered in every process of the
+# test run, the ranks that accelerate launch starts included; set before rsc_dist is imported.
+os.environ["RSC_DIST_METHOD_MODULES"] = "support.toy_methods"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
 
 import pytest  # noqa: E402
+
+from support.trainer_fixtures import tiny_shards  # noqa: E402,F401  (a session fixture for every test)
 
 
 @pytest.fixture(autouse=True)
@@ -12,14 +22,3 @@ def fresh_wandb_session():
     wandb = sys.modules.get("wandb")
     if wandb is not None and hasattr(wandb, "teardown"):
         wandb.teardown()
-
-
-@pytest.fixture(scope="session")
-def trained_on_one_and_two_ranks(tmp_path_factory):
-    """Every method (and the RSC ablations) trained through the trainer's step code on 1
-    process and on 2 ranks, in one launch per world size; read by
-    test_trainer_step_equivalence.compare_ranks (tests/test_methods.py and
-    tests/test_trainer_step_equivalence.py)."""
-    from test_trainer_step_equivalence import train_every_variant
-
-    return train_every_variant(tmp_path_factory.mktemp("one_and_two_ranks"))

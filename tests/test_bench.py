@@ -3,7 +3,6 @@
 import torch
 
 from rsc_dist import bench
-from support.trainer_fixtures import tiny_shards  # noqa: F401  (fixture)
 
 
 def test_variants_compute_the_same_logits():

@@ -18,10 +18,9 @@ import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from rsc_dist.config import ConfigError
+from rsc_dist.core.errors import UsageError
 from rsc_dist.trainer import checkpoints, state
 from rsc_dist.trainer.checkpoints import CheckpointError
-from support.trainer_fixtures import tiny_shards  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,7 +130,7 @@ def test_no_loadable_checkpoint_lists_every_failure(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         checkpoints.load_for_resume(Trainer().accelerator, run_dir, "auto")
     message = str(caught.value)
-    assert isinstance(caught.value, ConfigError)  # the trainer exits 2
+    assert isinstance(caught.value, UsageError)  # the trainer exits 2
     assert f"{_ckpt(run_dir, 2)} could not be loaded (model.safetensors is missing" in message
     assert f"{_ckpt(run_dir, 1)} could not be loaded (optimizer.bin is truncated" in message
     assert "\n" not in message

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from support.data_prep_samples import corrupt_first_image
-from support.trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
+from support.trainer_fixtures import REPO, explain, tiny_config
 
 pytestmark = pytest.mark.slow
 

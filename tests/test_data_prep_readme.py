@@ -12,7 +12,7 @@ import yaml
 import data_prep.demo
 from data_prep.manifest import load_manifest
 from support.data_prep_samples import make_class_tree
-from support.trainer_fixtures import REPO, tiny_shards  # noqa: F401
+from support.trainer_fixtures import REPO
 
 README = REPO / "data_prep" / "README.md"
 PRESET = REPO / "rsc_dist" / "configs" / "imagenet_resnet50.yaml"

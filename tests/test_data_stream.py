@@ -12,7 +12,6 @@ from rsc_dist.data import streams as data
 from rsc_dist.data.augment import Augment
 from rsc_dist.data.order import ShardRef
 from rsc_dist.data.streams import DataError, EvalStream, TrainStream, check_shard_sizes, make_loader
-from support.trainer_fixtures import tiny_shards  # noqa: F401  (fixture)
 
 AUGMENT = Augment(24, (0.7, 1.0), True, 0.3, 0.1)
 SOURCES = ("cartoon", "painting", "photo")

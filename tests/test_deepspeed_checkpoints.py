@@ -28,7 +28,7 @@ def _save_with_a_full_disk_on_rank_1(rank, world_size, run_dir):
     accelerator = build.make_accelerator(config, Path(run_dir))
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=4, domains=("a", "b"),
                            local_forward_batch=2, global_forward_batch=2 * world_size)
-    model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
+    build.training_objects(config, plan, accelerator)
     checkpoints.save_checkpoint(accelerator, Path(run_dir), 1, keep=2)
     writer = accelerator.deepspeed_engine_wrapped.engine.checkpoint_engine
     real_save = writer.save

@@ -56,34 +56,32 @@ def _objects(stage, name, world_size, run_dir):
                            domains=("a", "b"), local_forward_batch=GLOBAL_BATCH // world_size,
                            global_forward_batch=GLOBAL_BATCH)
     torch.manual_seed(0)
-    model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
-    accelerator.register_for_checkpointing(scheduler)
-    return config, accelerator, model, optimizer, scheduler
+    trained = build.training_objects(config, plan, accelerator)
+    accelerator.register_for_checkpointing(trained.scheduler)
+    return config, accelerator, trained
 
 
-def _train(config, accelerator, model, optimizer, scheduler, steps):
-    from rsc_dist.trainer.step import prepare_batch, train_step
+def _train(config, accelerator, trained, steps):
+    from rsc_dist.trainer.step import train_on_batch
 
     local = GLOBAL_BATCH // accelerator.num_processes
     part = slice(accelerator.process_index * local, (accelerator.process_index + 1) * local)
     for step in steps:
         images, labels = synthetic_batch(step, GLOBAL_BATCH, CLASSES)
-        inputs = prepare_batch(config, {"image": images[part], "label": labels[part]},
-                                      accelerator.device, step, steps_per_epoch=100)
-        train_step(accelerator, model, optimizer, scheduler, inputs)
+        train_on_batch(accelerator, trained, config, {"image": images[part], "label": labels[part]}, step, 100)
 
 
-def _whole_state(config, accelerator, model, optimizer, scheduler):
+def _whole_state(config, accelerator, trained):
     """Every parameter's fp32 master weight and optimizer state, gathered by DeepSpeed (a collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     state = {}
-    for name, param in accelerator.unwrap_model(model).named_parameters():
+    for name, param in trained.network.named_parameters():
         state[name] = safe_get_full_fp32_param(param).cpu().clone()
         for key in PER_ELEMENT_STATE[config.optim.name]:
             state[f"{name}:{key}"] = safe_get_full_optimizer_state(param, key).cpu().clone()
-    return {"tensors": state, "lr": [g["lr"] for g in optimizer.param_groups],
-            "schedule": scheduler.state_dict()["last_epoch"]}
+    return {"tensors": state, "lr": [g["lr"] for g in trained.optimizer.param_groups],
+            "schedule": trained.scheduler.state_dict()["last_epoch"]}
 
 
 def _write(rank, world_size, out, variants):

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-1, -2 and -3 on 2 CPU ranks reach the weights of DDP on 2 ranks, RSC and ERM,
 through the trainer's own assembly (build.make_accelerator, build.training_objects) and step
-(rsc_dist.trainer.step.train_step); RSC's masks under ZeRO-3, whose head weight is partitioned, equal DDP's.
+(rsc_dist.trainer.step.train_on_batch); RSC's masks under ZeRO-3, whose head weight is partitioned, equal DDP's.
 
 Same global batch, BatchNorm statistics frozen (model.freeze_bn), fp32. One launch of 2 ranks
 runs every variant in turn (Accelerate's state is reset between them; the gloo group stays).
@@ -31,7 +31,7 @@ VARIANTS = ([(e, a, "no") for e in ENGINES for a in ALGORITHMS]
 def _train_variants(rank, world_size, out_dir):
     from rsc_dist.config import load_config
     from rsc_dist.trainer import build
-    from rsc_dist.trainer.step import prepare_batch, train_step
+    from rsc_dist.trainer.step import train_on_batch
 
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=STEPS, domains=("a", "b"),
                            local_forward_batch=GLOBAL_BATCH // world_size, global_forward_batch=GLOBAL_BATCH)
@@ -56,22 +56,22 @@ def _train_variants(rank, world_size, out_dir):
             zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
             zero["stage3_param_persistence_threshold"] = 0
         torch.manual_seed(0)
-        model, optimizer, scheduler = build.training_objects(config, plan, accelerator)
+        trained = build.training_objects(config, plan, accelerator)
+        model, optimizer = trained.model, trained.optimizer
         feature_dtypes = set()  # what the head receives: bf16 under autocast
-        accelerator.unwrap_model(model).head.register_forward_hook(
+        trained.network.head.register_forward_hook(
             lambda module, args, output: feature_dtypes.add(args[0].dtype))
         masks, started = [], time.perf_counter()
         for step in range(STEPS):
             images, labels = synthetic_batch(step, GLOBAL_BATCH, CLASSES)
             part = slice(rank * plan.local_forward_batch, (rank + 1) * plan.local_forward_batch)
-            inputs = prepare_batch(config, {"image": images[part], "label": labels[part]},
-                                          accelerator.device, step, steps_per_epoch=100)
-            out = train_step(accelerator, model, optimizer, scheduler, inputs)
+            out, _ = train_on_batch(accelerator, trained, config, {"image": images[part], "label": labels[part]},
+                                    step, 100)
             masks.append(out["mask"])
         seconds_per_step = (time.perf_counter() - started) / STEPS
         # Outside the head's forward, ZeRO-3 leaves each rank an empty placeholder of the
         # head weight (its slice lives elsewhere): what the masks' equality is about.
-        head_weight = accelerator.unwrap_model(model).head.fc.weight
+        head_weight = trained.network.head.fc.weight
         partitioned = head_weight.numel() == 0
         weights = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank
         results[engine_name, algorithm, precision] = {
@@ -79,7 +79,7 @@ def _train_variants(rank, world_size, out_dir):
             "masks": masks, "seconds_per_step": seconds_per_step, "partitioned": partitioned,
             "lr": [group["lr"] for group in optimizer.param_groups],
             "weight_dtypes": {p.dtype for p in model.parameters()}, "feature_dtypes": feature_dtypes}
-        del model, optimizer, scheduler, accelerator
+        del model, optimizer, trained, accelerator
     torch.save(results, Path(out_dir, f"rank{rank}.pt"))
 
 

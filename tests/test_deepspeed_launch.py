@@ -15,7 +15,7 @@ from rsc_dist import bench
 from rsc_dist.config import ConfigError, load_config
 from rsc_dist.trainer import build
 from support.deepspeed import ACCELERATE_CONFIGS
-from support.trainer_fixtures import REPO, explain, launch, tiny_config, tiny_shards  # noqa: F401  (fixture)
+from support.trainer_fixtures import REPO, explain, launch, tiny_config
 
 
 @pytest.fixture

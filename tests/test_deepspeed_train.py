@@ -21,7 +21,7 @@ import torch
 
 from rsc_dist.core.contracts import PREEMPTED_MARKER
 from support.deepspeed import ACCELERATE_CONFIGS, consolidated_weights, launch_with_config
-from support.trainer_fixtures import REPO, explain, launch_command, sigterm_the_job, tiny_config, tiny_shards  # noqa: F401
+from support.trainer_fixtures import REPO, explain, launch_command, sigterm_the_job, tiny_config
 
 pytest.importorskip("deepspeed")
 

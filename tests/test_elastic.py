@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
+from support.trainer_fixtures import explain, launch, tiny_config
 
 pytestmark = pytest.mark.slow
 K = 3

@@ -14,7 +14,7 @@ from rsc_dist import evaluate, train
 from rsc_dist.config import load_config, save_config
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
 from rsc_dist.trainer import checkpoints
-from support.trainer_fixtures import REPO, explain, tiny_config, tiny_shards  # noqa: F401
+from support.trainer_fixtures import REPO, explain, tiny_config
 
 
 def _error(capsys) -> str:

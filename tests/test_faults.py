@@ -16,7 +16,7 @@ from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
 from rsc_dist.data import streams as data
 from rsc_dist.trainer.stopping import start_loader
 from support.data_prep_samples import corrupt_first_image
-from support.trainer_fixtures import explain, launch, tiny_config, tiny_shards  # noqa: F401
+from support.trainer_fixtures import explain, launch, tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from rsc_dist.methods import RSC
+from rsc_dist.methods.base import StepBatch
 from rsc_dist.methods.rsc_masks import _autograd_saliency, saliency
 from rsc_dist.models.backbones import BACKBONES
 from rsc_dist.models.build import build_model
@@ -22,7 +23,7 @@ CLASSES = 5
 @pytest.mark.parametrize("arch", list(BACKBONES))
 def test_backbone_splits_and_rsc_runs_on_it(arch):
     torch.manual_seed(0)
-    model = build_model(arch, CLASSES, method=RSC())
+    model = build_model(arch, CLASSES)
     for module in model.modules():  # frozen statistics: the logits then depend on each sample only
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -33,9 +34,11 @@ def test_backbone_splits_and_rsc_runs_on_it(arch):
     assert isinstance(model.head, PooledLinearHead) == BACKBONES[arch].pooled_linear_head
     if BACKBONES[arch].pooled_linear_head:  # the closed form is the autograd saliency
         torch.testing.assert_close(saliency(z, model.head, y), _autograd_saliency(z, model.head, y))
+    rsc = RSC()
     for mode in ("spatial", "channel"):
-        logits, extras = model(x, y, mode=mode, p_batch=1.0, return_extras=True)
-        mask = extras["mask"]
+        out = model(x, objective=rsc.objective, batch=StepBatch(images=x, labels=y, pixels=x),
+                    draws={"mode": mode, "p_batch": 1.0})
+        logits, mask = out.logits, out.mask
         assert logits.shape == (2, CLASSES) and torch.isfinite(logits).all(), mode
         assert mask.shape[0] == 2 and bool(((mask == 0) | (mask == 1)).all()), mode
 

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from support.netns import NetnsUnavailable, network_namespaces
 from support.slurm_cluster import FINAL_STATES, ClusterUnavailable, SlurmCluster, SlurmNode, apt_install
-from support.trainer_fixtures import tiny_config, tiny_shards  # noqa: F401  (a fixture)
+from support.trainer_fixtures import tiny_config
 
 pytestmark = pytest.mark.slow
 

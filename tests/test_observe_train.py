@@ -6,7 +6,7 @@ import pytest
 
 from rsc_dist import train
 from rsc_dist.observe.metrics import TABLE_KEY
-from support.trainer_fixtures import tiny_config, tiny_shards  # noqa: F401
+from support.trainer_fixtures import tiny_config
 from support.wandb_records import read_table, summarize
 
 pytestmark = pytest.mark.slow

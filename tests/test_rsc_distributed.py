@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rsc_dist.methods import RSC
+from rsc_dist.methods.base import MethodContext, StepBatch
 from rsc_dist.methods.rsc_masks import rsc_mask
 from rsc_dist.models.build import build_model
 from rsc_dist.models.heads import PooledLinearHead
@@ -94,8 +95,10 @@ def _image_batch(n):
 
 
 def _model(process_group=None, capacity=None):
+    """The network and the RSC method whose objective it runs (global selection over the group)."""
     torch.manual_seed(0)
-    model = build_model("resnet18", NUM_CLASSES, method=RSC(process_group=process_group, capacity=capacity))
+    model = build_model("resnet18", NUM_CLASSES)
+    model.rsc = RSC(context=MethodContext(process_group=process_group, capacity=capacity))
     model.train()
     # Frozen BatchNorm statistics: per-rank batch statistics legitimately differ from those of
     # one process on the whole batch (SyncBatchNorm gives exact equivalence in training).
@@ -105,8 +108,14 @@ def _model(process_group=None, capacity=None):
     return model
 
 
-def _step_grads(model, x, y, mode, loss_scale):
-    logits = model(x, y, mode=mode, p_batch=0.5)
+def _rsc_forward(model, rsc, x, y, mode):
+    """The RSC objective through ``model``'s forward (a DDP module or the network itself)."""
+    return model(x, objective=rsc.objective, batch=StepBatch(images=x, labels=y, pixels=x),
+                 draws={"mode": mode, "p_batch": 0.5})
+
+
+def _step_grads(model, rsc, x, y, mode, loss_scale):
+    logits = _rsc_forward(model, rsc, x, y, mode).logits
     # Sum over local samples / global N, times world size: DDP's gradient average then equals
     # the single process's mean over the global batch, even with unequal local batches.
     loss = F.cross_entropy(logits, y, reduction="sum") * loss_scale
@@ -117,10 +126,11 @@ def _step_grads(model, x, y, mode, loss_scale):
 def _ddp_worker(rank, world_size, sizes, mode, out_dir):
     x, y = _image_batch(sum(sizes))
     part = _local_slice(sizes, rank)
-    model = DistributedDataParallel(_model(dist.group.WORLD, max(sizes)))
-    grads = _step_grads(model, x[part], y[part], mode, world_size / sum(sizes))
+    network = _model(dist.group.WORLD, max(sizes))
+    model = DistributedDataParallel(network)
+    grads = _step_grads(model, network.rsc, x[part], y[part], mode, world_size / sum(sizes))
     with torch.no_grad():
-        mask = model.module(x[part], y[part], mode=mode, p_batch=0.5, return_extras=True)[1]["mask"]
+        mask = _rsc_forward(network, network.rsc, x[part], y[part], mode).mask
     torch.save({"grads": grads, "mask": mask}, Path(out_dir, f"rank{rank}.pt"))
 
 
@@ -137,9 +147,9 @@ def test_ddp_step_gradients_equal_single_process(ddp_steps_on_two_ranks, sizes, 
     tmp_path = ddp_steps_on_two_ranks[sizes, mode]
     x, y = _image_batch(sum(sizes))
     single = _model()
-    reference = _step_grads(single, x, y, mode, 1 / sum(sizes))
+    reference = _step_grads(single, single.rsc, x, y, mode, 1 / sum(sizes))
     with torch.no_grad():
-        single_mask = single(x, y, mode=mode, p_batch=0.5, return_extras=True)[1]["mask"]
+        single_mask = _rsc_forward(single, single.rsc, x, y, mode).mask
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(torch.cat([r["mask"] for r in ranks]), single_mask)
     assert (single_mask == 0).any(), "the test must mask something to mean anything"

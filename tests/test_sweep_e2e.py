@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from rsc_dist.results import tables as results_cli
-from support.trainer_fixtures import tiny_shards  # noqa: F401  (a session fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from rsc_dist.core.contracts import CHECKPOINTS_DIR, PREEMPTED_MARKER, RESULTS_F
 from rsc_dist.observe.metrics import TABLE_KEY
 from rsc_dist.results import tables as results_module
 from rsc_dist.trainer.checkpoints import MODEL_FILE
-from support.trainer_fixtures import explain, launch, launch_command, sigterm_the_job, tiny_config, tiny_shards  # noqa: F401
+from support.trainer_fixtures import explain, launch, launch_command, sigterm_the_job, tiny_config
 from support.wandb_records import read_table, summarize
 
 pytestmark = pytest.mark.slow

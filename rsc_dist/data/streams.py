@@ -32,6 +32,7 @@ from webdataset import tarfile_samples
 
 from data_prep.images import MAX_PIXELS, check_pixels, decode_rgb
 from data_prep.tarshard import parse_sample_span, scan_sample_offsets
+from rsc_dist.core.errors import UsageError
 from rsc_dist.core.seeding import mix_seed
 from rsc_dist.data.augment import Augment, augment_batch, augment_one, decode_batch, draw_params, eval_resize, is_jpeg
 from rsc_dist.data.order import GroupOrder, ShardRef, rank_slice
@@ -39,7 +40,7 @@ from rsc_dist.data.order import GroupOrder, ShardRef, rank_slice
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A shard or sample that cannot be used; the message names the file and the sample."""
 
 
@@ -276,7 +277,8 @@ class TrainStream(IterableDataset):
         if self._reader is None:
             self._reader = ShardReader()
         share = rank_slice(step, self.rank, self.world_size, self.global_batch_per_group, len(self.groups))
-        images, params, keys, labels, domains, ids = [], [], [], [], [], []
+        images, params, keys, labels, domains, ids, places = [], [], [], [], [], [], []
+        step_start = step * self.global_batch_per_group
         for group, (order, positions) in enumerate(zip(self.orders(), share.positions)):
             located = order.locate(self.epoch, positions)
             by_shard: dict[int, list[int]] = {}
@@ -287,6 +289,7 @@ class TrainStream(IterableDataset):
                 sample = raw[shard][index]
                 seed = mix_seed(self.seed, group, self.epoch, position)
                 ids.append(seed)
+                places.append(group * self.global_batch_per_group + position - step_start)
                 data = image_bytes(sample)
                 if self.decode_on_device and is_jpeg(data):
                     # Only the header is read here; the pixels are decoded on the device.
@@ -304,9 +307,13 @@ class TrainStream(IterableDataset):
                 domains.append(domain)
         # sample_id: the sample's identity in the global order (its augmentation seed); RSC's
         # random-score ablation seeds from it, so it too is independent of the rank layout.
+        # order: its place in this step's global batch (group, then position in the group's
+        # share), which methods defined on the global batch's order use (docs/method.md).
         batch = {"label": torch.tensor(labels, dtype=torch.long),
                  "domain": torch.tensor(domains, dtype=torch.long),
-                 "sample_id": torch.tensor(ids, dtype=torch.int64), "step": step}
+                 "sample_id": torch.tensor(ids, dtype=torch.int64), "step": step,
+                 "order": torch.tensor(places, dtype=torch.int64),
+                 "order_span": self.global_batch_per_group * len(self.groups)}
         if self.decode_on_device:
             batch.update(encoded=images, params=torch.stack(params), keys=keys)
         else:

@@ -1,19 +1,29 @@
 """Domain-generalization methods, registered once.
 
-Adding a method is one file in this package (a ``Method`` subclass, see ``base.py``) and one
-line in ``_REGISTERED`` below; the config's ``algorithm`` choices, its sections, ``--algorithm``,
-the results tables' method keys and the trajectory fingerprint all come from here
-(docs/extending.md walks through CORAL as the example).
+A method is one file in this package (a ``Method`` subclass, see ``base.py``) and one entry in
+``_REGISTERED`` below; the config's ``algorithm`` choices and sections, ``--algorithm``,
+``--help``'s list of methods, the results tables' method keys, the sweep's default spaces and
+the trajectory fingerprint all come from here (docs/extending.md walks through each kind of
+method).
+
+A method kept outside this package registers itself with ``register`` in a module named by
+the environment variable ``RSC_DIST_METHOD_MODULES`` (comma-separated importable modules,
+imported when this package is): every process of a run, the ranks that ``accelerate launch``
+starts included, then sees it (the tests' own methods use this).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 
-from rsc_dist.methods.base import Method
+from rsc_dist.methods.base import Method, MethodContext
 from rsc_dist.methods.coral import CORAL
 from rsc_dist.methods.erm import ERM
 from rsc_dist.methods.rsc import RSC
+
+PLUGINS_VARIABLE = "RSC_DIST_METHOD_MODULES"
 
 # The registry. The first is the default algorithm.
 _REGISTERED: tuple[type[Method], ...] = (RSC, ERM, CORAL)
@@ -21,6 +31,19 @@ _REGISTERED: tuple[type[Method], ...] = (RSC, ERM, CORAL)
 METHODS: dict[str, type[Method]] = {method.name: method for method in _REGISTERED}
 NAMES: tuple[str, ...] = tuple(METHODS)
 DEFAULT = NAMES[0]
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Add a method defined outside this package (usable as a class decorator). Call it when
+    your module is imported, before rsc_dist.config is (``RSC_DIST_METHOD_MODULES`` does that)."""
+    global NAMES
+    if not method.name or not method.name.isidentifier():
+        raise ValueError(f"a method's name must be a Python identifier (it names its config section); got {method.name!r}")
+    if METHODS.get(method.name, method) is not method:
+        raise ValueError(f"algorithm {method.name!r} is registered already ({METHODS[method.name].__module__})")
+    METHODS[method.name] = method
+    NAMES = tuple(METHODS)
+    return method
 
 
 def get(name: str) -> type[Method]:
@@ -41,10 +64,22 @@ def section_keys(name: str) -> tuple[str, ...]:
     return tuple(f"{name}.{f.name}" for f in dataclasses.fields(section)) if section is not None else ()
 
 
-def build(config, **context) -> Method:
-    """The configured method, with the run's context (process_group, capacity, num_domains)."""
-    return get(config.algorithm).from_config(config, **context)
+def build(algorithm: str, settings, context: MethodContext) -> Method:
+    """The configured method for a run (``settings``: its config section, or None)."""
+    method = get(algorithm)(settings, context)
+    method.check_context()
+    return method
 
 
-__all__ = ["CORAL", "DEFAULT", "ERM", "METHODS", "Method", "NAMES", "RSC", "build", "get", "section_keys",
-           "sections"]
+def _import_plugins() -> None:
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_VARIABLE, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(f"{PLUGINS_VARIABLE}={os.environ[PLUGINS_VARIABLE]!r}: cannot import {module!r}: {exc}") from exc
+
+
+_import_plugins()
+
+__all__ = ["CORAL", "DEFAULT", "ERM", "METHODS", "Method", "MethodContext", "NAMES", "RSC", "build", "get",
+           "register", "section_keys", "sections"]

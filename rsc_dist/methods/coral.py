@@ -18,7 +18,7 @@ EXACT under data parallelism: mu_a and C_a are computed over the GLOBAL batch of
 never per rank (docs/method.md, "CORAL over the global batch" says what per-rank statistics
 would compute instead). Every rank all-gathers the pooled features of all ranks (one
 collective), computes the same penalty, and the gradient flows back through the gather to
-every rank's own rows (``_GatheredRows``). The cross-entropy is the mean over the local batch,
+every rank's own rows (rsc_dist.core.collectives.gather_rows, differentiable). The cross-entropy is the mean over the local batch,
 as for ERM; DDP's (and DeepSpeed's) gradient averaging then makes the step the single-process
 step on the global batch.
 
@@ -31,10 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from rsc_dist.core.collectives import gather_rows
 from rsc_dist.core.fields import setting
 from rsc_dist.methods.base import Method
 
@@ -58,24 +58,20 @@ class CORAL(Method):
     def sweep_space(cls, preset):
         return {"coral.penalty_weight": {"log_uniform": [0.1, 10.0]}}  # DomainBed: 10^U(-1, 1)
 
-    def __init__(self, settings: CORALConfig | None = None, *, process_group=None, capacity=None,
-                 num_domains=None):
-        super().__init__(settings)
-        if num_domains is None or num_domains < 1:
-            raise ValueError("CORAL needs the number of domains of the dataset (num_domains)")
-        self.process_group = process_group
-        self.capacity = capacity
-        self.num_domains = num_domains
+    def __init__(self, settings: CORALConfig | None = None, context=None):
+        super().__init__(settings, context)
+        if self.context.num_domains < 1:
+            raise ValueError("CORAL needs the number of domains of the dataset (context.num_domains)")
 
-    def transform_features(self, z, head, labels, **draws):
+    def transform_features(self, z, head, batch, draws):
         return z, {"pooled": pooled_features(z)}
 
-    def loss(self, logits, labels, extras, domains):
-        if domains is None:
+    def loss(self, logits, batch, extras):
+        if batch.domains is None:
             raise ValueError("CORAL needs each training sample's domain (the batch has no 'domain')")
-        cross_entropy = F.cross_entropy(logits.float(), labels)
-        penalty = coral_penalty(extras["pooled"], domains, self.num_domains,
-                                process_group=self.process_group, capacity=self.capacity)
+        cross_entropy = F.cross_entropy(logits.float(), batch.labels)
+        penalty = coral_penalty(extras["pooled"], batch.domains, self.context.num_domains,
+                                process_group=self.process_group, capacity=self.context.capacity)
         return cross_entropy + self.settings.penalty_weight * penalty, {"coral_penalty": penalty.detach()}
 
 
@@ -96,7 +92,11 @@ def coral_penalty(features: Tensor, domains: Tensor, num_domains: int, *, proces
     features = features.float()
     domain_column = domains.to(features.dtype)
     if process_group is not None:
-        rows = gather_rows(torch.cat([features, domain_column[:, None]], dim=1), process_group, capacity)
+        # One collective for features and domains; padding rows belong to no domain.
+        rows = torch.cat([features, domain_column[:, None]], dim=1)
+        padding = rows.new_zeros(rows.shape[1])
+        padding[-1] = _PADDING_DOMAIN
+        rows = gather_rows(rows, process_group, capacity, padding, differentiable=True)
         features, domain_column = rows[:, :-1], rows[:, -1]
     ids = torch.arange(num_domains, device=features.device, dtype=features.dtype)
     member = (domain_column[None, :] == ids[:, None]).to(features.dtype)  # (K, N) one-hot
@@ -116,41 +116,3 @@ def coral_penalty(features: Tensor, domains: Tensor, num_domains: int, *, proces
             total = total + weight * distance
             pairs = pairs + weight
     return total / pairs.clamp(min=1)
-
-
-def gather_rows(rows: Tensor, process_group, capacity: int | None) -> Tensor:
-    """All ranks' rows, rank by rank, each padded to ``capacity`` (padding: zeros, and
-    ``_PADDING_DOMAIN`` in the last column); differentiable (``_GatheredRows``)."""
-    n = rows.shape[0]
-    capacity = n if capacity is None else capacity
-    if n > capacity:
-        raise ValueError(f"local batch of {n} exceeds the CORAL gather capacity {capacity}")
-    return _GatheredRows.apply(rows, process_group, capacity)
-
-
-class _GatheredRows(torch.autograd.Function):
-    """All-gather with a gradient. Every rank computes the same loss from the gathered rows, so
-    the gradient of a rank's own rows is the SUM of all ranks' gradients with respect to them
-    (one all-reduce): that is R x the single-process gradient, which DDP's average over R
-    ranks turns back into exactly the single-process gradient. (Without the sum, each rank's
-    rows would only get their share through this rank's copy of the loss: 1/R too small.)"""
-
-    @staticmethod
-    def forward(ctx, rows, process_group, capacity):
-        n = rows.shape[0]
-        padded = rows.new_zeros((capacity, rows.shape[1]))
-        padded[n:, -1] = _PADDING_DOMAIN
-        padded[:n] = rows
-        world = dist.get_world_size(group=process_group)
-        gathered = rows.new_empty((world * capacity, rows.shape[1]))
-        dist.all_gather_single(gathered, padded, group=process_group)
-        ctx.process_group, ctx.n, ctx.capacity = process_group, n, capacity
-        ctx.rank = dist.get_rank(group=process_group)
-        return gathered
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.process_group)
-        start = ctx.rank * ctx.capacity
-        return grad[start:start + ctx.n], None, None

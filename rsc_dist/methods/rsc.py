@@ -50,13 +50,11 @@ class RSC(Method):
     Section = RSCConfig
     metrics = ("masked_fraction",)
 
-    def __init__(self, settings: RSCConfig | None = None, *, process_group=None, capacity=None,
-                 num_domains=None):
-        super().__init__(settings)
+    def __init__(self, settings: RSCConfig | None = None, context=None):
+        super().__init__(settings, context)
         # Global batch selection (Step 4 over all ranks) needs the group and the largest local
         # batch, so the all-gather needs no size agreement; None selects within each rank.
-        self.process_group = process_group if self.settings.global_selection else None
-        self.capacity = capacity
+        self.selection_group = self.context.process_group if self.settings.global_selection else None
 
     @classmethod
     def sweep_space(cls, preset):
@@ -71,39 +69,36 @@ class RSC(Method):
             space["rsc.p_batch"] = {"uniform": [0.0, 0.5]}
         return space
 
-    @classmethod
-    def draws(cls, config, step, steps_per_epoch, sample_ids):
-        settings = config.rsc
+    def draws(self, step, steps_per_epoch, sample_ids):
+        settings, seed = self.settings, self.context.seed
         schedule = p_batch_schedule(settings.p_batch_schedule, settings.p_batch)
-        draws = {"mode": draw_mode(settings.mode, config.run.seed, step),
+        draws = {"mode": draw_mode(settings.mode, seed, step),
                  "p_batch": schedule(step // steps_per_epoch, step)}
         if settings.strategy == "random":
             if sample_ids is None:
                 raise ValueError("rsc.strategy=random needs each sample's identity (the batch has no sample_id)")
             # Per sample and step, from the sample's identity in the global order: the random
             # scores then do not depend on how the global batch is split over ranks.
-            draws["sample_seeds"] = sample_ids ^ mix_seed(config.run.seed, step)
+            draws["sample_seeds"] = sample_ids ^ mix_seed(seed, step)
         return draws
 
-    def transform_features(self, z: Tensor, head, labels: Tensor, *, mode: str = "spatial",
-                           p_batch: float = DEFAULT_P_BATCH, generator=None, sample_seeds=None):
+    def transform_features(self, z: Tensor, head, batch, draws):
         mask = rsc_mask(
             z,
             head,
-            labels,
-            mode=mode,
+            batch.labels,
+            mode=draws.get("mode", "spatial"),
             p_spatial=self.settings.p_spatial,
             p_channel=self.settings.p_channel,
-            p_batch=p_batch,
+            p_batch=draws.get("p_batch", DEFAULT_P_BATCH),
             strategy=self.settings.strategy,
-            generator=generator,
-            sample_seeds=sample_seeds,
-            process_group=self.process_group,
-            capacity=self.capacity,
+            sample_seeds=draws.get("sample_seeds"),
+            process_group=self.selection_group,
+            capacity=self.context.capacity,
         )
         # Step 5 (docs/method.md): the mask is a constant; gradients flow through z only.
-        return z * mask, {"mask": mask}
+        return z * mask, {"mask": mask, "mask_mode": draws.get("mode", "spatial")}
 
-    def loss(self, logits, labels, extras, domains):
-        loss, _ = super().loss(logits, labels, extras, domains)
+    def loss(self, logits, batch, extras):
+        loss, _ = super().loss(logits, batch, extras)
         return loss, {"masked_fraction": masked_sample_fraction(extras["mask"])}

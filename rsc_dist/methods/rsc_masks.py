@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsc_dist.core.seeding import mix_seed
+from rsc_dist.core.collectives import gather_rows
+from rsc_dist.core.seeding import hashed_uniform, mix_seed
 from rsc_dist.models.heads import PooledLinearHead
 
 Mode = Literal["spatial", "channel"]
@@ -138,37 +139,6 @@ def channel_and_spatial_scores(
     raise ValueError(f"unknown RSC strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
-def _as_int64(value: int) -> int:
-    return value - 2**64 if value >= 2**63 else value
-
-
-_SPLITMIX = tuple(_as_int64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-def _shift_right(x: Tensor, bits: int) -> Tensor:
-    """Logical shift of int64 values (torch's >> keeps the sign)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _splitmix(x: Tensor) -> Tensor:
-    """SplitMix64's finalizer on int64 tensors (products wrap modulo 2**64), on any device."""
-    x = x + _SPLITMIX[0]
-    x = (x ^ _shift_right(x, 30)) * _SPLITMIX[1]
-    x = (x ^ _shift_right(x, 27)) * _SPLITMIX[2]
-    return x ^ _shift_right(x, 31)
-
-
-def hashed_uniform(seeds: Tensor, count: int, *, salt: int = 0) -> Tensor:
-    """(N, count) float32 in [0, 1): value j of row i is a hash of (seeds[i], salt, j).
-
-    Counter-based, on the seeds' device, no generator state and no host sync: the same seed
-    gives the same row in any batch, on any rank.
-    """
-    counters = _splitmix(torch.arange(count, device=seeds.device, dtype=torch.int64) + (salt << 32))
-    bits = _splitmix(_splitmix(seeds)[:, None] ^ counters[None, :])
-    return (_shift_right(bits, 40).to(torch.float32) / float(1 << 24))
-
-
 # ---------------------------------------------------------------------------------------------
 # Step 3: feature mask
 
@@ -235,19 +205,13 @@ def gather_changes(change: Tensor, process_group, capacity: int | None) -> Tenso
     given it is agreed on with an extra all-reduce (a second collective and a host sync);
     the trainer always passes it.
     """
-    n_local = change.shape[0]
     if capacity is None:
-        size = torch.tensor([n_local], device=change.device, dtype=torch.long)
+        size = torch.tensor([change.shape[0]], device=change.device, dtype=torch.long)
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=process_group)
         capacity = int(size.item())
-    if n_local > capacity:
-        raise ValueError(f"local batch of {n_local} exceeds the RSC gather capacity {capacity}")
-    padded = torch.full((capacity,), _PAD, dtype=change.dtype, device=change.device)
-    padded[:n_local] = change
-    world = dist.get_world_size(group=process_group)
-    gathered = torch.empty(world * capacity, dtype=change.dtype, device=change.device)
-    dist.all_gather_single(gathered, padded, group=process_group)
-    return gathered
+    if change.shape[0] > capacity:
+        raise ValueError(f"local batch of {change.shape[0]} exceeds the RSC gather capacity {capacity}")
+    return gather_rows(change, process_group, capacity, _PAD)
 
 
 def select_samples(

@@ -16,11 +16,10 @@ def build_model(
     num_classes: int,
     *,
     pretrained: str | os.PathLike | None = None,
-    method=None,
     freeze_bn: bool = False,
 ) -> Network:
-    """A registered torchvision backbone split into features and head, with ``method``
-    (rsc_dist.methods; None: the plain network, as evaluation uses it).
+    """A registered torchvision backbone split into features and head (a method's own modules
+    are added by the trainer as ``network.method``, after the backbone's initialization).
 
     ``pretrained``: None (random init), "torchvision" (the ImageNet weights file in the
     torchvision cache, never downloaded), or a path to a state-dict file. The ImageNet
@@ -34,6 +33,6 @@ def build_model(
     if pretrained not in (None, "", "none"):
         load_imagenet_weights(net, arch, pretrained)
     features, head = BACKBONES[arch].split(net, num_classes)
-    return Network(features, head, method, freeze_bn=freeze_bn)
+    return Network(features, head, freeze_bn=freeze_bn)
 
 

@@ -1,4 +1,5 @@
-"""Heads: the part of a backbone from its last feature map z to the logits.
+"""Heads: the part of a backbone from its last feature map z to the logits. Each knows
+``in_channels``, the channels of z (what a method's own modules on the pooled features take).
 
 ``PooledLinearHead`` (global average pool + one linear layer) is what RSC's closed-form saliency
 recognizes (rsc_dist.methods.rsc_masks); the others are scored through autograd.
@@ -19,6 +20,7 @@ class PooledLinearHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
+        self.in_channels = in_channels
         self.fc = nn.Linear(in_channels, num_classes)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -32,6 +34,7 @@ class AlexNetHead(nn.Module):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = classifier
+        self.in_channels = classifier[1].in_features // 36  # its first linear layer reads 6 x 6 x C
 
     def forward(self, z: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.pool(z), 1))
@@ -46,6 +49,7 @@ class PooledNormHead(nn.Module):
         super().__init__()
         self.pool = pool
         self.classifier = classifier
+        self.in_channels = classifier[-1].in_features
 
     def forward(self, z: Tensor) -> Tensor:
         return self.classifier(self.pool(z))

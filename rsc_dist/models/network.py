@@ -1,16 +1,14 @@
-"""The network of a run: a backbone's ``features`` and ``head``, with the method (if any) applied
-between them in training (rsc_dist.methods).
+"""The network of a run: a backbone's ``features`` and ``head``, and the modules of the run's
+method (``method``: its own parameters and buffers, or None).
 
-``Network.forward(x, y, **draws)`` lets the method act on z between backbone and head when the
-module is training and labels are given; it is one forward with one backward per step, so DDP,
-DeepSpeed and gradient accumulation need nothing special. Per-step choices (RSC's
-spatial/channel draw, p_batch) are forward arguments, never module state, so a resumed run
-repeats them exactly.
+    logits = network(images)                                             # prediction: head(features(x))
+    out = network(images, objective=method.objective, batch=batch, draws=draws)   # one training update
 
-    model = build_model("resnet18", num_classes=7, pretrained="torchvision", method=RSC())
-    logits = model(images, labels, mode="spatial", p_batch=1/3)         # training step
-    logits, extras = model(images, labels, return_extras=True, **draws)  # extras["mask"]: RSC's
-    logits = model(images)                                                # evaluation: no method
+A training update runs the method's objective INSIDE this module's forward, so that under DDP
+and DeepSpeed every module it uses (backbone, head, the method's own) takes part in the
+wrapped forward: DDP's gradient hooks and ZeRO-3's parameter gathering see them. The method
+itself is a plain object carried by the training loop; it is never part of the state dict,
+while its modules are (``method.*`` keys). Prediction never runs the method's modules.
 """
 
 from __future__ import annotations
@@ -19,16 +17,19 @@ from torch import Tensor, nn
 
 
 class Network(nn.Module):
-    """A backbone's ``features`` and ``head``, with the method (if any) applied between them
-    in training. The method is a plain object (no parameters, no state), never in the state dict."""
-
-    def __init__(self, features: nn.Module, head: nn.Module, method=None, *, freeze_bn: bool = False):
+    def __init__(self, features: nn.Module, head: nn.Module, method: nn.Module | None = None, *,
+                 freeze_bn: bool = False):
         super().__init__()
         self.features = features
         self.head = head
         self.method = method
         self.freeze_bn = freeze_bn
         self.train()  # a module starts in training mode; with freeze_bn its BatchNorm layers do not
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the features z (the size of the pooled feature vector)."""
+        return self.head.in_channels
 
     def train(self, mode: bool = True) -> "Network":
         """``freeze_bn``: BatchNorm layers stay in eval mode (running statistics, never updated)
@@ -41,11 +42,8 @@ class Network(nn.Module):
                     module.eval()
         return self
 
-    def forward(self, x: Tensor, y: Tensor | None = None, *, return_extras: bool = False, **draws):
-        """Logits (N, K). With ``return_extras=True``: (logits, the method's extras dict)."""
-        z = self.features(x)
-        extras = {}
-        if self.training and y is not None and self.method is not None:
-            z, extras = self.method.transform_features(z, self.head, y, **draws)
-        logits = self.head(z)
-        return (logits, extras) if return_extras else logits
+    def forward(self, x: Tensor, objective=None, **inputs):
+        """Logits (N, K); with ``objective``: ``objective(self, **inputs)``, a method's update."""
+        if objective is None:
+            return self.head(self.features(x))
+        return objective(self, **inputs)

@@ -94,7 +94,10 @@ class Tracking:
         return self.config.train.selection if self.config is not None else Config().train.selection
 
     def log_masks(self, images: torch.Tensor, mask: torch.Tensor | None, mode: str, step: int,
-                  labels: torch.Tensor | None = None, class_names: tuple = (), count: int = 8) -> None:
+                  labels: torch.Tensor | None = None, class_names: tuple = (), count: int = 8,
+                  key: str = "rsc") -> None:
+        """The inputs with a method's feature mask drawn over them, as ``KEY/masks`` (the method's
+        name: ``rsc/masks``), with the fraction of the grid's samples the mask mutes."""
         if not self.writes or mask is None:
             return
         n = min(count, images.shape[0])
@@ -107,13 +110,13 @@ class Tracking:
         if self.kind == "wandb":
             import wandb
 
-            run.log({"rsc/masks": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption),
-                     "rsc/grid_selected_fraction": sum(selected) / max(n, 1), STEP_KEY: step},
+            run.log({f"{key}/masks": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption),
+                     f"{key}/grid_selected_fraction": sum(selected) / max(n, 1), STEP_KEY: step},
                     step=step)
         elif self.kind == "tensorboard":
-            run.add_image("rsc/masks", grid, global_step=step, dataformats="CHW")
-            run.add_text("rsc/masks_caption", caption.replace("\n", "  \n"), global_step=step)
-            run.add_scalar("rsc/grid_selected_fraction", sum(selected) / max(n, 1), global_step=step)
+            run.add_image(f"{key}/masks", grid, global_step=step, dataformats="CHW")
+            run.add_text(f"{key}/masks_caption", caption.replace("\n", "  \n"), global_step=step)
+            run.add_scalar(f"{key}/grid_selected_fraction", sum(selected) / max(n, 1), global_step=step)
             run.flush()
 
     # -- at the end -----------------------------------------------------------------------------

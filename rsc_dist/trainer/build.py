@@ -19,7 +19,9 @@ from rsc_dist.data.plan import DataPlan
 from rsc_dist.models.build import build_model
 from rsc_dist.observe.identity import tracker_name
 from rsc_dist.trainer import optim
+from rsc_dist.trainer.step import Trainables
 
+METHOD_PREFIX = "method."  # state-dict keys of a method's own modules (network.method)
 # Every collective waits at most this long (a rank that died leaves the others waiting).
 COLLECTIVE_TIMEOUT_S = int(os.environ.get("RSC_DIST_TIMEOUT_S", "1800"))
 
@@ -131,36 +133,45 @@ def check_device_requests(config: Config, env=os.environ) -> None:
             print(f"rsc_dist: no CUDA GPU: {note}", file=sys.stderr, flush=True)
 
 
-def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, capacity: int,
-                         num_domains: int | None = None):
-    """The model with the configured method; ``capacity`` is the local forward batch (the size of
-    a method's fixed-size gathers), ``num_domains`` the manifest's domain count."""
+def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, *, capacity: int,
+                         num_domains: int, grad_accum: int | None = None) -> tuple[torch.nn.Module, methods.Method]:
+    """The network (backbone, head, the method's own modules) and the configured method.
+
+    ``capacity``: the local forward batch (the size of a method's fixed-size gathers);
+    ``num_domains``: the manifest's domain count. The method's modules are built after the
+    backbone, so the backbone's initialization draws the same numbers for every method.
+    """
     distributed = accelerator.num_processes > 1
-    method = methods.build(config, process_group=torch.distributed.group.WORLD if distributed else None,
-                           capacity=capacity, num_domains=num_domains)
-    model = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained, method=method,
-                        freeze_bn=config.model.freeze_bn)
+    network = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained,
+                          freeze_bn=config.model.freeze_bn)
+    context = methods.MethodContext(
+        seed=config.run.seed, num_classes=num_classes, num_domains=num_domains, feature_dim=network.feature_dim,
+        process_group=torch.distributed.group.WORLD if distributed else None, capacity=capacity,
+        balanced=config.data.sampling == "balanced",
+        grad_accum=config.train.grad_accum if grad_accum is None else grad_accum, zero_stage=zero_stage(accelerator))
+    method = methods.build(config.algorithm, getattr(config, config.algorithm, None), context)
+    network.method = method.build_modules()
     if config.model.sync_bn and distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
     if config.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        network = network.to(memory_format=torch.channels_last)
     if config.model.compile:
         # In place (Module.compile): state-dict keys stay the same, so checkpoints load
         # with or without compile. The method itself stays eager.
-        model.features.compile()
-    return model
+        network.features.compile()
+    return network, method
 
 
-def training_objects(config: Config, plan: DataPlan, accelerator: Accelerator):
-    """Model, optimizer and schedule, prepared by Accelerate (DDP or DeepSpeed)."""
-    model = build_training_model(config, plan.manifest.num_classes, accelerator, plan.local_forward_batch,
-                                 num_domains=len(plan.domains))
-    optimizer = optim.build_optimizer(config, model)
+def training_objects(config: Config, plan: DataPlan, accelerator: Accelerator) -> Trainables:
+    """Model, optimizer and schedule, prepared by Accelerate (DDP or DeepSpeed), and the method."""
+    network, method = build_training_model(config, plan.manifest.num_classes, accelerator,
+                                           capacity=plan.local_forward_batch, num_domains=len(plan.domains))
+    optimizer = optim.build_optimizer(config.optim, method.parameter_groups(network))
     total_optimizer_steps = math.ceil(plan.total_steps / config.train.grad_accum)
-    scheduler = optim.build_scheduler(config, optimizer, total_optimizer_steps)
+    scheduler = optim.build_scheduler(config.schedule, optimizer, total_optimizer_steps)
     configure_deepspeed(accelerator, config, plan)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, scheduler
+    model, optimizer = accelerator.prepare(network, optimizer)
+    return Trainables(model, network, optimizer, scheduler, method)
 
 
 def configure_deepspeed(accelerator: Accelerator, config: Config, plan: DataPlan) -> None:
@@ -239,6 +250,9 @@ def evaluation_network(config: Config, num_classes: int, state_dict: dict, devic
     model and the trainer on a ZeRO-3 model. ConfigError (naming ``source``) when the weights do
     not fit the architecture and class count."""
     model = build_model(config.model.arch, num_classes, pretrained=None)
+    # A method's own modules (network.method: a discriminator, a second head, per-domain
+    # weights) take no part in prediction.
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith(METHOD_PREFIX)}
     problems = mismatch(model.state_dict(), state_dict)
     if problems:
         raise ConfigError(f"{source} does not fit model.arch={config.model.arch} with {num_classes} "

@@ -13,7 +13,7 @@ DeepSpeed the folder pytorch_model/ (model states and one ZeRO optimizer shard p
 another number of ranks the shards are re-partitioned while loading, rsc_dist.zero_elastic);
 best/ is always whole weights in safetensors, which rsc_dist.evaluate reads without DeepSpeed.
 
-Every failure here that the user can act on is a ``CheckpointError`` (a ``ConfigError``: the
+Every failure here that the user can act on is a ``CheckpointError`` (a ``UsageError``: the
 trainer prints its one-line message and exits 2).
 """
 
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from rsc_dist.config import ConfigError
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
+from rsc_dist.core.errors import UsageError
 from rsc_dist.trainer import zero_elastic
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
@@ -59,7 +59,7 @@ DEEPSPEED_DIR = "pytorch_model"
 _FULL_DISK_FREE_BYTES = 64 * 2**20
 
 
-class CheckpointError(ConfigError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be saved or loaded, or a run folder in use; the message says why."""
 
 

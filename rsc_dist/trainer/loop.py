@@ -11,18 +11,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from rsc_dist import methods
 from rsc_dist.config import Config, to_dict
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from rsc_dist.data.plan import DataPlan
 from rsc_dist.data.streams import DevicePrefetch, make_loader
 from rsc_dist.observe.meter import Meter
 from rsc_dist.observe.tracking import Tracking
-from rsc_dist.trainer import build, checkpoints, evaluation, state, stopping
-from rsc_dist.trainer.step import prepare_batch, train_step
+from rsc_dist.trainer import build, checkpoints
+from rsc_dist.trainer.evaluation import evaluate, summarize_evaluation
+from rsc_dist.trainer.state import TrainState
+from rsc_dist.trainer.step import Trainables, train_on_batch
+from rsc_dist.trainer.stopping import StopFlags, start_loader
 
 
 @dataclass
@@ -33,11 +34,9 @@ class Run:
     plan: DataPlan
     run_dir: Path
     accelerator: object
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    state: state.TrainState
-    stop: stopping.StopFlags
+    trainables: Trainables  # the prepared model, the network in it, optimizer, schedule, method
+    state: TrainState
+    stop: StopFlags
     tracking: Tracking
 
 
@@ -48,7 +47,7 @@ def train(run: Run) -> tuple[int, Meter]:
     pin = accelerator.device.type == "cuda"
     eval_loaders = plan.eval_loaders(rank, pin)
     stream = plan.train_stream(rank, accelerator.device.type)
-    meter = Meter(accelerator, methods.get(config.algorithm).metrics)
+    meter = Meter(accelerator, run.trainables.method.metrics)
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=f"{config.algorithm} {'+'.join(plan.targets)}", dynamic_ncols=True)
     exit_code = EXIT_OK
@@ -58,7 +57,7 @@ def train(run: Run) -> tuple[int, Meter]:
         loader = make_loader(stream, config.data.workers, pin)
         meter.start_wait()
         # Device-path batches: batch i+1's decode + augmentation are issued before step i runs.
-        for batch in DevicePrefetch(stopping.start_loader(loader), accelerator.device):
+        for batch in DevicePrefetch(start_loader(loader), accelerator.device):
             meter.end_wait()
             step = state.step
             if batch["step"] != step - epoch * plan.steps_per_epoch:  # a broken stream, not user error
@@ -70,11 +69,12 @@ def train(run: Run) -> tuple[int, Meter]:
             if state.step == config.train.stop_at_step:
                 run.stop.request(f"train.stop_at_step={state.step}")
             if meter.due(state.step, config.train.log_every_steps):
-                run.tracking.log(meter.flush(run.optimizer, progress), state.step)
+                run.tracking.log(meter.flush(run.trainables.optimizer, progress), state.step)
             if (config.train.image_log_every_steps and step % config.train.image_log_every_steps == 0
                     and out["mask"] is not None):
-                run.tracking.log_masks(inputs.pixels, out["mask"], inputs.draws.get("mode", ""), state.step,
-                                       labels=batch["label"], class_names=plan.manifest.classes)
+                run.tracking.log_masks(inputs.pixels, out["mask"], out["mask_mode"], state.step,
+                                       labels=batch["label"], class_names=plan.manifest.classes,
+                                       key=config.algorithm)
             exit_code = _between_steps(run, meter, eval_loaders)
             end_of_epoch = state.step % plan.steps_per_epoch == 0
             if exit_code != EXIT_OK or state.step >= plan.total_steps or end_of_epoch:
@@ -86,9 +86,7 @@ def train(run: Run) -> tuple[int, Meter]:
 
 
 def _train_step(run: Run, batch: dict, step: int):
-    config, accelerator = run.config, run.accelerator
-    inputs = prepare_batch(config, batch, accelerator.device, step, run.plan.steps_per_epoch)
-    out = train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs)
+    out, inputs = train_on_batch(run.accelerator, run.trainables, run.config, batch, step, run.plan.steps_per_epoch)
     run.stop.track_loss(out["loss"])
     return out, inputs
 
@@ -112,12 +110,12 @@ def _between_steps(run: Run, meter: Meter, eval_loaders: dict) -> int:
                           f"checkpoint in {run.run_dir / CHECKPOINTS_DIR} is kept")
         return EXIT_NONFINITE
     if evaluate_now:
-        evaluated = build.evaluation_model(config, plan.manifest.num_classes, accelerator, run.model)
-        counts = evaluation.evaluate(accelerator, evaluated, eval_loaders, config, len(plan.domains))
+        evaluated = build.evaluation_model(config, plan.manifest.num_classes, accelerator, run.trainables.model)
+        counts = evaluate(accelerator, evaluated, eval_loaders, config, len(plan.domains))
         del evaluated
-        evaluation = evaluation.summarize_evaluation(counts, plan.domains, state.step, plan.sources, plan.targets)
+        evaluation = summarize_evaluation(counts, plan.domains, state.step, plan.sources, plan.targets)
         if state.record_evaluation(evaluation, config.train.selection):  # the new best; every rank
-            checkpoints.save_best(accelerator, run.model, run.run_dir, evaluation, to_dict(config))
+            checkpoints.save_best(accelerator, run.trainables.model, run.run_dir, evaluation, to_dict(config))
         run.tracking.log_evaluation(evaluation, state.step, best=state.best)
     if checkpoint_now or signalled:
         checkpoints.save_checkpoint(accelerator, run.run_dir, state.step, config.train.keep_checkpoints)

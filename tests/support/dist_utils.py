@@ -43,7 +43,7 @@ def run_on_ranks(fn, world_size, *args, timeout=180, env_init=False):
     ``env_init``: set the torchrun environment variables instead of initializing the group.
     """
     ctx = mp.get_context("spawn")
-    port = _free_port() if env_init else None
+    port = free_port() if env_init else None
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [
@@ -69,7 +69,7 @@ def run_on_ranks(fn, world_size, *args, timeout=180, env_init=False):
             raise AssertionError(f"workers exited with codes {bad}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

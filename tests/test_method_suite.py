@@ -1,0 +1,163 @@
+"""The generic suite: every registered method (the tests' toy methods of tests/support/
+toy_methods.py included) through the same checks, so a new method is covered by registering it.
+
+1. 2 ranks == 1 process, through the trainer's own assembly and step, on the same global
+   batches (3 source domains x 16 = 48 per step, balanced sampling, 6 steps, frozen BatchNorm):
+   the final weights and the method's state agree to a relative L2 of 1e-4.
+2. ZeRO-2 == DDP on 2 ranks, for every method that runs under ZeRO; a method that cannot
+   (its update pattern cannot be stepped by DeepSpeed) stops with one line naming it.
+3. End to end through ``rsc_dist.train`` on shards: the uninterrupted 1-process run (the
+   method's smoke run: results.json), the same run stopped at step 2 on 2 ranks and resumed on
+   1 (elastic; the uninterrupted weights and evaluations up to float rounding), and stopped at
+   step 2 on 1 process and resumed (bit-identical).
+
+Each part trains every method in one launch per world size (session fixtures).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rsc_dist import methods, train
+from support.dist_utils import free_port, run_on_ranks
+from support.method_suite import initial_weights, run_trainer_jobs, train_step_level
+from support.trainer_fixtures import tiny_config
+
+pytestmark = pytest.mark.slow
+
+NAMES = methods.NAMES
+# Every method with its defaults, and RSC's random-score ablation (scores seeded per sample).
+VARIANTS = [(name, ()) for name in NAMES] + [("rsc", ("--rsc.strategy=random",))]
+# What the bound tells apart: RSC selecting within each rank (a different algorithm on every
+# world size) is far outside it.
+PER_RANK = ("rsc", ("--rsc.global_selection=false",))
+MAX_RELATIVE_L2 = 1e-4
+
+
+def relative_l2(got: dict, expected: dict, prefix: str = "") -> float:
+    """||got - expected|| / ||expected|| over the floating-point tensors whose names start with ``prefix``."""
+    keys = [k for k, v in expected.items() if v.is_floating_point() and k.startswith(prefix)]
+    difference = torch.cat([(got[k].double() - expected[k].double()).flatten() for k in keys])
+    scale = torch.cat([expected[k].double().flatten() for k in keys])
+    return float(difference.norm() / scale.norm())
+
+
+@pytest.fixture(scope="session")
+def step_level(tmp_path_factory):
+    out = tmp_path_factory.mktemp("method_suite_steps")
+    # A generous timeout: a loaded 2-core machine runs these launches several times slower.
+    run_on_ranks(train_step_level, 1, str(out), VARIANTS + [PER_RANK], ("ddp",), env_init=True, timeout=1500)
+    engines = ("ddp", "zero2") if _has_deepspeed() else ("ddp",)
+    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, env_init=True, timeout=1500)
+    return {world: torch.load(out / f"world{world}_rank0.pt") for world in (1, 2)}
+
+
+def _has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name, extra", VARIANTS)
+def test_two_ranks_reach_the_weights_of_one_process(step_level, name, extra):
+    one = step_level[1]["ddp", name, extra]["weights"]
+    two = step_level[2]["ddp", name, extra]["weights"]
+    assert one.keys() == two.keys()
+    start = initial_weights()
+    moved = sum(not torch.allclose(start[k], v) for k, v in one.items() if k in start and v.is_floating_point())
+    assert moved > 10, "training must change the weights for the comparison to mean anything"
+    assert relative_l2(two, one) <= MAX_RELATIVE_L2, name
+    if any(key.startswith("method.") for key in one):  # the method's own parameters and state
+        assert relative_l2(two, one, "method.") <= MAX_RELATIVE_L2, name
+
+
+def test_the_bound_tells_a_per_rank_variant_apart(step_level):
+    """RSC's batch selection made within each rank is another algorithm on 2 ranks: the
+    comparison above must fail for it (far beyond float rounding)."""
+    one = step_level[1]["ddp", *PER_RANK]["weights"]
+    two = step_level[2]["ddp", *PER_RANK]["weights"]
+    assert relative_l2(two, one) > 10 * MAX_RELATIVE_L2
+
+
+@pytest.mark.parametrize("name, extra", VARIANTS)
+def test_zero2_reaches_the_weights_of_ddp_or_refuses(step_level, name, extra):
+    if not _has_deepspeed():
+        pytest.skip("deepspeed is not installed")
+    result = step_level[2]["zero2", name, extra]
+    if methods.get(name).zero_refusal:
+        assert result.get("refused", "").startswith(f"algorithm={name} cannot run under DeepSpeed ZeRO"), result
+        return
+    ddp = step_level[2]["ddp", name, extra]["weights"]
+    assert "refused" not in result, result
+    assert relative_l2(result["weights"], ddp) <= MAX_RELATIVE_L2, name
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+CUT = 2
+
+
+def _final_weights(run_dir) -> dict:
+    newest = sorted((run_dir / "checkpoints").glob("checkpoint_*"))[-1]
+    return load_file(newest / "model.safetensors")
+
+
+def _history(run_dir) -> list:
+    results = json.loads((run_dir / "results.json").read_text())
+    return [(h["step"], h["val_acc"], h["target_acc"]) for h in results["history"]]
+
+
+@pytest.fixture(scope="session")
+def end_to_end(tmp_path_factory, tiny_shards):
+    root = tmp_path_factory.mktemp("method_suite_runs")
+    config = tiny_config(root, tiny_shards, data={"image_size": 32, "sampling": "balanced", "global_batch_size": 12,
+                                                   "batch_size": 999, "workers": 0},
+                         model={"freeze_bn": True}, optim={"lr": 0.02},
+                         train={"max_steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2,
+                                "tracker": "none", "agree_every_steps": 1})
+    runs = {}
+    for name in NAMES:
+        common = ["--config", str(config), "--algorithm", name]
+        whole, elastic, resumed = (root / f"{name}-{kind}" for kind in ("whole", "elastic", "resumed"))
+        runs[name] = {"whole": whole, "elastic": elastic, "resumed": resumed,
+                      "codes": {"whole": train.main(common + ["--output_dir", str(whole)]),
+                                "resumed_cut": train.main(common + ["--output_dir", str(resumed),
+                                                                    f"--train.stop_at_step={CUT}"]),
+                                "resumed": train.main(common + ["--output_dir", str(resumed)])}}
+    jobs = [["--config", str(config), "--algorithm", name, "--output_dir", str(runs[name]["elastic"]),
+             f"--train.stop_at_step={CUT}"] for name in NAMES]
+    run_on_ranks(run_trainer_jobs, 2, jobs, [free_port() for _ in jobs], env_init=True, timeout=1500)
+    for name in NAMES:
+        runs[name]["codes"]["elastic"] = train.main(["--config", str(config), "--algorithm", name,
+                                                     "--output_dir", str(runs[name]["elastic"])])
+    return runs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resumed_equals_uninterrupted_and_the_smoke_run_reports(end_to_end, name):
+    run = end_to_end[name]
+    assert run["codes"] == {"whole": 0, "resumed_cut": 75, "resumed": 0, "elastic": 0}, run["codes"]
+    expected, got = _final_weights(run["whole"]), _final_weights(run["resumed"])
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert _history(run["resumed"]) == _history(run["whole"]) and len(_history(run["whole"])) == 2
+    results = json.loads((run["whole"] / "results.json").read_text())
+    assert results["algorithm"] == name and results["config"]["algorithm"] == name
+    assert 0 <= results["last"]["target_acc"]["sketch"] <= 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stopped_on_two_ranks_and_resumed_on_one_continues_the_run(end_to_end, name):
+    run = end_to_end[name]
+    assert run["codes"]["elastic"] == 0
+    expected, got = _final_weights(run["whole"]), _final_weights(run["elastic"])
+    assert relative_l2(got, expected) <= MAX_RELATIVE_L2
+    whole, elastic = _history(run["whole"]), _history(run["elastic"])
+    assert [h[0] for h in elastic] == [h[0] for h in whole]
+    for (_, val_a, target_a), (_, val_b, target_b) in zip(whole, elastic):
+        assert abs(val_a - val_b) <= 0.05 and all(abs(target_a[d] - target_b[d]) <= 0.05 for d in target_a)
