@@ -158,5 +158,5 @@ def test_the_trainer_names_its_folder_with_the_launchers_process_count(monkeypat
     for world_size in ("2", "1"):
         monkeypatch.setenv("WORLD_SIZE", world_size)
         with pytest.raises(KeyboardInterrupt):
-            train.run(config, args)
+            train.run(config, args.resume)
     assert seen == [config.resolved_output_dir(2).resolve(), config.resolved_output_dir(1).resolve()]

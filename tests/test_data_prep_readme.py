@@ -12,7 +12,7 @@ import yaml
 import data_prep.demo
 from data_prep.manifest import load_manifest
 from support.data_prep_samples import make_class_tree
-from support.trainer_fixtures import REPO
+from support.trainer_fixtures import REPO, python_path
 
 README = REPO / "data_prep" / "README.md"
 PRESET = REPO / "rsc_dist" / "configs" / "imagenet_resnet50.yaml"
@@ -44,7 +44,7 @@ def _run_on_miniature(commands: list[str], tmp_path: Path) -> None:
     make_class_tree(tmp_path / "data/imagenet-sketch", ["sketch"], SYNSETS, 1, ext="JPEG", name="s{i}")
     script = "\n".join(re.sub(r"^python ", f"{sys.executable} ", command).replace("/data/", f"{tmp_path}/data/")
                        for command in commands)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": python_path(REPO)}
     result = subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr

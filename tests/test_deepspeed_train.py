@@ -21,7 +21,7 @@ import torch
 
 from rsc_dist.core.contracts import PREEMPTED_MARKER
 from support.deepspeed import ACCELERATE_CONFIGS, consolidated_weights, launch_with_config
-from support.trainer_fixtures import REPO, explain, launch_command, sigterm_the_job, tiny_config
+from support.trainer_fixtures import REPO, explain, launch_command, python_path, sigterm_the_job, tiny_config
 
 pytest.importorskip("deepspeed")
 
@@ -71,7 +71,7 @@ def test_zero3_on_two_ranks_evaluates_and_saves_a_consolidated_best(uninterrupte
     best = run / "checkpoints" / "best"
     out = subprocess.run([sys.executable, "-c", WITHOUT_DEEPSPEED, str(best), "--json", str(tmp_path / "e.json")],
                          capture_output=True, text=True, timeout=300, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": python_path(REPO)})
     assert out.returncode == 0, out.stderr[-3000:]
     evaluation = json.loads((tmp_path / "e.json").read_text())
     assert evaluation["val_acc"] == pytest.approx(results["best"]["val_acc"], abs=1e-9)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support.trainer_fixtures import python_path
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "gpu_checks.sh"
 
@@ -32,7 +34,7 @@ def _steps() -> list[str]:
 def _dry_run(tmp_path: Path, timeout: int, **extra_env: str) -> subprocess.CompletedProcess:
     """``gpu_checks.sh --dry-run`` with this interpreter, results under tmp_path/out."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
-           "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **extra_env}
+           "PYTHONPATH": python_path(ROOT), "CUDA_VISIBLE_DEVICES": "", **extra_env}
     return subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

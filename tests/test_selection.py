@@ -91,7 +91,7 @@ def test_summarized_records_list_every_source_and_target_with_its_count():
 def test_a_checkpoint_from_before_train_selection_continues_under_the_pooled_rule():
     """Such checkpoints chose best/ by the pooled accuracy: resuming under that rule is the same
     run; under another rule it is a listed change (refused without --resume force)."""
-    from rsc_dist.train import resume_differences
+    from rsc_dist.trainer.run import resume_differences
 
     order = {"order_version": 2, "global_batch": 8}
     old = TrainState(data_order=dict(order), settings={"optim.lr": 0.01})

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from rsc_dist.results import tables as results_cli
+from support.trainer_fixtures import python_path
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def launch(path: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "rsc_dist.sweep", str(path), "--launcher", "local", "--parallel",
                              "2", "--devices", "cpu", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"})
+                            env={**os.environ, "PYTHONPATH": python_path(REPO), "WANDB_SILENT": "true"})
 
 
 def events(out: Path) -> list[dict]:

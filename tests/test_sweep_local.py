@@ -16,6 +16,7 @@ import yaml
 
 from rsc_dist.sweep.launch_local import make_slots
 from rsc_dist.sweep.spec import SweepError
+from support.trainer_fixtures import python_path
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE = REPO / "tests" / "support" / "fake_trainer.py"
@@ -37,7 +38,7 @@ def setup(tmp_path: Path, fail: str = "") -> tuple[Path, Path, dict]:
         f"if {fail!r} and '--run.name=sw-{fail}' in args:\n"
         "    args.append('--fake.fail_at_step=3')\n"
         f"os.execv(sys.executable, [sys.executable, {str(FAKE)!r}, *args])\n")
-    env = {**os.environ, "RSC_TRAIN_SCRIPT": str(wrapper), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RSC_TRAIN_SCRIPT": str(wrapper), "PYTHONPATH": python_path(REPO)}
     return sweep, tmp_path / "out", env
 
 

@@ -16,6 +16,7 @@ import yaml
 from rsc_dist import train
 from rsc_dist.sweep.cli import main as sweep_main
 from rsc_dist.sweep.spec import load_sweep
+from support.trainer_fixtures import python_path
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "launch" / "sweeps" / "demo.yaml"
@@ -91,7 +92,7 @@ def test_one_trial_runs_as_the_agent_runs_it(monkeypatch, tmp_path):
     spec = generated(tmp_path)
     command, env = agent_command(spec, 5, "trialx", monkeypatch, tmp_path)
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": python_path(REPO)}
     result = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path,
                             timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -49,6 +49,12 @@ def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
     return path
 
 
+def python_path(root: Path = REPO) -> str:
+    """PYTHONPATH for a subprocess: the checkout first, then what the test run has (the tests'
+    folder, whose support.toy_methods every process registers: tests/conftest.py)."""
+    return os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+
+
 def launch_command(args: list[str], *, processes: int = 1, config_file: Path | None = None) -> list[str]:
     """``accelerate launch rsc_dist/train.py ARGS`` as users type it: with a launch config file,
     or with the flags of a CPU run (fp32, no dynamo)."""
