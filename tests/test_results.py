@@ -156,7 +156,7 @@ def test_malformed_results_name_the_file_and_key(tmp_path, capsys, mutate, messa
     assert str(bad) in capsys.readouterr().err
 
 
-def test_schema_versions_1_to_3_read_newer_refused(tmp_path):
+def test_schema_versions_1_to_4_read_newer_refused(tmp_path):
     v1 = write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.7)
     v2 = write_run(tmp_path, "rsc", "photo", 0, 0.9, 0.9)
     data = json.loads(v2.read_text())
@@ -165,7 +165,7 @@ def test_schema_versions_1_to_3_read_newer_refused(tmp_path):
     v2.write_text(json.dumps(data))
     runs = {r.path: r for r in results.find_runs(tmp_path)}
     assert runs[v1].acc["best"] == {"sketch": 0.8} and runs[v2].acc["last"] == {"photo": 0.9}
-    for version, message in ((4, "schema_version 4 is newer than this rsc_dist understands"),
+    for version, message in ((5, "schema_version 5 is newer than this rsc_dist understands"),
                              ("2", "'schema_version' must be a positive integer")):
         data["schema_version"] = version
         v2.write_text(json.dumps(data))

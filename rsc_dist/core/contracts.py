@@ -16,13 +16,14 @@ A stop that should be resumed is also announced by the file ``RUN/preempted.json
 launcher itself exits with depends on how the stop reached it; see launch/README.md):
     {"step": <int>, "reason": "<SIGTERM | SIGUSR1 | train.stop_at_step=N>"}
 
-``RUN/results.json``, schema version 3: RESULTS_LAYOUT below is its one description (key ->
+``RUN/results.json``, schema version 4: RESULTS_LAYOUT below is its one description (key ->
 type and meaning); tests/test_contracts.py checks a trainer-written file against it, and
-rsc_dist.results reads versions 1 to 3. Every evaluation (``best``, ``last`` and each entry of
+rsc_dist.results reads versions 1 to 4. Every evaluation (``best``, ``last`` and each entry of
 ``history``) is an EVALUATION_RECORD, which keeps per-domain accuracies AND sample counts, so
 any selection rule (rsc_dist/core/selection.py) can be applied after the fact. Accuracies are
-fractions in [0, 1]. Version 2 had no val_acc_mean/val_n/target_n/selection keys and a
-"num_samples" map instead; version 1 had no "schema_version" key.
+fractions in [0, 1]. Version 4 added the keys marked "(v4)" below; version 3 files lack
+them. Version 2 had no val_acc_mean/val_n/target_n/selection keys and a "num_samples" map
+instead; version 1 had no "schema_version" key.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ EXIT_PREEMPTED = 75
 # best/ and their files). tests/test_contracts.py pins these names: users' scripts rely on them.
 PREEMPTED_MARKER = "preempted.json"
 RESULTS_FILE = "results.json"
-RESULTS_SCHEMA_VERSION = 3
+RESULTS_SCHEMA_VERSION = 4
 CONFIG_FILE = "config.yaml"  # the resolved config (also inside RUN/checkpoints/best/)
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -60,7 +61,7 @@ RESULTS_LAYOUT = {
     "schema_version": ("int", "RESULTS_SCHEMA_VERSION"),
     "config": ("dict", "the resolved config (nested)"),
     "fingerprint": ("str", "hash of the settings that define the trajectory (part of the default run folder)"),
-    "algorithm": ("str", "rsc | erm"),
+    "algorithm": ("str", "the method (rsc_dist.methods; `python -m rsc_dist.train --help` lists them)"),
     "dataset": ("str", "data.dataset or the manifest's name"),
     "arch": ("str", "model.arch"),
     "seed": ("int", "run.seed"),

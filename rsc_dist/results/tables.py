@@ -17,7 +17,7 @@ OUT/results.csv (one tidy row per cell) and, with --wandb, logs each table as a 
 one W&B run (job type "results"): online with an API key, else offline under OUT/wandb/ (upload
 later with `wandb sync OUT/wandb/offline-run-*`); WANDB_MODE=disabled skips it.
 
-Reads results.json schema versions 1 to 3; the layout is described once, in
+Reads results.json schema versions 1 to 4; the layout is described once, in
 rsc_dist/core/contracts.py. A W&B run folder's copy or link of results.json (wandb/*run-*/files/) is
 not a run of its own: each run is read once whatever its tracker.
 """
