@@ -39,6 +39,7 @@ from rsc_dist import methods
 from rsc_dist.config import flatten
 from rsc_dist.core import selection
 from rsc_dist.core.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
+from rsc_dist.core.protocols import dataset_key
 from rsc_dist.observe.identity import wandb_mode_from_environment
 
 METRICS = ("best", "last")
@@ -112,11 +113,6 @@ class Run:
     # metric ("best"/"last", "+top5" variants) -> {target: accuracy fraction}
     acc: dict[str, dict[str, float]]
     selection: str = OLD_SELECTION  # the rule that chose acc["best"]
-
-
-def dataset_key(name: str) -> str:
-    """'PACS', 'office_home', 'Office-Home' -> 'pacs', 'officehome' (for the paper lookup)."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def load_run(path: Path, rule: str | None = None) -> Run:

@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import set_seed
 
 from rsc_dist import methods
-from rsc_dist.config import Config, save_config, trajectory_settings
+from rsc_dist.config import EARLIER_DEFAULTS, Config, save_config, trajectory_settings
 from rsc_dist.core import selection
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.core.errors import ConfigError
@@ -128,8 +128,9 @@ def resume_differences(state: TrainState, expected: dict) -> list[str]:
     # method's section is not part of this run's trajectory.
     inactive = tuple(f"{name}." for name in methods.sections() if name != new_settings.get("algorithm"))
     old_settings = {key: value for key, value in state.settings.items() if not key.startswith(inactive)}
-    if old_settings:  # saved before train.selection existed, when the pooled accuracy chose best/
-        old_settings.setdefault("train.selection", "source_val_pooled")
+    if old_settings:  # saved before some settings existed: read with what those runs computed
+        for key, value in EARLIER_DEFAULTS.items():
+            old_settings.setdefault(key, value)
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
             changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
