@@ -173,6 +173,29 @@ def test_print_lists_every_run_and_a_dry_run_never_runs(tmp_path, capsys):
     assert "not after --" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--launcher", "local", "--parallel", "-1"], "--parallel must be at least 1; got -1"),
+    (["--launcher", "local", "--parallel", "0"], "--parallel must be at least 1; got 0"),
+    (["--launcher", "local", "--gpus-per-run", "0"], "--gpus-per-run must be at least 1; got 0"),
+    (["--launcher", "slurm", "--parallel", "2"], "--parallel: option(s) of --launcher local"),
+    (["--launcher", "local", "--index", "3"], "--index: option(s) of --launcher one"),
+])
+def test_launcher_options_are_checked_before_anything_is_written(tmp_path, capsys, args, message):
+    """Planted defects: --parallel -1 raised IndexError after taking the lock and writing
+    sweep.json; --parallel 0 silently ran one at a time."""
+    out = tmp_path / "out"
+    assert sweep_main([str(write(tmp_path, SEARCH)), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_sweep_that_cannot_check_its_dataset_is_listed_but_not_started(tmp_path, capsys):
+    path = write(tmp_path, {**SEARCH, "overrides": {"data.root": str(tmp_path / "nowhere"), "train.max_steps": 10}})
+    assert sweep_main([str(path), "--out", str(tmp_path / "out")]) == 0
+    assert "has no _info.json on this machine: domains and classes not checked" in capsys.readouterr().out
+    assert sweep_main([str(path), "--out", str(tmp_path / "out"), "--launcher", "local"]) == 2
+    assert "nothing is started" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_slurm_dry_run_shows_the_array_job(tmp_path):
     path = write(tmp_path, {**SEARCH, "slurm": {"sbatch": ["--time=2:00:00"], "max_parallel": 3}})
     out = tmp_path / "out"

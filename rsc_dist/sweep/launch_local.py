@@ -85,7 +85,7 @@ def make_slots(devices: str, parallel: int | None, per_run: int = 1) -> list[Slo
     """``devices``: auto (GPUs when there are any, else CPU), cpu, or GPU ids "0,1,3";
     ``per_run``: processes of each run (GPUs, or CPU ranks), K of --gpus-per-run."""
     if parallel is not None and parallel < 1:
-        raise SweepError(f"--parallel must be at least 1 (runs at once); got {parallel}")
+        raise SweepError(f"--parallel must be at least 1; got {parallel}")
     if per_run < 1:
         raise SweepError(f"--gpus-per-run must be at least 1; got {per_run}")
     if devices == "auto":
@@ -124,8 +124,10 @@ def launch_command(slot: Slot, python: str = sys.executable) -> list[str]:
     if slot.ranks == 1:
         return trainer_command(python)
     script = os.environ.get("RSC_TRAIN_SCRIPT") or str(Path(__file__).resolve().parents[1] / "train.py")
-    return [python, "-m", "accelerate.commands.launch", "--num_processes", str(slot.ranks), "--num_machines", "1",
-            *(["--multi_gpu"] if slot.gpus else []), "--mixed_precision", "no", "--dynamo_backend", "no",
+    # --multi_gpu on CPUs too: only Accelerate's torchrun path starts K ranks (its CPU path starts
+    # one, launch/accelerate/cpu_2proc.yaml says why); a trainer that sees no GPU forms gloo ranks.
+    return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(slot.ranks),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port()), script]
 
 
