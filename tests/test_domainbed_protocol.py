@@ -300,3 +300,35 @@ def test_an_unfinished_domainbed_run_takes_no_part(tmp_path, capsys):
     assert cli.main([str(root), "--selection", "source_val_mean"]) == 0
     runs = len(METHODS) * len(held_out_sets()) * TRIALS * SEEDS
     assert f"1 of {runs} runs of db (DomainBed) are not finished" in capsys.readouterr().out
+
+
+def test_the_sweep_tables_go_to_wandb_too(both_layouts, monkeypatch, tmp_path):
+    """Planted defect: `results SWEEP --selection RULE --wandb` logged nothing and exited 0."""
+    import sys
+    import types
+
+    logged, summary = {}, {}
+
+    class FakeTable:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    class FakeRun:
+        def __init__(self):
+            self.summary = summary
+
+        def log(self, values):
+            logged.update(values)
+
+        def finish(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Table=FakeTable, init=lambda **kw: FakeRun()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    ours, _ = both_layouts
+    assert cli.main([str(ours), "--selection", "domainbed_oracle", "--wandb", "--out", str(tmp_path)]) == 0
+    assert {"results/Toy/selection_domainbed_oracle", "results/averages/selection_domainbed_oracle"} <= set(logged)
+    assert summary["results/Toy/selection_domainbed_oracle/selection"] == "domainbed_oracle"
+    table = logged["results/Toy/selection_domainbed_oracle"]
+    assert "env0 se" in table.columns and [row[0] for row in table.data] == ["ERM", "RSC"]

@@ -101,6 +101,14 @@ def test_markdown_and_csv_files(runs, tmp_path_factory):
     assert {r["method"]: float(r["mean"]) for r in paper} == {"paper: ERM": 79.94, "paper: RSC": 85.15}
 
 
+def test_domainbeds_standard_error_on_request(runs, tmp_path, capsys):
+    assert cli.main([str(runs), "--error", "se", "--metric", "best", "--out", str(tmp_path / "o")]) == 0
+    rsc_art = [100 * RSC["art_painting"][s][0] for s in (0, 1, 2)]
+    se = statistics.pstdev(rsc_art) / len(rsc_art) ** 0.5  # DomainBed: np.std(x / sqrt(n))
+    text = capsys.readouterr().out
+    assert f"| RSC | {statistics.fmean(rsc_art):.2f} ± {se:.2f} (3) |" in text and "standard error" in text
+
+
 def test_metric_option_limits_the_tables(runs, tmp_path):
     assert cli.main([str(runs), "--metric", "last", "--out", str(tmp_path / "o")]) == 0
     md = (tmp_path / "o" / "results.md").read_text()

@@ -83,9 +83,12 @@ def test_distributions_draw_from_a_hash_of_seed_draw_and_field():
     assert Distribution("choice", ("a", "b", "c")).draw(0.7) == "c"
 
 
-def test_default_spaces_follow_the_preset():
-    sweep = load_sweep(REPO / "launch" / "sweeps" / "domainbed_pacs_resnet50.yaml")
-    assert sweep.n_trials == {"erm": 20, "rsc": 20} and len(sweep.runs) == 480
+def test_default_spaces_follow_the_preset(tmp_path):
+    # The paired protocol's default spaces are relative to the preset (SGD and Adam recipes alike).
+    sweep = load_sweep(write(tmp_path, {"preset": "domainbed_pacs_resnet50", "methods": ["erm", "rsc"],
+                                        "default_space": True, "n_trials": 20, "targets": ["sketch"],
+                                        "overrides": {"data.root": "/shared/shards/pacs_domainbed"}}))
+    assert sweep.n_trials == {"erm": 20, "rsc": 20} and len(sweep.runs) == 2 * 20
     erm = next(r for r in sweep.runs if r.method == "erm")
     rsc = next(r for r in sweep.runs if r.method == "rsc")
     assert set(erm.hparams) == {"optim.lr", "optim.weight_decay", "data.batch_size"}
@@ -101,6 +104,11 @@ def test_default_spaces_follow_the_preset():
     flat = {"optim.lr": 5e-5, "data.batch_size": 32, "rsc.mode": "channel", "rsc.p_batch_schedule": "constant"}
     assert set(default_space("coral", flat)) == set(erm.hparams) | {"coral.penalty_weight"}
     assert not any(key.startswith("coral.") for key in default_space("rsc", flat))
+    # The example DomainBed sweep: DomainBed's protocol and registry, 2 x 4 x 20 x 3 runs.
+    domainbed = load_sweep(REPO / "launch" / "sweeps" / "domainbed_pacs_resnet50.yaml")
+    assert domainbed.protocol == "domainbed" and len(domainbed.runs) == 480
+    assert set(next(r for r in domainbed.runs if r.method == "erm").hparams) == {
+        "optim.lr", "optim.weight_decay", "data.batch_size", "model.dropout"}
     # The paper's grid: no search, the preset's values.
     paper = load_sweep(REPO / "launch" / "sweeps" / "pacs_resnet18.yaml")
     assert len(paper.runs) == 2 * 4 * 3 and all(r.hparams == {} for r in paper.runs)
