@@ -126,6 +126,29 @@ def test_rows_split_by_config_that_varies_but_not_by_paths_or_seeds(tmp_path):
     assert t.rows["RSC (mode=spatial)"]["sketch"].n == 2
 
 
+def test_rows_split_on_exactly_the_trajectory_settings_that_differ(tmp_path):
+    """Planted defect: a weight-decay grid (spec.py's own example) exited 2 with "duplicates",
+    since only a fixed list of keys split rows. Now every trajectory setting does, and the
+    number of processes does not when the global batch is the same."""
+    def run(folder, seed, weight_decay, world_size, global_batch):
+        path = write_run(tmp_path, "rsc", "sketch", seed, 0.8, 0.8, folder=folder)
+        data = json.loads(path.read_text())
+        data["config"]["optim"] = {"weight_decay": weight_decay, "momentum": 0.9}
+        data["config"]["data"]["batch_size"] = global_batch // world_size  # the per-process setting
+        data.update(schema_version=4, world_size=world_size, global_batch=global_batch)
+        path.write_text(json.dumps(data))
+
+    run("a", 0, 0.0, 1, 32)
+    run("b", 1, 0.0, 2, 32)  # another seed on 2 processes, the same global batch: the same row
+    run("c", 0, 5e-4, 1, 32)
+    run("d", 0, 5e-4, 2, 64)  # a larger global batch: another trajectory
+    t = table(results.build_tables(results.find_runs(tmp_path)), "best")
+    assert sorted(t.rows) == ["RSC (global_batch=32, optim.weight_decay=0)",
+                              "RSC (global_batch=32, optim.weight_decay=0.0005)",
+                              "RSC (global_batch=64, optim.weight_decay=0.0005)"]
+    assert t.rows["RSC (global_batch=32, optim.weight_decay=0)"]["sketch"].n == 2
+
+
 def test_avg_without_std_when_targets_have_different_seeds(tmp_path):
     write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.8)
     write_run(tmp_path, "rsc", "sketch", 1, 0.6, 0.6)
