@@ -97,7 +97,8 @@ def _run(name: str, path: Path, records: list[dict]) -> TrialRun:
         dataset, algorithm, test_envs = str(args["dataset"]), str(args["algorithm"]), list(args["test_envs"])
         hparams_seed, trial_seed = int(args["hparams_seed"]), int(args["trial_seed"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ResultsError(f"{path}: args lacks {exc} (dataset, algorithm, test_envs, hparams_seed, trial_seed)") from None
+        raise ResultsError(f"{path}: args lacks {exc} (it needs dataset, algorithm, test_envs, hparams_seed, "
+                           "trial_seed)") from None
     count = 0
     while f"env{count}_in_acc" in records[0]:
         count += 1

@@ -115,7 +115,9 @@ def choose(runs: list[TrialRun], rule: str) -> tuple[dict[CellKey, Pick], dict[C
             continue
         candidates[key] = candidates.get(key, 0) + (found.score is not None)
         incumbent = chosen.get(key)
-        if incumbent is None or (found.score is not None and (incumbent.score is None or found.score > incumbent.score)):
+        better = found.score is not None and (incumbent is None or incumbent.score is None
+                                              or found.score > incumbent.score)
+        if incumbent is None or better:
             chosen[key] = found
     if not chosen:
         why = (" (leave_one_domain_out needs, for each trial, the runs that hold out the target with each other "
@@ -166,8 +168,8 @@ def build_report(folders: list[SweepRuns], rule: str, error: str = "se", paper: 
             if dataset != key:
                 continue
             label = _row_label(source, method, sources)
-            rows.setdefault(label, {}).setdefault(target, []).append((seed, 100 * found.accuracy,
-                                                                      candidates[(source, dataset, method, target, seed)]))
+            trials = candidates[(source, dataset, method, target, seed)]
+            rows.setdefault(label, {}).setdefault(target, []).append((seed, 100 * found.accuracy, trials))
         table_rows = {}
         for label in _method_order(rows):
             cells = {}

@@ -176,7 +176,8 @@ def load_run(path: Path, rule: str | None = None) -> Run:
             acc[metric + suffix] = {t: float(values[t]) for t in targets}
     global_batch = data.get("global_batch")
     return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule,
-               str(data.get("protocol") or UNRECORDED_PROTOCOL), global_batch if isinstance(global_batch, int) else None)
+               str(data.get("protocol") or UNRECORDED_PROTOCOL),
+               global_batch if isinstance(global_batch, int) and not isinstance(global_batch, bool) else None)
 
 
 def results_files(root: Path) -> list[Path]:
@@ -292,8 +293,9 @@ class Table:
         return name + (f"+{top5}" if top5 else "")
 
     def rendered(self) -> render.Table:
+        rules = [self.selection] if self.selection != "mixed" else list(self.rules)
         about = [f"Protocol: {', '.join(self.protocols) or UNRECORDED_PROTOCOL}. Selection: "
-                 f"{'; '.join(selection.LABELS.get(r, r) for r in ([self.selection] if self.selection != 'mixed' else self.rules))}.",
+                 f"{'; '.join(selection.LABELS.get(r, r) for r in rules)}.",
                  f"Cells: mean ± {render.ERRORS[self.error]} over seeds; (n) = seeds, one run each; Avg: mean of the "
                  "columns, its spread over the seeds' averages."]
         return render.Table(self.title, about, self.columns, self.rows, self.paper_rows,

@@ -185,7 +185,8 @@ def _expand(path: Path, spec: SweepFile, given: set[str], extra_overrides: dict)
         raise SweepError(f"{where}: methods lists a method twice: {chosen}")
     bad_options = [o for o in spec.slurm.sbatch if not o.startswith("--")]
     if bad_options:
-        raise SweepError(f"{where}: slurm.sbatch: each entry is an sbatch option such as --time=8:00:00; got {bad_options}")
+        raise SweepError(f"{where}: slurm.sbatch: each entry is an sbatch option such as --time=8:00:00; "
+                         f"got {bad_options}")
     domainbed_protocol = spec.protocol == "domainbed"
     seeds = list(domainbed.DEFAULT_SEEDS if domainbed_protocol and "seeds" not in given else spec.seeds)
     if not seeds or len(set(seeds)) != len(seeds):
