@@ -190,3 +190,16 @@ def test_the_trainer_names_its_folder_with_the_launchers_process_count(monkeypat
         with pytest.raises(KeyboardInterrupt):
             train.run(config, args.resume)
     assert seen == [config.resolved_output_dir(2).resolve(), config.resolved_output_dir(1).resolve()]
+
+
+def test_domainbed_2024_is_exact_on_several_processes_only_with_synchronized_batchnorm():
+    """Its BatchNorm trains (freeze_bn false): per-process statistics would be another computation."""
+    from rsc_dist.config import flatten, to_dict
+    from rsc_dist.core.protocols import check_world_size
+
+    config = flatten(to_dict(load_config("demo", ["--run.protocol=domainbed-2024"])))
+    check_world_size("domainbed-2024", config, 1)
+    with pytest.raises(ConfigError, match="on 2 processes each would normalize by its share of the batch"):
+        check_world_size("domainbed-2024", config, 2)
+    check_world_size("domainbed-2024", {**config, "model.sync_bn": True}, 2)
+    check_world_size("domainbed-2020", flatten(to_dict(load_config("domainbed_pacs_resnet50"))), 8)
