@@ -15,10 +15,10 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from rsc_dist import methods
 from rsc_dist.config import Config, ConfigError
-from rsc_dist.data.plan import DataPlan
 from rsc_dist.models.build import build_model
 from rsc_dist.observe.identity import tracker_name
 from rsc_dist.trainer import optim
+from rsc_dist.trainer.plan import DataPlan
 from rsc_dist.trainer.step import Trainables
 
 METHOD_PREFIX = "method."  # state-dict keys of a method's own modules (network.method)
