@@ -235,7 +235,7 @@ def test_results_document_follows_the_contract(monkeypatch, tmp_path):
     first = evaluation(4, 0.6, 0.5)
     state = types.SimpleNamespace(best=first, last=first, step=4, history=[first], forced_resumes=[])
     doc = results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))
-    assert doc["schema_version"] == contracts.RESULTS_SCHEMA_VERSION == 3 and doc["best_checkpoint"] is None
+    assert doc["schema_version"] == contracts.RESULTS_SCHEMA_VERSION == 4 and doc["best_checkpoint"] is None
     assert doc["fingerprint"] == config_module.trajectory_fingerprint(config, 1)
     assert doc["selection"] == "source_val_pooled" and doc["best"]["val_n"] == {"cartoon": 30, "photo": 10}
     assert contracts.layout_problems(json.loads(json.dumps(doc))) == []
