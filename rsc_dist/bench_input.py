@@ -34,10 +34,10 @@ from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rsc_dist.config import load_config
-from rsc_dist.data.plan import DataPlan, data_root
 from rsc_dist.data.streams import make_loader
 from rsc_dist.trainer import optim
 from rsc_dist.trainer.build import build_training_model
+from rsc_dist.trainer.plan import DataPlan, data_root
 from rsc_dist.trainer.step import Trainables, prepare_batch, train_on_batch
 
 

@@ -32,9 +32,9 @@ if __package__ in (None, ""):  # `accelerate launch rsc_dist/evaluate.py` runs t
 from rsc_dist.config import Config, load_config
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK
 from rsc_dist.core.errors import UsageError
-from rsc_dist.data.plan import DataPlan, data_root
 from rsc_dist.data.streams import error_line
 from rsc_dist.trainer import build, checkpoints, cpu_launch, evaluation
+from rsc_dist.trainer.plan import DataPlan, data_root
 
 
 class EvaluateError(UsageError):

@@ -12,7 +12,7 @@ from rsc_dist.config import load_config
 from rsc_dist.data import streams
 from rsc_dist.data.augment import Augment
 from rsc_dist.data.order import GroupOrder
-from rsc_dist.data.plan import DataPlan, selected_samples
+from rsc_dist.trainer.plan import DataPlan, selected_samples
 from rsc_dist.data.streams import EvalStream, make_loader
 from support.trainer_fixtures import tiny_config
 

@@ -42,6 +42,8 @@ RESULTS_FILE = "results.json"
 RESULTS_SCHEMA_VERSION = 4
 CONFIG_FILE = "config.yaml"  # the resolved config (also inside RUN/checkpoints/best/)
 CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"  # RUN/CHECKPOINTS_DIR/BEST_DIR: the weights train.selection chose (rsc_dist.evaluate reads it)
+BEST_RELATIVE = f"{CHECKPOINTS_DIR}/{BEST_DIR}"  # what results.json records as "best_checkpoint"
 
 # Types: int, float, str, dict, list, "null" (JSON null), "{str: float}" / "{str: int}" (a map from
 # domain names), "list[str]", "evaluation" (an EVALUATION_RECORD), "list[evaluation]"; "a|b" = either.

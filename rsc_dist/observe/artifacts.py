@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rsc_dist.core import selection
-from rsc_dist.core.contracts import CONFIG_FILE
-from rsc_dist.trainer.checkpoints import BEST_RELATIVE
+from rsc_dist.core.contracts import BEST_RELATIVE, CONFIG_FILE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

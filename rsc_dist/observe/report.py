@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rsc_dist.config import Config, to_dict, trajectory_fingerprint
-from rsc_dist.core.contracts import RESULTS_SCHEMA_VERSION
+from rsc_dist.core.contracts import BEST_RELATIVE, RESULTS_SCHEMA_VERSION
 from rsc_dist.observe.identity import dataset_name
 from rsc_dist.observe.meter import Meter
-from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 
 
 def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | None = None) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from rsc_dist.config import Config
 from rsc_dist.core import selection
-from rsc_dist.core.contracts import RESULTS_FILE
+from rsc_dist.core.contracts import BEST_RELATIVE, RESULTS_FILE
 from rsc_dist.observe.artifacts import best_model_artifact
 from rsc_dist.observe.identity import (
     remember_run_id,
@@ -35,7 +35,6 @@ from rsc_dist.observe.metrics import (
     rows_markdown,
     summary_values,
 )
-from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 
 
 class Tracking:

@@ -15,10 +15,10 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from rsc_dist import methods
 from rsc_dist.config import Config, ConfigError
-from rsc_dist.data.plan import DataPlan
 from rsc_dist.models.build import build_model
 from rsc_dist.observe.identity import tracker_name
 from rsc_dist.trainer import optim
+from rsc_dist.trainer.plan import DataPlan
 from rsc_dist.trainer.step import Trainables
 
 METHOD_PREFIX = "method."  # state-dict keys of a method's own modules (network.method)
@@ -78,15 +78,15 @@ def use_this_environments_ninja(env=os.environ) -> None:
     DeepSpeed dependency) first on PATH, so DeepSpeed's JIT-built ops (on CPU ranks, its
     shared-memory comm op, built when the process group forms) are always built by the same ninja.
 
-    torch.utils.cpp_extension runs whatever `ninja` PATH finds. A run started through an
-    activated environment (launch/slurm/train.sbatch puts it first on PATH) found the
-    environment's ninja, one started as `.venv/bin/python` found the system's, and two ninja
-    versions hash the build commands differently: each took the other's build for stale and
-    recompiled the op (about 45 s, under a lock every DeepSpeed process on the machine waits for).
+    torch.utils.cpp_extension runs whatever `ninja` PATH finds, and two ninja versions record
+    the build commands differently: a run started through an activated environment (whose ninja
+    PATH finds first) and one started as `.venv/bin/python` (the system's ninja) would each take
+    the other's build for stale and recompile the op (about 45 s, under a lock every DeepSpeed
+    process on the machine waits for).
     """
     try:
         import ninja
-    except ImportError:  # torch then needs a ninja on PATH, as before
+    except ImportError:  # torch then uses the ninja PATH finds
         return
     if not ninja.BIN_DIR:
         return

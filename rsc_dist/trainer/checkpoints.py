@@ -36,13 +36,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from rsc_dist.core.contracts import CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
+from rsc_dist.core.contracts import BEST_DIR, BEST_RELATIVE, CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
 from rsc_dist.core.errors import UsageError
 from rsc_dist.trainer import zero_elastic
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
-BEST_DIR = "best"
-BEST_RELATIVE = f"{CHECKPOINTS_DIR}/{BEST_DIR}"  # what results.json records as "best_checkpoint"
 # save_best writes the new best/ here, then swaps it in with two renames; a crash between
 # them leaves the previous best/ under OLD_BEST_DIR (put back by _recover_best and evaluate).
 NEW_BEST_DIR = f".tmp_{BEST_DIR}"

@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 
 from rsc_dist.config import Config, to_dict
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
-from rsc_dist.data.plan import DataPlan
 from rsc_dist.data.streams import DevicePrefetch, make_loader
 from rsc_dist.observe.meter import Meter
 from rsc_dist.observe.tracking import Tracking
 from rsc_dist.trainer import build, checkpoints
 from rsc_dist.trainer.evaluation import evaluate, summarize_evaluation
+from rsc_dist.trainer.plan import DataPlan
 from rsc_dist.trainer.state import TrainState
 from rsc_dist.trainer.step import Trainables, train_on_batch
 from rsc_dist.trainer.stopping import StopFlags, start_loader

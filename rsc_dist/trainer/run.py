@@ -16,10 +16,10 @@ from rsc_dist.config import EARLIER_DEFAULTS, Config, flatten, save_config, to_d
 from rsc_dist.core import protocols, selection
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.core.errors import ConfigError
-from rsc_dist.data.plan import DataPlan, data_root
 from rsc_dist.observe.report import format_accuracy_table, results_document
 from rsc_dist.observe.tracking import start_tracking
 from rsc_dist.trainer import build, checkpoints, loop
+from rsc_dist.trainer.plan import DataPlan, data_root
 from rsc_dist.trainer.state import TrainState
 from rsc_dist.trainer.stopping import StopFlags
 

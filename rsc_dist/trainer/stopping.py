@@ -46,9 +46,9 @@ def start_loader(loader):
     """``iter(loader)`` with the stop signals held back while it forks its workers.
 
     A job's SIGTERM reaches every process, loader workers included. torch gives a new worker a
-    handler that dies on SIGTERM before data._worker_init can set it to ignored; a worker killed
-    in that window ends its rank with "DataLoader worker exited unexpectedly" instead of a
-    checkpoint (seen once in a SIGTERM test at an epoch start, where new workers are forked).
+    handler that dies on SIGTERM before the worker's init function can set it to ignored; a
+    worker killed in that window would end its rank with "DataLoader worker exited unexpectedly"
+    instead of a checkpoint, and workers are forked at every epoch start and evaluation.
     Forked workers inherit the blocked mask and keep it (they ignore these signals anyway);
     in this process a signal that arrived meanwhile is delivered when the mask is restored.
     """
