@@ -119,3 +119,12 @@ def test_a_run_with_the_holdout_records_it_and_its_targets_out_split(tiny_shards
     assert last["val_n"] == {d: split["out_n"][d] for d in ("cartoon", "painting", "photo")}
     assert last["target_n"] == {"sketch": split["in_n"]["sketch"]}
     assert last["target_out_n"] == {"sketch": split["out_n"]["sketch"]} and "sketch" in last["target_out_acc"]
+    # rsc_dist.evaluate on best/ reproduces its numbers, the target's out-split as a row of its own.
+    from rsc_dist import evaluate
+
+    assert evaluate.main([str(run_dir / results["best_checkpoint"]), "--json", str(tmp_path / "e.json")]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())["per_domain"]
+    best = results["best"]
+    assert rows["sketch"]["role"] == "target (in-split)" and rows["sketch"]["top1"] == best["target_acc"]["sketch"]
+    assert rows["sketch (out-split)"]["top1"] == best["target_out_acc"]["sketch"]
+    assert rows["sketch (out-split)"]["n"] == best["target_out_n"]["sketch"]
