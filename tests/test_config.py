@@ -192,14 +192,20 @@ def test_the_trainer_names_its_folder_with_the_launchers_process_count(monkeypat
     assert seen == [config.resolved_output_dir(2).resolve(), config.resolved_output_dir(1).resolve()]
 
 
-def test_domainbed_2024_is_exact_on_several_processes_only_with_synchronized_batchnorm():
-    """Its BatchNorm trains (freeze_bn false): per-process statistics would be another computation."""
+def test_what_a_domainbed_run_cannot_keep_on_several_processes_is_refused():
+    """DomainBed 2024's BatchNorm trains (freeze_bn false): per-process statistics would be another
+    computation; every DomainBed run's batch is per source domain, not per process."""
     from rsc_dist.config import flatten, to_dict
     from rsc_dist.core.protocols import check_world_size
 
-    config = flatten(to_dict(load_config("demo", ["--run.protocol=domainbed-2024"])))
+    config = flatten(to_dict(load_config("demo", ["--run.protocol=domainbed-2024", "--data.global_batch_size=96"])))
     check_world_size("domainbed-2024", config, 1)
     with pytest.raises(ConfigError, match="on 2 processes each would normalize by its share of the batch"):
         check_world_size("domainbed-2024", config, 2)
     check_world_size("domainbed-2024", {**config, "model.sync_bn": True}, 2)
-    check_world_size("domainbed-2020", flatten(to_dict(load_config("domainbed_pacs_resnet50"))), 8)
+    # DomainBed's batch is per source domain and step: a per-process batch would grow with the processes.
+    preset = flatten(to_dict(load_config("domainbed_pacs_resnet50")))
+    check_world_size("domainbed-2020", preset, 1)
+    with pytest.raises(ConfigError, match=r"pass --data.global_batch_size=32 x the number of source domains"):
+        check_world_size("domainbed-2020", preset, 8)
+    check_world_size("domainbed-2020", {**preset, "data.global_batch_size": 96}, 8)

@@ -56,6 +56,8 @@ def test_trial_0_is_the_defaults_and_each_trial_seed_draws_its_own(tmp_path, cap
         # The trial seed draws the validation split; the run's own seed is a hash of the run.
         assert (config.data.holdout_fraction, config.data.holdout_seed) == (0.2, seed)
         assert config.run.seed == run.run_seed and config.optim.lr == h["optim.lr"]
+        # DomainBed's batch is per source domain: fixed globally, so any number of processes keeps it.
+        assert config.data.global_batch_size == 3 * h["data.batch_size"]
         assert config.data.target == (target,) and config.algorithm == method
     assert len({r.run_seed for r in sweep.runs}) == len(sweep.runs)
     for trial in (1, 2):

@@ -40,8 +40,16 @@ def check_settings(protocol: str, flat: dict) -> None:
 
 
 def check_world_size(protocol: str, flat: dict, world_size: int) -> None:
-    """DomainBed 2024 trains BatchNorm's statistics: on several processes each would normalize by
-    its own share of the batch, which is not DomainBed's computation, unless they are synchronized."""
+    """What a DomainBed run cannot keep on several processes: its batch, data.batch_size per
+    source domain and step, unless the global batch is fixed (data.batch_size is per process);
+    and under DomainBed 2024, BatchNorm's statistics (each process would normalize by its own
+    share of the batch) unless they are synchronized."""
+    if protocol in DOMAINBED and world_size > 1 and not flat.get("data.global_batch_size"):
+        batch = flat.get("data.batch_size")
+        raise ConfigError(f"run.protocol={protocol}: DomainBed's batch is data.batch_size={batch} per source domain "
+                          f"and step, but on {world_size} processes data.batch_size is per process ({batch} x "
+                          f"{world_size} per domain); pass --data.global_batch_size={batch} x the number of source "
+                          "domains, the same batch on any number of processes")
     if protocol == "domainbed-2024" and world_size > 1 and not flat.get("model.sync_bn"):
         raise ConfigError(f"run.protocol=domainbed-2024 trains BatchNorm statistics (freeze_bn false): on "
                           f"{world_size} processes each would normalize by its share of the batch, not by the "

@@ -39,7 +39,7 @@ BY_DATASET = {"domainnet": {"data.batch_size": (32, {"int_log_uniform": [8, 2 **
 # What DomainBed's training loop fixes: {field: (value, why)}; and per method.
 PRESET_SETTINGS = {
     "data.sampling": ("balanced", "DomainBed's batch_size is per training domain"),
-    "data.global_batch_size": (None, "DomainBed draws the batch per domain (data.batch_size)"),
+    "data.global_batch_size": (None, "the sweep sets it: DomainBed's batch per domain x the run's source domains"),
     "data.flip_double": (False, "DomainBed's batch is not doubled with mirror images"),
     "optim.name": ("adam", "DomainBed trains with Adam; its lr range 10^U(-5, -3.5) is Adam's"),
     "schedule.name": ("constant", "DomainBed's learning rate is constant"),
@@ -90,6 +90,16 @@ def draw_trial(entries: dict, defaults: dict, hparams_seed: int, trial_seed: int
         else:
             values[key] = value.draw(unit(search_seed, f"h{hparams_seed}t{trial_seed}", key))
     return values
+
+
+def source_count(config, dataset, test_set: tuple[str, ...]) -> int | None:
+    """How many source domains a run holding out ``test_set`` trains on (data.sources, else
+    the dataset's other domains); None when the dataset cannot be read here."""
+    if config.data.sources:
+        return len(config.data.sources)
+    if dataset is None or not test_set:
+        return None
+    return len(dataset.domains) - len(test_set)
 
 
 def run_seed(method: str, targets: tuple[str, ...], hparams_seed: int, trial_seed: int) -> int:

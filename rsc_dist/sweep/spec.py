@@ -351,11 +351,16 @@ def _expand_domainbed(context: _Context, spec: SweepFile, given: set[str]):
                     run_seed = domainbed.run_seed(method, test_set, trial, seed)
                     extra = [f"--data.holdout_fraction={fraction!r}",
                              f"--data.holdout_seed={seed}", *(f"--{k}={cli_value(v)}" for k, v in hparams.items())]
+                    sources = domainbed.source_count(context.preset_config, context.dataset, test_set)
+                    if sources and "data.batch_size" in hparams:  # DomainBed's batch is per domain and step
+                        extra.append(f"--data.global_batch_size={hparams['data.batch_size'] * sources}")
                     check = trial == 0 or (seed == context.seeds[0] and test_set == context.test_sets[0])
                     runs.append(_run(context, runs, method, test_set, trial, n_trials, seed, run_seed, hparams,
                                      extra, check))
     notes = (f"protocol domainbed: {n_trials} hparams seeds (0 = DomainBed's defaults) x {len(context.seeds)} "
-             f"trial seeds, drawn per (hparams seed, trial seed); holdout {fraction:g} of every domain per trial seed",)
+             f"trial seeds, drawn per (hparams seed, trial seed); holdout {fraction:g} of every domain per trial seed; "
+             "data.batch_size is DomainBed's batch per source domain, each run's data.global_batch_size that times its "
+             "source domains (the same batch on any number of processes)",)
     return runs, {m: n_trials for m in context.methods}, notes
 
 
