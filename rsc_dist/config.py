@@ -24,9 +24,11 @@ from typing import Any, Callable, Literal
 import yaml
 
 from rsc_dist import methods
+from rsc_dist.core import protocols
 from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import section, setting
 from rsc_dist.data.settings import DataConfig
+from rsc_dist.models.backbones import BACKBONES
 from rsc_dist.models.settings import ModelConfig
 from rsc_dist.observe.settings import WandbConfig
 from rsc_dist.trainer.settings import OptimConfig, RunConfig, ScheduleConfig, TrainConfig
@@ -88,15 +90,24 @@ NOT_TRAJECTORY = (
     "data.eval_batch_size", "model.compile", "model.channels_last", "train.eval_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
     "train.image_log_every_steps", "train.agree_every_steps", "train.stop_at_step", "train.tracker",
-    "wandb",
+    "wandb", "run.protocol",
 )
+# Trajectory settings added after runs were saved without them, with the value that computes
+# what those runs computed: a checkpoint or results.json that lacks one is read with it.
+EARLIER_DEFAULTS = {"train.selection": "source_val_pooled", "data.holdout_fraction": 0.0,
+                    "data.holdout_seed": 0, "model.dropout": 0.0}
 
 
 def trajectory_settings(config: "Config") -> dict:
     """Flat {dotted key: value} of the settings that define the run's trajectory: only the
     active method's section among the methods' (an ERM run does not depend on rsc.*)."""
-    flat = flatten(to_dict(config))
-    skipped = NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != config.algorithm)
+    return trajectory_items(flatten(to_dict(config)), config.algorithm)
+
+
+def trajectory_items(flat: dict, algorithm: str) -> dict:
+    """``trajectory_settings`` of a config given as flat {dotted key: value} (a recorded one, from
+    results.json, may come from an older version: sections of unknown methods are dropped too)."""
+    skipped = NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != algorithm)
     return {key: value for key, value in flat.items()
             if not any(key == skip or key.startswith(skip + ".") for skip in skipped)}
 
@@ -180,7 +191,9 @@ def _coerce(value, annotation, key: str, origin: str):
             words = ("off", "no", "false", "n") if value is False else ("on", "yes", "true", "y")
             value = next((w for w in words if w in allowed), value)
         if value not in allowed:
-            raise ConfigError(f"{origin}: {key} must be one of {allowed}; got {value!r}")
+            close = suggest(value, [str(a) for a in allowed]) if isinstance(value, str) else None
+            hint = f"; did you mean {close}?" if close else ""
+            raise ConfigError(f"{origin}: {key} must be one of {allowed}; got {value!r}{hint}")
         return value
     if kind in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -206,6 +219,12 @@ def _coerce(value, annotation, key: str, origin: str):
         if len(value) != len(args):
             raise ConfigError(f"{origin}: {key} needs {len(args)} values; got {list(value)}")
         return tuple(_coerce(v, a, key, origin) for v, a in zip(value, args))
+    if annotation is dict or kind is dict:
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{origin}: {key} must be a mapping (key: value, ...); got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -230,24 +249,67 @@ def _coerce(value, annotation, key: str, origin: str):
     raise ConfigError(f"{origin}: unsupported type for {key}")  # pragma: no cover
 
 
-def _build(cls, values: dict, prefix: str, origin: str):
+def suggest(name: str, known) -> str | None:
+    """The known name a mistyped ``name`` most likely means: an abbreviation either way first
+    (learning_rate -> lr, wd -> weight_decay: spelling alone would pick optim.name), then the
+    closest spelling; None when nothing is close."""
+    name = str(name)
+
+    def initials(word: str) -> str:
+        return "".join(part[0] for part in word.split("_") if part)
+
+    known = sorted(known)
+    for candidate in known:
+        if ("_" in name and initials(name) == candidate) or ("_" in candidate and initials(candidate) == name):
+            return candidate
+    close = difflib.get_close_matches(name, known, n=1)
+    return close[0] if close else None
+
+
+def suggest_dotted(name: str, known) -> str | None:
+    """``suggest`` for dotted field names: within the name's own section first (optim.learning_rate
+    -> optim.lr), then among all of them."""
+    section_name, _, leaf = str(name).rpartition(".")
+    if section_name:
+        leaves = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section_name}
+        found = suggest(leaf, leaves)
+        if found:
+            return leaves[found]
+    return suggest(name, known)
+
+
+def _build(cls, values: dict, prefix: str, origin: str, noun: str = "config key"):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(names)}"
-            raise ConfigError(f"{origin}: unknown config key {full!r}{hint}")
+            close = suggest(key, names)
+            hint = f"; did you mean {prefix}{close}?" if close else f"; known: {', '.join(names)}"
+            raise ConfigError(f"{origin}: unknown {noun} {full!r}{hint}")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: {full} must be a mapping of its fields; got {value!r}")
-            kwargs[key] = _build(annotation, value, f"{full}.", origin)
+            kwargs[key] = _build(annotation, value, f"{full}.", origin, noun)
         else:
             kwargs[key] = _coerce(value, annotation, full, origin)
     return cls(**kwargs)
+
+
+def parse_section(cls, values, origin: str, noun: str = "key"):
+    """``values`` (a mapping, e.g. a parsed YAML file) as the frozen dataclass ``cls``, with the
+    checks presets get: unknown keys (with a suggestion), types, declared ranges; a ConfigError
+    naming ``origin`` and the key otherwise. The sweep file is read with it."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: expected a mapping of keys; got {values!r}")
+    parsed = _build(cls, values, "", origin, noun)
+    try:
+        _check_ranges(parsed, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    return parsed
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -350,6 +412,13 @@ def validate(config: Config) -> None:
                           f"got {config.data.random_resized_crop_scale}")
     if set(config.data.target) & set(config.data.sources):
         raise ConfigError(f"data.target {config.data.target} overlaps data.sources {config.data.sources}")
+    for key, value in (("data.holdout_fraction", config.data.holdout_fraction), ("model.dropout", config.model.dropout)):
+        if value >= 1:
+            raise ConfigError(f"{key} must be below 1; got {value}")
+    if config.model.dropout and not BACKBONES[config.model.arch].pooled_linear_head:
+        raise ConfigError(f"model.dropout (DomainBed's ResNet dropout, on the pooled features) needs a backbone whose "
+                          f"head is global average pooling and one linear layer; {config.model.arch}'s is not")
+    protocols.check_settings(config.run.protocol, flatten(to_dict(config)))
 
 
 _RANGES = {"fraction": (0.0, 1.0, "in [0, 1]"), "positive": (1, None, ">= 1"), "nonnegative": (0, None, ">= 0")}
@@ -365,8 +434,9 @@ def _check_ranges(node, prefix: str) -> None:
         if check is None or value is None:
             continue
         low, high, words = _RANGES[check]
-        if value < low or (high is not None and value > high):
-            raise ConfigError(f"{prefix}{f.name} must be {words}; got {value}")
+        for item in value if isinstance(value, tuple) else (value,):  # a list: each of its values
+            if item < low or (high is not None and item > high):
+                raise ConfigError(f"{prefix}{f.name} must be {words}; got {item}")
 
 
 def to_dict(config: Config) -> dict:

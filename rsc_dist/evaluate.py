@@ -8,7 +8,8 @@
 
 CHECKPOINT is a best/ folder (its config.yaml inside) or a checkpoint_STEP folder (the run's
 config is RUN/config.yaml, two levels up); ``--section.key=value`` overrides that config.
-Without --domains: the sources' validation split and each target's whole domain, as in the
+Without --domains: the sources' validation split and each target's whole domain (with
+data.holdout_fraction: each target's in-split, and its out-split as a row of its own), as in the
 run's results.json (on the run's best/ folder this reproduces results.json's "best" numbers).
 With --domains: every sample of each named domain. The Accelerator and the network come from
 rsc_dist.build, as in training: the same device checks (more ranks than GPUs, fp16 without a GPU,
@@ -102,6 +103,7 @@ def domain_loaders(plan, domains: list[str], rank: int, pin: bool) -> dict:
         raise EvaluateError(f"--domains {unknown}: not in the data, which has {list(plan.domains)}")
     whole = copy.copy(plan)
     manifest = plan.manifest
+    whole.holdout = None  # every sample, whatever split the run drew
     whole.val_urls = []
     whole.target_urls = [str(p) for d in domains for split in manifest.splits[d]
                          for p in manifest.shard_paths(d, split)]
@@ -144,17 +146,24 @@ def document(counts: dict, plan, checkpoint: Path, whole_domains: bool) -> dict:
     """Per-domain top-1/top-5/n from summed counts, with evaluation.summarize_evaluation's arithmetic."""
     summary = evaluation.summarize_evaluation(counts, plan.domains, -1, plan.sources, plan.targets)
     per_domain = {}
+    held = plan.holdout is not None and not whole_domains
     for role, (top1, top5, total) in counts.items():
         for i, domain in enumerate(plan.domains):
             if total[i] > 0:
+                key = domain
                 if whole_domains:
                     kind = "source" if domain in plan.sources else "target" if domain in plan.targets else "other"
                     label = f"{kind} (all)"
+                elif role == "val":
+                    label = "source (val)"
+                elif role == "target_out":  # a target's out-split (data.holdout_fraction): another row
+                    label, key = "target (out-split)", f"{domain} (out-split)"
                 else:
-                    label = "source (val)" if role == "val" else "target"
-                per_domain[domain] = {"role": label, "top1": float(top1[i] / total[i]),
-                                      "top5": float(top5[i] / total[i]), "n": int(total[i])}
-    ordered = {d: per_domain[d] for d in plan.domains if d in per_domain}
+                    label = "target (in-split)" if held else "target"
+                per_domain[key] = {"role": label, "top1": float(top1[i] / total[i]),
+                                   "top5": float(top5[i] / total[i]), "n": int(total[i])}
+    order = [key for d in plan.domains for key in (d, f"{d} (out-split)")]
+    ordered = {key: per_domain[key] for key in order if key in per_domain}
     return {"checkpoint": str(checkpoint), "val_acc": None if whole_domains else summary["val_acc"],
             "val_acc_mean": None if whole_domains else summary["val_acc_mean"], "per_domain": ordered}
 

@@ -23,7 +23,9 @@ def test_released_recipe_values():
     assert config.rsc.p_channel == pytest.approx(1 / 3.2) and config.rsc.p_batch_schedule == "released"
     domainbed = load_config("domainbed_pacs_resnet50")
     assert domainbed.data.sampling == "balanced" and domainbed.optim.name == "adam"
-    assert domainbed.rsc.mode == "channel" and domainbed.train.max_steps == 5000
+    assert domainbed.rsc.mode == "channel" and domainbed.train.max_steps == 5001  # DomainBed's N_STEPS
+    assert domainbed.model.freeze_bn and domainbed.data.holdout_fraction == 0.2
+    assert domainbed.run.protocol == "domainbed-2020" and load_config("pacs_resnet50").run.protocol == "rsc-paper"
 
 
 def test_choice_words_that_yaml_reads_as_booleans():
@@ -66,6 +68,15 @@ def test_overrides_are_typed():
     (["--data.target=sketch", "--data.sources=sketch"], "overlaps"),
     (["stray"], "unexpected argument"),
     (["--rsc.p_batch"], "needs a value"),
+    # Abbreviations lead to the field (spelling alone pointed learning_rate at optim.name).
+    (["--optim.learning_rate=0.1"], "unknown config key 'optim.learning_rate'; did you mean optim.lr"),
+    (["--optim.wd=0.1"], "did you mean optim.weight_decay"),
+    (["--rsc.mode=chanel"], "did you mean channel"),
+    (["--data.holdout_fraction=1.0"], "data.holdout_fraction must be below 1"),
+    (["--model.dropout=0.1", "--model.arch=alexnet"], "model.dropout .* needs a backbone whose head is global average"),
+    # A protocol label pins what makes the protocol: DomainBed 2020 froze BatchNorm.
+    (["--run.protocol=domainbed-2020"], "run.protocol=domainbed-2020 fixes model.freeze_bn=true"),
+    (["--run.protocol=domainbed-2024", "--model.freeze_bn=true"], "fixes model.freeze_bn=false"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -97,6 +108,25 @@ def test_every_preset_names_its_selection_rule():
         expected = "source_val_mean" if name.startswith("domainbed_") else "source_val_pooled"
         assert named == expected, f"{name}.yaml: train.selection is {named!r}, expected {expected!r}"
         assert load_config(name).train.selection == expected
+
+
+def test_every_preset_pins_its_protocol():
+    """Named in each file, not inherited: a number's results.json says which table it may stand beside."""
+    import yaml
+
+    from rsc_dist.config import PRESET_DIR
+
+    for name in PRESETS:
+        named = (yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()).get("run") or {}).get("protocol")
+        expected = {"demo": "custom", "domainbed_pacs_resnet50": "domainbed-2020"}.get(name, "rsc-paper")
+        assert named == expected, f"{name}.yaml: run.protocol is {named!r}, expected {expected!r}"
+
+
+def test_the_imagenet_preset_keeps_its_global_batch_on_any_number_of_processes():
+    """Planted defect: 32 per process gave 512 on the README's 2 nodes x 8 GPUs."""
+    config = load_config("imagenet_resnet50")
+    assert config.data.global_batch_size == 256
+    assert config.resolved_output_dir(8) == config.resolved_output_dir(16)
 
 
 def test_commands_in_preset_comments_are_accepted_by_data_prep():
@@ -160,3 +190,22 @@ def test_the_trainer_names_its_folder_with_the_launchers_process_count(monkeypat
         with pytest.raises(KeyboardInterrupt):
             train.run(config, args.resume)
     assert seen == [config.resolved_output_dir(2).resolve(), config.resolved_output_dir(1).resolve()]
+
+
+def test_what_a_domainbed_run_cannot_keep_on_several_processes_is_refused():
+    """DomainBed 2024's BatchNorm trains (freeze_bn false): per-process statistics would be another
+    computation; every DomainBed run's batch is per source domain, not per process."""
+    from rsc_dist.config import flatten, to_dict
+    from rsc_dist.core.protocols import check_world_size
+
+    config = flatten(to_dict(load_config("demo", ["--run.protocol=domainbed-2024", "--data.global_batch_size=96"])))
+    check_world_size("domainbed-2024", config, 1)
+    with pytest.raises(ConfigError, match="on 2 processes each would normalize by its share of the batch"):
+        check_world_size("domainbed-2024", config, 2)
+    check_world_size("domainbed-2024", {**config, "model.sync_bn": True}, 2)
+    # DomainBed's batch is per source domain and step: a per-process batch would grow with the processes.
+    preset = flatten(to_dict(load_config("domainbed_pacs_resnet50")))
+    check_world_size("domainbed-2020", preset, 1)
+    with pytest.raises(ConfigError, match=r"pass --data.global_batch_size=32 x the number of source domains"):
+        check_world_size("domainbed-2020", preset, 8)
+    check_world_size("domainbed-2020", {**preset, "data.global_batch_size": 96}, 8)

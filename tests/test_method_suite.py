@@ -28,8 +28,9 @@ from support.trainer_fixtures import tiny_config
 pytestmark = pytest.mark.slow
 
 NAMES = methods.NAMES
-# Every method with its defaults, and RSC's random-score ablation (scores seeded per sample).
-VARIANTS = [(name, ()) for name in NAMES] + [("rsc", ("--rsc.strategy=random",))]
+# Every method with its defaults, RSC's random-score ablation (scores seeded per sample), and
+# RSC with DomainBed's ResNet dropout (masks hashed from the samples' identities and the step).
+VARIANTS = [(name, ()) for name in NAMES] + [("rsc", ("--rsc.strategy=random",)), ("rsc", ("--model.dropout=0.5",))]
 # What the bound tells apart: RSC selecting within each rank (a different algorithm on every
 # world size) is far outside it.
 PER_RANK = ("rsc", ("--rsc.global_selection=false",))

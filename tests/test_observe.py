@@ -27,7 +27,7 @@ def fake_plan(targets=("sketch",)):
     return types.SimpleNamespace(
         manifest=types.SimpleNamespace(classes=CLASSES, dataset="demo", num_classes=len(CLASSES)),
         sources=("cartoon", "photo"), targets=targets, steps_per_epoch=4, total_steps=8,
-        global_batch=16, global_forward_batch=16, world_size=1)
+        global_batch=16, global_forward_batch=16, world_size=1, holdout=None)
 
 
 def make_config(monkeypatch, tracker="wandb", log_model="off", overrides=()):
@@ -53,7 +53,8 @@ def evaluation(step, val, sketch, top5=0.9, photo=None):
     return {"step": step, "val_acc": (30 * val + 10 * (photo or val)) / 40,
             "val_acc_mean": (val + (photo or val)) / 2, "val_per_domain": per_domain,
             "val_n": {"cartoon": 30, "photo": 10},
-            "target_acc": {"sketch": sketch}, "target_top5": {"sketch": top5}, "target_n": {"sketch": 24}}
+            "target_acc": {"sketch": sketch}, "target_top5": {"sketch": top5}, "target_n": {"sketch": 24},
+            "target_out_acc": {}, "target_out_n": {}}
 
 
 def images_and_mask():
@@ -120,6 +121,8 @@ def test_wandb_run_has_metric_definitions_tags_tables_files_and_identity(monkeyp
     assert set(history["trainer/step"]) == {2, 4, 8}
     assert history["target/acc"] == [0.5, 0.7]  # the mean over targets (one target here)
     assert history["best/target_acc"] == [0.5, 0.5] and history["best/val_acc"] == [0.6, 0.6]
+    # What a W&B sweep ranks runs by: the chosen evaluation's source validation (demo: pooled).
+    assert history["best/selection_score"] == [0.6, 0.6]
     assert history["target/acc_sketch"] == [0.5, 0.7] and history["val/acc_photo"] == [0.6, 0.55]
     assert "trainer/epoch" in logged["history_keys"] and 2.0 in history["trainer/epoch"]
     assert "rsc/masks/path" in logged["history_keys"]
@@ -236,6 +239,7 @@ def test_results_document_follows_the_contract(monkeypatch, tmp_path):
     state = types.SimpleNamespace(best=first, last=first, step=4, history=[first], forced_resumes=[])
     doc = results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))
     assert doc["schema_version"] == contracts.RESULTS_SCHEMA_VERSION == 4 and doc["best_checkpoint"] is None
+    assert (doc["protocol"], doc["holdout"], doc["world_size"], doc["global_batch"]) == ("custom", None, 1, 16)
     assert doc["fingerprint"] == config_module.trajectory_fingerprint(config, 1)
     assert doc["selection"] == "source_val_pooled" and doc["best"]["val_n"] == {"cartoon": 30, "photo": 10}
     assert contracts.layout_problems(json.loads(json.dumps(doc))) == []

@@ -9,6 +9,7 @@ import types
 import pytest
 
 from rsc_dist.core.contracts import RESULTS_FILE
+from rsc_dist.results import cli
 from rsc_dist.results import tables as results
 
 
@@ -62,12 +63,12 @@ def test_cells_are_mean_and_sample_std_over_seeds_in_percent(runs):
     expected = [100 * RSC["art_painting"][s][0] for s in (0, 1, 2)]
     assert cell.n == 3
     assert cell.mean == pytest.approx(statistics.fmean(expected))
-    assert cell.std == pytest.approx(statistics.stdev(expected))
+    assert cell.err == pytest.approx(statistics.stdev(expected))
     # Avg: the mean of the per-target means; std over the seeds' own averages.
     avg = best.rows["RSC"]["Avg"]
     per_seed = [100 * (RSC["art_painting"][s][0] + RSC["sketch"][s][0]) / 2 for s in (0, 1, 2)]
     assert avg.mean == pytest.approx(statistics.fmean(per_seed))
-    assert avg.std == pytest.approx(statistics.stdev(per_seed))
+    assert avg.err == pytest.approx(statistics.stdev(per_seed))
     assert avg.n == 3
     last = table(tables, "last")
     assert last.rows["ERM"]["sketch"].mean == pytest.approx(100 * (0.69 + 0.70) / 2)
@@ -75,7 +76,7 @@ def test_cells_are_mean_and_sample_std_over_seeds_in_percent(runs):
 
 def test_markdown_and_csv_files(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    assert results.main([str(runs), "--out", str(out), "--paper"]) == 0
+    assert cli.main([str(runs), "--out", str(out), "--paper"]) == 0
     md = (out / "results.md").read_text()
     rsc_art = [100 * RSC["art_painting"][s][0] for s in (0, 1, 2)]
     expected = f"{statistics.fmean(rsc_art):.2f} ± {statistics.stdev(rsc_art):.2f} (3)"
@@ -93,14 +94,23 @@ def test_markdown_and_csv_files(runs, tmp_path_factory):
     erm_sketch_last = [r for r in rows if (r["metric"], r["method"], r["column"]) == ("last", "ERM", "sketch")]
     assert len(erm_sketch_last) == 1
     assert float(erm_sketch_last[0]["mean"]) == pytest.approx(69.5)
-    assert float(erm_sketch_last[0]["std"]) == pytest.approx(statistics.stdev([69.0, 70.0]), abs=1e-4)
+    assert erm_sketch_last[0]["error"] == "std"
+    assert float(erm_sketch_last[0]["err"]) == pytest.approx(statistics.stdev([69.0, 70.0]), abs=1e-4)
     assert erm_sketch_last[0]["n"] == "2"
     paper = [r for r in rows if r["source"] == "paper" and r["column"] == "Avg" and r["metric"] == "best"]
     assert {r["method"]: float(r["mean"]) for r in paper} == {"paper: ERM": 79.94, "paper: RSC": 85.15}
 
 
+def test_domainbeds_standard_error_on_request(runs, tmp_path, capsys):
+    assert cli.main([str(runs), "--error", "se", "--metric", "best", "--out", str(tmp_path / "o")]) == 0
+    rsc_art = [100 * RSC["art_painting"][s][0] for s in (0, 1, 2)]
+    se = statistics.pstdev(rsc_art) / len(rsc_art) ** 0.5  # DomainBed: np.std(x / sqrt(n))
+    text = capsys.readouterr().out
+    assert f"| RSC | {statistics.fmean(rsc_art):.2f} ± {se:.2f} (3) |" in text and "standard error" in text
+
+
 def test_metric_option_limits_the_tables(runs, tmp_path):
-    assert results.main([str(runs), "--metric", "last", "--out", str(tmp_path / "o")]) == 0
+    assert cli.main([str(runs), "--metric", "last", "--out", str(tmp_path / "o")]) == 0
     md = (tmp_path / "o" / "results.md").read_text()
     assert "last step" in md and "best source-validation" not in md
 
@@ -116,13 +126,36 @@ def test_rows_split_by_config_that_varies_but_not_by_paths_or_seeds(tmp_path):
     assert t.rows["RSC (mode=spatial)"]["sketch"].n == 2
 
 
+def test_rows_split_on_exactly_the_trajectory_settings_that_differ(tmp_path):
+    """Planted defect: a weight-decay grid (spec.py's own example) exited 2 with "duplicates",
+    since only a fixed list of keys split rows. Now every trajectory setting does, and the
+    number of processes does not when the global batch is the same."""
+    def run(folder, seed, weight_decay, world_size, global_batch):
+        path = write_run(tmp_path, "rsc", "sketch", seed, 0.8, 0.8, folder=folder)
+        data = json.loads(path.read_text())
+        data["config"]["optim"] = {"weight_decay": weight_decay, "momentum": 0.9}
+        data["config"]["data"]["batch_size"] = global_batch // world_size  # the per-process setting
+        data.update(schema_version=4, world_size=world_size, global_batch=global_batch)
+        path.write_text(json.dumps(data))
+
+    run("a", 0, 0.0, 1, 32)
+    run("b", 1, 0.0, 2, 32)  # another seed on 2 processes, the same global batch: the same row
+    run("c", 0, 5e-4, 1, 32)
+    run("d", 0, 5e-4, 2, 64)  # a larger global batch: another trajectory
+    t = table(results.build_tables(results.find_runs(tmp_path)), "best")
+    assert sorted(t.rows) == ["RSC (global_batch=32, optim.weight_decay=0)",
+                              "RSC (global_batch=32, optim.weight_decay=0.0005)",
+                              "RSC (global_batch=64, optim.weight_decay=0.0005)"]
+    assert t.rows["RSC (global_batch=32, optim.weight_decay=0)"]["sketch"].n == 2
+
+
 def test_avg_without_std_when_targets_have_different_seeds(tmp_path):
     write_run(tmp_path, "rsc", "sketch", 0, 0.8, 0.8)
     write_run(tmp_path, "rsc", "sketch", 1, 0.6, 0.6)
     write_run(tmp_path, "rsc", "photo", 0, 0.9, 0.9)
     avg = table(results.build_tables(results.find_runs(tmp_path)), "best").rows["RSC"]["Avg"]
     assert avg.mean == pytest.approx((70.0 + 90.0) / 2)
-    assert avg.std is None and "seeds differ" in avg.text()
+    assert avg.err is None and "seeds differ" in avg.text()
 
 
 def test_top5_tables_on_request(tmp_path):
@@ -152,7 +185,7 @@ def test_malformed_results_name_the_file_and_key(tmp_path, capsys, mutate, messa
     with pytest.raises(results.ResultsError, match=message) as err:
         results.find_runs(tmp_path)
     assert str(bad) in str(err.value) and str(good) not in str(err.value)
-    assert results.main([str(tmp_path)]) == 2
+    assert cli.main([str(tmp_path)]) == 2
     assert str(bad) in capsys.readouterr().err
 
 
@@ -194,7 +227,7 @@ def test_duplicate_seed_is_an_error_naming_both_files(tmp_path):
 def test_wandb_skipped_quietly_when_disabled(runs, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setitem(sys.modules, "wandb", None)  # importing it would fail: must not be tried
-    assert results.main([str(runs), "--wandb"]) == 0
+    assert cli.main([str(runs), "--wandb"]) == 0
     assert "tables not logged" in capsys.readouterr().err
 
 
@@ -207,7 +240,7 @@ def test_wandb_offline_logs_the_tables_for_a_later_sync(runs, monkeypatch, tmp_p
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     out = tmp_path / "out"
-    assert results.main([str(runs), "--wandb", "--paper", "--out", str(out)]) == 0
+    assert cli.main([str(runs), "--wandb", "--paper", "--out", str(out)]) == 0
     assert "wandb sync" in capsys.readouterr().err
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     logged = summarize(run_file)
@@ -241,7 +274,7 @@ def test_wandb_logs_one_table_per_dataset_and_metric(runs, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert results.main([str(runs), "--wandb", "--paper"]) == 0
+    assert cli.main([str(runs), "--wandb", "--paper"]) == 0
     assert sorted(logged) == ["results/PACS/best_source_val_pooled", "results/PACS/last"] and finished
     t = logged["results/PACS/best_source_val_pooled"]
     assert t.columns[:2] == ["method", "source"] and "Avg mean" in t.columns
@@ -283,7 +316,7 @@ def test_any_rule_applied_after_the_fact_from_the_history(tmp_path, capsys, rule
     expected = 100 * HISTORY[step - 1]["target_acc"]["sketch"]
     (run,) = results.find_runs(tmp_path, rule)
     assert run.acc["best"] == {"sketch": HISTORY[step - 1]["target_acc"]["sketch"]} and run.selection == rule
-    assert results.main([str(tmp_path), "--selection", rule, "--metric", "best"]) == 0
+    assert cli.main([str(tmp_path), "--selection", rule, "--metric", "best"]) == 0
     md = capsys.readouterr().out
     assert selection_label(rule) in md and f"| RSC | {expected:.2f} (1) |" in md
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
@@ -329,7 +362,7 @@ def test_a_wandb_run_folders_copy_of_results_json_is_not_a_second_run(tmp_path):
     online.mkdir(parents=True)
     (online / RESULTS_FILE).write_text(path.read_text())  # a copy, as online runs keep it
     assert [run.path for run in results.find_runs(tmp_path)] == [path]
-    assert results.main([str(tmp_path)]) == 0
+    assert cli.main([str(tmp_path)]) == 0
     # A folder that only looks like W&B's elsewhere is still read.
     other = write_run(tmp_path / "files-like" / "run-x" / "files", "erm", "sketch", 0, 0.5, 0.5)
     assert other in [run.path for run in results.find_runs(tmp_path)]

@@ -99,3 +99,10 @@ def test_a_checkpoint_from_before_train_selection_continues_under_the_pooled_rul
     assert resume_differences(old, same) == []
     other = {"data_order": order, "settings": {"optim.lr": 0.01, "train.selection": "source_val_mean"}}
     assert resume_differences(old, other) == ["train.selection: 'source_val_pooled' -> 'source_val_mean'"]
+    # Settings added later (DomainBed's holdout and dropout) at the values those runs computed with.
+    later = {"data_order": order, "settings": {**same["settings"], "data.holdout_fraction": 0.0,
+                                                "model.dropout": 0.0, "data.holdout_seed": 0}}
+    assert resume_differences(TrainState(data_order=dict(order), settings={"optim.lr": 0.01}), later) == []
+    changed = {"data_order": order, "settings": {**later["settings"], "model.dropout": 0.1}}
+    assert resume_differences(TrainState(data_order=dict(order), settings={"optim.lr": 0.01}), changed) == [
+        "model.dropout: 0.0 -> 0.1"]

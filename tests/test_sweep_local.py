@@ -168,6 +168,25 @@ def test_a_killed_launcher_leaves_no_run_behind(tmp_path):
     p.stdout.close()
 
 
+def test_runs_of_two_cpu_ranks_side_by_side(tmp_path):
+    """--gpus-per-run K: each run is `accelerate launch --num_processes K` on a port of its own;
+    on CPUs, K gloo ranks with the cores divided between all ranks."""
+    sweep, out, env = setup(tmp_path)
+    sweep.write_text(yaml.safe_dump({"name": "sw", "preset": "demo", "methods": ["erm"], "targets": ["sketch"],
+                                     "seeds": [0, 1]}))
+    env["FAKE_STEPS"] = "4"
+    p = subprocess.run([sys.executable, "-m", "rsc_dist.sweep", str(sweep), "--launcher", "local", "--out", str(out),
+                        "--devices", "cpu", "--parallel", "2", "--gpus-per-run", "2"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for run in ("erm-sketch-t00-s0", "erm-sketch-t00-s1"):
+        (start,) = [e for e in fake_events(out, run) if e["event"] == "start"]
+        assert start["world_size"] == 2, start
+        assert json.loads((out / "erm" / "sketch" / f"t00-{run[-2:]}" / "results.json").read_text())["fake"][
+            "world_size"] == 2
+    assert "2 at a time on 2 CPU ranks" in p.stderr
+
+
 def test_slots_split_cpus_or_give_one_gpu_each(monkeypatch):
     monkeypatch.setattr("rsc_dist.sweep.launch_local.cpu_cores", lambda: 8)
     slots = make_slots("cpu", 3)
@@ -178,3 +197,12 @@ def test_slots_split_cpus_or_give_one_gpu_each(monkeypatch):
     assert [s.gpu for s in make_slots("auto", 1)] == ["3"]
     with pytest.raises(SweepError, match="--parallel 3 needs 3 GPUs"):
         make_slots("auto", 3)
+    # K GPUs per run: the machine's GPUs in groups of K, queued; CPU threads divided over every rank.
+    assert [s.env() for s in make_slots("0,1,2,3,4", None, 2)] == [{"CUDA_VISIBLE_DEVICES": "0,1"},
+                                                                   {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert [s.threads for s in make_slots("cpu", 2, 2)] == [2, 2]
+    with pytest.raises(SweepError, match="--parallel 2 needs 4 GPUs"):
+        make_slots("0,1,2", 2, 2)
+    for bad in (0, -1):
+        with pytest.raises(SweepError, match=f"--parallel must be at least 1; got {bad}"):
+            make_slots("cpu", bad)

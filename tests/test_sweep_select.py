@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rsc_dist.results import tables as results_cli
-from rsc_dist.results.sweep_select import choose, load_trial_runs, markdown
+from rsc_dist.results import cli as results_cli
+from rsc_dist.results.sweep_select import build_report, choose, markdown
+from rsc_dist.results.trials import load_sweep_runs
 
 
 def evaluation(step, val, target):
@@ -41,7 +42,8 @@ def make_sweep(root: Path, seeds=(0, 1), unfinished=()) -> Path:
             (root / folder).mkdir(parents=True)
             # Seed 1 is seed 0 shifted by 0.1 in target accuracy (same choices, a spread to average).
             shifted = [{**e, "target_acc": {"t": e["target_acc"]["t"] + 0.1 * seed}} for e in history]
-            (root / folder / "results.json").write_text(json.dumps({"history": shifted, "targets": ["t"]}))
+            (root / folder / "results.json").write_text(json.dumps({"history": shifted, "targets": ["t"],
+                                                                   "sources": ["a", "b"], "dataset": "hand"}))
     (root / "sweep.json").write_text(json.dumps({"name": "hand", "runs": runs}))
     return root
 
@@ -53,26 +55,30 @@ def make_sweep(root: Path, seeds=(0, 1), unfinished=()) -> Path:
     ("oracle", 2, 4, 0.90),
 ])
 def test_each_rule_picks_its_step_and_trial(tmp_path, rule, trial, step, accuracy):
-    _, runs, missing = load_trial_runs(make_sweep(tmp_path), rule)
-    assert not missing
-    chosen = choose(runs)
-    assert set(chosen) == {("rsc", "t", 0), ("rsc", "t", 1)}
+    loaded = load_sweep_runs(make_sweep(tmp_path))
+    assert not loaded.missing
+    chosen, candidates = choose(loaded.runs, rule)
+    assert set(chosen) == {("rsc_dist", "hand", "rsc", "t", 0), ("rsc_dist", "hand", "rsc", "t", 1)}
     for seed in (0, 1):
-        pick = chosen[("rsc", "t", seed)]
-        assert (pick.trial, pick.step) == (trial, step)
-        assert pick.target_acc == pytest.approx(accuracy + 0.1 * seed)
+        pick = chosen[("rsc_dist", "hand", "rsc", "t", seed)]
+        assert (pick.run.trial, pick.step) == (trial, step)
+        assert pick.accuracy == pytest.approx(accuracy + 0.1 * seed)
+        assert candidates[("rsc_dist", "hand", "rsc", "t", seed)] == 3
 
 
-def test_the_table_is_mean_and_std_over_seeds_and_rows_per_setting(tmp_path, capsys):
+def test_the_table_is_mean_and_spread_over_seeds_and_rows_per_setting(tmp_path, capsys):
     root = make_sweep(tmp_path)
-    assert results_cli.main([str(root), "--selection", "source_val_mean"]) == 0
+    assert results_cli.main([str(root), "--selection", "source_val_mean", "--error", "std"]) == 0
     text = capsys.readouterr().out
-    # Trial 0 at step 2: 40 % and 50 %: mean 45, sample std 7.07.
-    assert "| RSC | 45.00 ± 7.07 (2) | 45.00 ± 7.07 (2) |" in text
-    assert "| RSC | t | 0 | t00 | 2 | 70.00 | 40.00 | optim.lr=0.1 |" in text
+    # Trial 0 at step 2: 40 % and 50 %: mean 45, sample std 7.07; 2 trial seeds, 3 trials each.
+    assert "| RSC | 45.00 ± 7.07 (2x3) | 45.00 |" in text
+    assert "| RSC [rsc_dist] hand t seed 0 | t00 | 2 | 70.00 | 40.00 | optim.lr=0.1 |" in text
     # Every setting at the step the rule picks in each of its runs (trial 2: step 4, 90/100 %).
-    assert "| RSC t02 | 95.00 ± 7.07 (2) | 95.00 ± 7.07 (2) | optim.lr=0.3 |" in text
+    assert "| RSC t02 | 95.00 ± 7.07 (2) | optim.lr=0.3 |" in text
     assert "ORACLE" not in text and (root / "selection-source_val_mean.csv").exists()
+    # DomainBed's standard error by default: population std 5 over sqrt(2).
+    assert results_cli.main([str(root), "--selection", "source_val_mean"]) == 0
+    assert "| RSC | 45.00 ± 3.54 (2x3) | 45.00 |" in capsys.readouterr().out
     assert results_cli.main([str(root), "--selection", "oracle"]) == 0
     assert "**ORACLE**" in capsys.readouterr().out
 
@@ -81,7 +87,7 @@ def test_ties_go_to_the_lower_trial_and_unfinished_runs_are_named(tmp_path):
     root = make_sweep(tmp_path, seeds=(0,), unfinished=("rsc-t-t00-s0",))
     copied = json.loads((root / "rsc/t/t01-s0/results.json").read_text())
     (root / "rsc/t/t02-s0/results.json").write_text(json.dumps(copied))  # trial 2 = trial 1
-    record, runs, missing = load_trial_runs(root, "source_val_mean")
-    assert missing == ["rsc-t-t00-s0"]
-    assert choose(runs)[("rsc", "t", 0)].trial == 1
-    assert "1 of 3 runs are not finished" in markdown(record, runs, missing, "source_val_mean")
+    loaded = load_sweep_runs(root)
+    assert loaded.missing == ["rsc-t-t00-s0"]
+    assert choose(loaded.runs, "source_val_mean")[0][("rsc_dist", "hand", "rsc", "t", 0)].run.trial == 1
+    assert "1 of 3 runs of hand are not finished" in markdown(build_report([loaded], "source_val_mean"))

@@ -83,9 +83,12 @@ def test_distributions_draw_from_a_hash_of_seed_draw_and_field():
     assert Distribution("choice", ("a", "b", "c")).draw(0.7) == "c"
 
 
-def test_default_spaces_follow_the_preset():
-    sweep = load_sweep(REPO / "launch" / "sweeps" / "domainbed_pacs_resnet50.yaml")
-    assert sweep.n_trials == {"erm": 20, "rsc": 20} and len(sweep.runs) == 480
+def test_default_spaces_follow_the_preset(tmp_path):
+    # The paired protocol's default spaces are relative to the preset (SGD and Adam recipes alike).
+    sweep = load_sweep(write(tmp_path, {"preset": "domainbed_pacs_resnet50", "methods": ["erm", "rsc"],
+                                        "default_space": True, "n_trials": 20, "targets": ["sketch"],
+                                        "overrides": {"data.root": "/shared/shards/pacs_domainbed"}}))
+    assert sweep.n_trials == {"erm": 20, "rsc": 20} and len(sweep.runs) == 2 * 20
     erm = next(r for r in sweep.runs if r.method == "erm")
     rsc = next(r for r in sweep.runs if r.method == "rsc")
     assert set(erm.hparams) == {"optim.lr", "optim.weight_decay", "data.batch_size"}
@@ -101,6 +104,11 @@ def test_default_spaces_follow_the_preset():
     flat = {"optim.lr": 5e-5, "data.batch_size": 32, "rsc.mode": "channel", "rsc.p_batch_schedule": "constant"}
     assert set(default_space("coral", flat)) == set(erm.hparams) | {"coral.penalty_weight"}
     assert not any(key.startswith("coral.") for key in default_space("rsc", flat))
+    # The example DomainBed sweep: DomainBed's protocol and registry, 2 x 4 x 20 x 3 runs.
+    domainbed = load_sweep(REPO / "launch" / "sweeps" / "domainbed_pacs_resnet50.yaml")
+    assert domainbed.protocol == "domainbed" and len(domainbed.runs) == 480
+    assert set(next(r for r in domainbed.runs if r.method == "erm").hparams) == {
+        "optim.lr", "optim.weight_decay", "data.batch_size", "model.dropout"}
     # The paper's grid: no search, the preset's values.
     paper = load_sweep(REPO / "launch" / "sweeps" / "pacs_resnet18.yaml")
     assert len(paper.runs) == 2 * 4 * 3 and all(r.hparams == {} for r in paper.runs)
@@ -117,12 +125,26 @@ def test_default_spaces_follow_the_preset():
     ({"space": {"optim.lr": [0.1, "fast"]}}, "optim.lr must be a number; got 'fast'"),
     ({"space": {"optim.lr": {"uniform": [0.1, 0.2]}}, "n_trials": None}, "n_trials is needed"),
     ({"space": {"optim.lr": [0.1, 0.2]}, "n_trials": 3}, "n_trials 3 without a distribution"),
-    ({"methods": ["erm", "dro"]}, "methods: 'dro' is not one of rsc, erm, coral"),
-    ({"seeds": [0, "x"]}, "seeds must be a list of non-negative integers"),
-    ({"preset": "no_such_preset"}, "unknown preset 'no_such_preset'"),
+    ({"methods": ["erm", "dro"]}, "methods must be one of ('rsc', 'erm', 'coral'"),
+    ({"methods": ["erm", "corall"]}, "got 'corall'; did you mean coral?"),
+    ({"methods": []}, "methods is empty; name at least one of rsc, erm, coral"),
+    ({"seeds": [0, "x"]}, "seeds must be an integer; got 'x'"),
+    ({"seeds": [0, -1]}, "seeds must be >= 0; got -1"),
+    ({"n_trials": 0}, "n_trials must be >= 1; got 0"),
     ({"method_space": {"rsc": {"rsc.p_spatial": {"uniform": [0.0, 0.5]}}}, "methods": ["erm"]},
      "method_space: 'rsc' is not one of the sweep's methods"),
-    ({"slurm": {"sbatch": "--time=1:00:00"}}, "slurm.sbatch must be a list"),
+    ({"slurm": {"sbatch": ["time=1:00:00"]}}, "slurm.sbatch: each entry is an sbatch option"),
+    ({"slurm": {"max_paralel": 3}}, "unknown key 'slurm.max_paralel'; did you mean slurm.max_parallel?"),
+    # The messages of house issue #23, each naming the real fault.
+    ({"preset": "no_such_preset"}, ": preset: unknown preset 'no_such_preset'"),
+    ({"methods": ["erm"], "space": {"rsc.p_batch": {"uniform": [0.1, 0.5]}}, "n_trials": 3},
+     "space: rsc.p_batch belongs to method rsc, which the sweep does not run (methods: erm)"),
+    ({"overrides": {"optim.learning_rate": 0.1}}, "unknown config field 'optim.learning_rate'; did you mean optim.lr?"),
+    ({"overrides": {"optim.lr": 0.1}}, "optim.lr is fixed in overrides (or --set) and searched by space for erm"),
+    ({"overrides": {"optim.lr": 0.1}, "space": {}, "default_space": True, "n_trials": 2},
+     "optim.lr is fixed in overrides (or --set) and searched by default_space for erm"),
+    ({"targets": ["sketch", "skecth"]}, "targets ['skecth'] are not domains of the demo dataset"),
+    ({"targets": "all", "overrides": {"data.root": "/nonexistent/shards"}}, "targets: all needs the dataset's domains"),
 ])
 def test_bad_files_stop_with_the_file_and_key(tmp_path, change, message, capsys):
     values = {"preset": "demo", "methods": ["erm", "rsc"], "n_trials": 2,
@@ -150,12 +172,36 @@ def test_print_lists_every_run_and_a_dry_run_never_runs(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert len(lines) == 48 and lines[0].split()[:3] == ["0", "erm-sketch-t00-s0", "new"]
     for launcher in ("local", "slurm", "one", "wandb"):
-        assert sweep_main([str(path), "--out", str(out), "--launcher", launcher, "--dry-run", "--index", "0"]) == 0
+        index = ["--index", "0"] if launcher == "one" else []
+        assert sweep_main([str(path), "--out", str(out), "--launcher", launcher, "--dry-run", *index]) == 0
     assert not out.exists(), "a dry run must not write anything"
     capsys.readouterr()
     # Written after `--` (as the old sweep.sh's README comment suggested): refused, nothing runs.
     assert sweep_main([str(path), "--out", str(out), "--launcher", "slurm", "--", "--dry-run"]) == 2
     assert "not after --" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--launcher", "local", "--parallel", "-1"], "--parallel must be at least 1; got -1"),
+    (["--launcher", "local", "--parallel", "0"], "--parallel must be at least 1; got 0"),
+    (["--launcher", "local", "--gpus-per-run", "0"], "--gpus-per-run must be at least 1; got 0"),
+    (["--launcher", "slurm", "--parallel", "2"], "--parallel: option(s) of --launcher local"),
+    (["--launcher", "local", "--index", "3"], "--index: option(s) of --launcher one"),
+])
+def test_launcher_options_are_checked_before_anything_is_written(tmp_path, capsys, args, message):
+    """Planted defects: --parallel -1 raised IndexError after taking the lock and writing
+    sweep.json; --parallel 0 silently ran one at a time."""
+    out = tmp_path / "out"
+    assert sweep_main([str(write(tmp_path, SEARCH)), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_sweep_that_cannot_check_its_dataset_is_listed_but_not_started(tmp_path, capsys):
+    path = write(tmp_path, {**SEARCH, "overrides": {"data.root": str(tmp_path / "nowhere"), "train.max_steps": 10}})
+    assert sweep_main([str(path), "--out", str(tmp_path / "out")]) == 0
+    assert "has no _info.json on this machine: domains and classes not checked" in capsys.readouterr().out
+    assert sweep_main([str(path), "--out", str(tmp_path / "out"), "--launcher", "local"]) == 2
+    assert "nothing is started" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_slurm_dry_run_shows_the_array_job(tmp_path):

@@ -57,7 +57,8 @@ def test_the_config_is_a_grid_over_the_sweeps_runs(tmp_path):
 
     spec = generated(tmp_path)
     sweep = load_sweep(SWEEP)
-    assert spec["method"] == "grid" and spec["metric"] == {"name": "best/target_acc", "goal": "maximize"}
+    # The run's selection score (source validation), never the target accuracy (an unlabelled oracle).
+    assert spec["method"] == "grid" and spec["metric"] == {"name": "best/selection_score", "goal": "maximize"}
     assert spec["parameters"] == {"index": {"values": list(range(len(sweep.runs)))}}
     assert spec["command"][:5] == ["${env}", "${interpreter}", "-m", "rsc_dist.sweep", str(SWEEP)]
     assert spec["command"][-3:] == ["--launcher", "one", "${args}"] and "--set=data.workers=0" in spec["command"]

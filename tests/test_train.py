@@ -14,6 +14,7 @@ from rsc_dist import train
 from rsc_dist.core import contracts, selection
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.observe.metrics import TABLE_KEY
+from rsc_dist.results import cli as results_cli
 from rsc_dist.results import tables as results_module
 from rsc_dist.trainer.checkpoints import MODEL_FILE
 from support.trainer_fixtures import explain, launch, launch_command, sigterm_the_job, tiny_config
@@ -72,7 +73,7 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
     # The W&B run folder holds a link to results.json (files/results.json): still one run.
     assert (wandb_files[0].parent / "files" / RESULTS_FILE).exists()
     assert [run.path for run in results_module.find_runs(tmp_path)] == [run_dir / RESULTS_FILE]
-    assert results_module.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    assert results_cli.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
 
 
 @pytest.mark.parametrize("processes, grad_accum", [(1, 1), (2, 1), (1, 2)])

@@ -54,9 +54,12 @@ EVALUATION_RECORD = {
                                    "null when a source domain has no val sample"),
     "val_per_domain": ("{str: float}", "val accuracy of each source domain that has val samples"),
     "val_n": ("{str: int}", "val samples of EVERY source domain (0 allowed)"),
-    "target_acc": ("{str: float}", "top-1 on each target domain (all of its samples)"),
+    "target_acc": ("{str: float}", "top-1 on each target domain (all of its samples; with a holdout, its in-split)"),
     "target_top5": ("{str: float}", "top-5 on each target domain"),
-    "target_n": ("{str: int}", "samples of every target domain"),
+    "target_n": ("{str: int}", "samples of every target domain (with a holdout: of its in-split)"),
+    "target_out_acc": ("{str: float}", "(v4) top-1 on each target's out-split (data.holdout_fraction; what "
+                                       "DomainBed's oracle selects by); {} without a holdout"),
+    "target_out_n": ("{str: int}", "(v4) samples of each target's out-split; {} without a holdout"),
 }
 
 RESULTS_LAYOUT = {
@@ -70,6 +73,11 @@ RESULTS_LAYOUT = {
     "targets": ("list[str]", "held-out domains"),
     "sources": ("list[str]", "training domains"),
     "selection": ("str", "the rule that chose best (train.selection; rsc_dist/core/selection.py)"),
+    "protocol": ("str", "(v4) run.protocol: the published protocol the settings follow (rsc_dist/core/protocols.py)"),
+    "holdout": ("dict|null", "(v4) the load-time validation split (data.holdout_fraction): {fraction, seed, "
+                             "in_n: {domain: int}, out_n: {domain: int}, out_digest}; null: the shards' own split"),
+    "world_size": ("int", "(v4) processes that trained the run (its last start)"),
+    "global_batch": ("int", "(v4) samples per step over all processes and source domains"),
     "best": ("evaluation|null", "the evaluation the selection rule chose (null: it could choose none)"),
     "last": ("evaluation", "the last evaluation"),
     "best_checkpoint": ("str|null", "RUN-relative folder with best's weights (checkpoints/best), or null"),

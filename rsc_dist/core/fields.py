@@ -15,7 +15,10 @@ def setting(default, doc: str, *, check: str | None = None):
     ``check``: "fraction" (0 <= x <= 1), "positive" (x >= 1) or "nonnegative" (x >= 0); choices
     come from the field's ``Literal`` type. ``--help`` prints every field from these.
     """
-    return field(default=default, metadata={"doc": doc, "check": check})
+    metadata = {"doc": doc, "check": check}
+    if isinstance(default, (dict, list)):  # mutable: each instance gets its own copy
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def section(cls):

@@ -12,6 +12,16 @@ rsc_dist/core/contracts.py), so the trainer (choosing checkpoints/best/ as it go
     oracle             the evaluation with the best mean target accuracy. It looks at the test
                        domain, so it is never a training-time rule and is labelled wherever shown.
 
+Two more rules compare the trials of a sweep (rsc_dist.results.sweep_select) as DomainBed's
+model_selection.py does; neither chooses within one run on its own:
+
+    domainbed_oracle   DomainBed's "test-domain validation (oracle)": each run's LAST evaluation;
+                       trials compared by the accuracy on the target's out-split (a holdout,
+                       data.holdout_fraction), the in-split reported. Labelled ORACLE.
+    leave_one_domain_out  DomainBed's "leave-one-domain-out cross-validation": at each step, the
+                       mean over the other domains j of the run holding out (target, j)'s accuracy
+                       on j; it needs a sweep with target_pairs.
+
 Ties: the earliest evaluation wins (a later one must be strictly better to replace it).
 An evaluation a rule cannot score (no source validation samples, or a source domain without any
 for the mean) is never chosen by it; when none can be scored the rule has no choice
@@ -22,17 +32,23 @@ from __future__ import annotations
 
 import statistics
 
-RULES = ("source_val_mean", "source_val_pooled", "last", "oracle")
+RUN_RULES = ("source_val_mean", "source_val_pooled", "last", "oracle")  # choose within one run
+SWEEP_RULES = ("domainbed_oracle", "leave_one_domain_out")  # need a sweep's trials (and pairs)
+RULES = RUN_RULES + SWEEP_RULES
 TRAINING_RULES = ("source_val_mean", "source_val_pooled", "last")  # what train.selection accepts
 NEEDS_SOURCE_VAL = ("source_val_mean", "source_val_pooled")
 ORACLE = "oracle"
+ORACLES = ("oracle", "domainbed_oracle")  # rules that look at the test domain
 
-# How reports name each rule (the oracle's label says it is one).
+# How reports name each rule (an oracle's label says it is one).
 LABELS = {
-    "source_val_mean": "best source-val step (mean over sources, DomainBed)",
+    "source_val_mean": "training-domain validation (best mean source-val step, DomainBed)",
     "source_val_pooled": "best source-val step (pooled sources, released code)",
     "last": "last step",
     "oracle": "ORACLE: best target step (test-domain selection, not a valid DG result)",
+    "domainbed_oracle": "ORACLE: DomainBed's test-domain validation (last step, trials by the target's "
+                        "out-split; not a valid DG result)",
+    "leave_one_domain_out": "leave-one-domain-out cross-validation (DomainBed)",
 }
 
 
@@ -69,6 +85,13 @@ def target_mean(evaluation: dict) -> float | None:
     return statistics.fmean(accs.values()) if accs else None
 
 
+def target_out_mean(evaluation: dict) -> float | None:
+    """Mean top-1 accuracy over the targets' out-splits (what DomainBed's oracle compares trials by);
+    None without a holdout."""
+    accs = evaluation.get("target_out_acc") or {}
+    return statistics.fmean(accs.values()) if accs else None
+
+
 SCORES = {"source_val_mean": source_val_mean, "source_val_pooled": source_val_pooled, "oracle": target_mean}
 
 
@@ -81,10 +104,21 @@ def check_rule(rule: str, allowed: tuple[str, ...] = RULES) -> str:
 def score(rule: str, evaluation: dict) -> float | None:
     """The value the rule maximizes for one evaluation (None: the rule cannot score it; for
     "last" the step)."""
-    check_rule(rule)
+    check_rule(rule, RUN_RULES)
     if rule == "last":
         return evaluation.get("step")
     return SCORES[rule](evaluation)
+
+
+def trial_score(rule: str, evaluation: dict) -> float | None:
+    """What trials are compared by, for the evaluation ``rule`` picked in a run (what a W&B
+    sweep maximizes: never the target accuracy, except for the labelled oracles).
+    leave_one_domain_out's score needs other runs: rsc_dist.results.sweep_select computes it."""
+    if rule in ("last", "leave_one_domain_out"):  # last: training-domain validation across trials
+        return source_val_mean(evaluation)
+    if rule == "domainbed_oracle":
+        return target_out_mean(evaluation)
+    return score(rule, evaluation)
 
 
 def replaces(rule: str, candidate: dict, incumbent: dict | None) -> bool:
@@ -102,8 +136,14 @@ def replaces(rule: str, candidate: dict, incumbent: dict | None) -> bool:
 
 
 def select(history: list[dict], rule: str) -> dict:
-    """The evaluation ``rule`` chooses from a run's history (in evaluation order)."""
+    """The evaluation ``rule`` chooses from a run's history (in evaluation order);
+    domainbed_oracle takes the last one (its trials are compared by the out-split)."""
     check_rule(rule)
+    if rule == "leave_one_domain_out":
+        raise SelectionError("leave_one_domain_out scores a step with the runs that hold out the target and one "
+                             "other domain: point rsc_dist.results at a sweep with target_pairs")
+    if rule == "domainbed_oracle":
+        rule = "last"
     chosen: dict | None = None
     for evaluation in history:
         if replaces(rule, evaluation, chosen):

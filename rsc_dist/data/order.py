@@ -39,6 +39,20 @@ class ShardRef:
     num_samples: int
     num_bytes: int
     sample_offsets: tuple[int, ...] | None = None  # n + 1 byte offsets (manifest v2), or None
+    # The samples of the shard that take part, ascending (a holdout split, rsc_dist.data.holdout);
+    # None: all of them.
+    selected: tuple[int, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        """How many of its samples take part."""
+        return self.num_samples if self.selected is None else len(self.selected)
+
+    def sample_indices(self) -> np.ndarray:
+        """The indices in the shard of the samples that take part, ascending."""
+        if self.selected is None:
+            return np.arange(self.num_samples)
+        return np.asarray(self.selected, dtype=np.int64)
 
 
 class GroupOrder:
@@ -46,11 +60,11 @@ class GroupOrder:
 
     def __init__(self, shards: list[ShardRef], *, seed: int, group: int, block_shards: int,
                  cache_blocks: int = 4):
-        if not shards or any(s.num_samples < 1 for s in shards):
+        if not shards or any(s.size < 1 for s in shards):
             raise ValueError("every training shard of a group must hold at least one sample")
         self.shards = list(shards)
         self.seed, self.group, self.block_shards = seed, group, max(1, block_shards)
-        self.counts = np.array([s.num_samples for s in shards], dtype=np.int64)
+        self.counts = np.array([s.size for s in shards], dtype=np.int64)
         self.num_samples = int(self.counts.sum())
         self._passes: OrderedDict = OrderedDict()
         self._blocks: OrderedDict = OrderedDict()
@@ -80,7 +94,7 @@ class GroupOrder:
             permutation, _ = self._pass_layout(epoch, pass_index)
             members = permutation[block * self.block_shards:(block + 1) * self.block_shards]
             shard_of = np.repeat(members, self.counts[members])
-            index_of = np.concatenate([np.arange(self.counts[m]) for m in members])
+            index_of = np.concatenate([self.shards[m].sample_indices() for m in members])
             rng = np.random.Generator(np.random.PCG64(mix_seed(self.seed, self.group, epoch, pass_index,
                                                                block + 1)))
             shuffle = rng.permutation(len(shard_of))

@@ -21,6 +21,13 @@ class DataConfig:
     global_batch_size: int | None = setting(
         None, "samples per step over all processes (and source domains); when set, replaces batch_size "
         "and lets a run resume on any number of processes that divides it", check="positive")
+    holdout_fraction: float = setting(
+        0.0, "0: the shards' own train/val split; else DomainBed's holdout drawn at load time: this fraction "
+        "of EVERY domain (all its splits pooled; floor(n x fraction), unstratified) is its validation "
+        "(out) split, the rest its training (in) split; targets are reported on their in-split and their "
+        "out-split feeds DomainBed's oracle", check="fraction")
+    holdout_seed: int = setting(0, "seeds the holdout draw with data.holdout_fraction (DomainBed's trial seed)",
+                                check="nonnegative")
     sampling: Literal["merged", "balanced"] = setting(
         "merged", "merged: sources pooled (released code); balanced: batch_size from each (DomainBed)")
     flip_double: bool = setting(False, "released recipe: each batch doubled with its mirror image")

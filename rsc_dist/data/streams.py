@@ -337,17 +337,21 @@ class EvalStream(IterableDataset):
     """Evaluation batches of one rank: every sample of ``urls`` read by exactly one unit, in
     file order (sequential reads)."""
 
-    def __init__(self, urls: list[str], *, rank: int, world_size: int, augment: Augment, batch_size: int):
+    def __init__(self, urls: list[str], *, rank: int, world_size: int, augment: Augment, batch_size: int,
+                 selection: dict[str, frozenset[int]] | None = None):
+        """``selection``: {shard path: indices of its samples to evaluate} (a holdout split,
+        rsc_dist.data.holdout); None: every sample."""
         self.urls = sorted(urls)
         self.rank, self.world_size = rank, world_size
         self.augment, self.batch_size = augment, batch_size
+        self.selection = selection
 
     def __iter__(self):
         worker, num_workers = _worker()
         urls, modulo, residue = split_shards(self.urls, self.rank * num_workers + worker,
                                              self.world_size * num_workers)
         batch = []
-        for index, sample in enumerate(_read_sequential(urls)):
+        for index, sample in enumerate(_selected(_read_sequential(urls), self.selection)):
             if index % modulo != residue:
                 continue
             batch.append(decode_sample(sample))
@@ -363,6 +367,21 @@ class EvalStream(IterableDataset):
             "label": torch.tensor([label for _, label, _ in decoded], dtype=torch.long),
             "domain": torch.tensor([domain for _, _, domain in decoded], dtype=torch.long),
         }
+
+
+def _selected(samples: Iterator[dict], selection: dict[str, frozenset[int]] | None) -> Iterator[dict]:
+    """The samples whose index in their shard (counted in file order) ``selection`` lists for
+    that shard; all of them without a selection."""
+    if selection is None:
+        yield from samples
+        return
+    url, index = None, 0
+    for sample in samples:
+        if sample.get("__url__") != url:
+            url, index = sample.get("__url__"), 0
+        if index in selection[url]:
+            yield sample
+        index += 1
 
 
 def _read_sequential(urls) -> Iterator[dict]:

@@ -25,7 +25,9 @@ one computes. The hooks, each optional, from the simplest method to the most inv
   (learning rate, weight decay, betas); ``train_step`` may step some groups only.
 - ``objective(network, batch, draws)``: the forward of one update, run INSIDE the wrapped
   model's forward (so DDP's hooks and ZeRO-3's parameter gathering see every module it uses):
-  by default features -> transform_features -> head -> loss. It returns a ``StepOutput``; new
+  by default features -> transform_features -> head -> loss. Features come from
+  ``network.featurize(batch)`` (the backbone, then model.dropout, DomainBed's ResNet dropout),
+  never from ``network.features`` directly, which would skip the dropout. It returns a ``StepOutput``; new
   values of persistent state go in ``StepOutput.state`` and are written after the forward.
 - ``train_step(runner, batch, draws)``: the whole step. The default is one forward, one
   backward and one optimizer step; a method with updates that alternate between parameter sets
@@ -75,6 +77,7 @@ class StepBatch:
     # group, then position in the group's share of the step, mirror copies after the originals.
     order: Tensor | None = None
     extras: dict = field(default_factory=dict)  # what transform_inputs adds (Mixup: partner labels, weights)
+    step: int | None = None  # the global step it trains (model.dropout's masks hash it with sample_ids)
 
     def replace(self, **changes) -> "StepBatch":
         return replace(self, **changes)
@@ -179,7 +182,7 @@ class Method:
         return F.cross_entropy(logits.float(), batch.labels), {}
 
     def objective(self, network, batch: StepBatch, draws: dict) -> StepOutput:
-        z = network.features(batch.images)
+        z = network.featurize(batch)  # the backbone, then model.dropout (DomainBed's featurizer)
         z, extras = self.transform_features(z, network.head, batch, draws)
         logits = network.head(z)
         loss, metrics = self.loss(logits, batch, extras)

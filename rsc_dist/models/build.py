@@ -17,6 +17,7 @@ def build_model(
     *,
     pretrained: str | os.PathLike | None = None,
     freeze_bn: bool = False,
+    dropout: float = 0.0,
 ) -> Network:
     """A registered torchvision backbone split into features and head (a method's own modules
     are added by the trainer as ``network.method``, after the backbone's initialization).
@@ -24,6 +25,7 @@ def build_model(
     ``pretrained``: None (random init), "torchvision" (the ImageNet weights file in the
     torchvision cache, never downloaded), or a path to a state-dict file. The ImageNet
     classifier layer is always replaced by a fresh one with ``num_classes`` outputs.
+    ``dropout``: DomainBed's ResNet dropout on the pooled features in training (FeatureDropout).
     """
     if arch not in BACKBONES:
         raise ValueError(f"model.arch must be one of {ARCHS}; got {arch!r}")
@@ -33,6 +35,6 @@ def build_model(
     if pretrained not in (None, "", "none"):
         load_imagenet_weights(net, arch, pretrained)
     features, head = BACKBONES[arch].split(net, num_classes)
-    return Network(features, head, freeze_bn=freeze_bn)
+    return Network(features, head, freeze_bn=freeze_bn, dropout=dropout)
 
 

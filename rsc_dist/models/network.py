@@ -3,6 +3,7 @@ method (``method``: its own parameters and buffers, or None).
 
     logits = network(images)                                             # prediction: head(features(x))
     out = network(images, objective=method.objective, batch=batch, draws=draws)   # one training update
+    z = network.featurize(batch)     # in an objective: features, then model.dropout (training only)
 
 A training update runs the method's objective INSIDE this module's forward, so that under DDP
 and DeepSpeed every module it uses (backbone, head, the method's own) takes part in the
@@ -15,16 +16,28 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from rsc_dist.models.feature_dropout import FeatureDropout, dropout_seeds
+
 
 class Network(nn.Module):
     def __init__(self, features: nn.Module, head: nn.Module, method: nn.Module | None = None, *,
-                 freeze_bn: bool = False):
+                 freeze_bn: bool = False, dropout: float = 0.0):
         super().__init__()
         self.features = features
         self.head = head
         self.method = method
         self.freeze_bn = freeze_bn
+        self.dropout = FeatureDropout(dropout)  # no parameters: the state dict is the same with or without
         self.train()  # a module starts in training mode; with freeze_bn its BatchNorm layers do not
+
+    def featurize(self, batch) -> Tensor:
+        """A training batch's features z (a methods.base.StepBatch: images, sample_ids, step):
+        the backbone, then model.dropout as DomainBed's featurizer ends (rsc_dist.models.feature_dropout)."""
+        z = self.features(batch.images)
+        seeds = None
+        if batch.sample_ids is not None and batch.step is not None:
+            seeds = dropout_seeds(batch.sample_ids, batch.step)
+        return self.dropout(z, seeds)
 
     @property
     def feature_dim(self) -> int:

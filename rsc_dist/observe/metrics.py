@@ -7,7 +7,9 @@ Key layout (docs/wandb.md says how to read it): every metric is plotted against
 ``val/acc_mean``, ``val/acc_<source>``, ``target/acc_<target>``, ``target/top5_<target>``, the
 domain-independent ``target/acc`` / ``target/top5`` (mean over the target domains) and
 ``best/val_acc``, ``best/target_acc`` (the target accuracy at the evaluation train.selection
-chose so far; ``best/selection`` in the summary names the rule); ``rsc/masks`` images. At the
+chose so far; ``best/selection`` in the summary names the rule), ``best/selection_score`` (the
+chosen evaluation's score by that rule, source validation: what a sweep compares runs by);
+``rsc/masks`` images. At the
 end: ``results/per_domain`` (table), ``results.json`` (run file) and, with
 ``wandb.log_model=best``, the best model as an artifact.
 """
@@ -21,6 +23,7 @@ from rsc_dist.core import selection
 STEP_KEY = "trainer/step"
 EPOCH_KEY = "trainer/epoch"
 TABLE_KEY = "results/per_domain"
+SELECTION_SCORE_KEY = "best/selection_score"  # a W&B sweep's metric (rsc_dist.sweep.launch_wandb)
 TABLE_COLUMNS = ["domain", "role", "n", "best_top1", "best_top5", "last_top1", "last_top5",
                  "best_step", "last_step"]
 

@@ -25,6 +25,7 @@ from rsc_dist.observe.identity import (
 from rsc_dist.observe.masks import mask_caption, mask_overlay_grid
 from rsc_dist.observe.metrics import (
     EPOCH_KEY,
+    SELECTION_SCORE_KEY,
     STEP_KEY,
     TABLE_COLUMNS,
     TABLE_KEY,
@@ -82,6 +83,10 @@ class Tracking:
         else:
             self.best = best
         values = evaluation_metrics(evaluation, best)
+        chosen_score = selection.trial_score(self.selection, best) if best else None
+        if chosen_score is not None:
+            # What a sweep compares runs by (the W&B sweep's metric): source validation, never the target.
+            values[SELECTION_SCORE_KEY] = chosen_score
         self.log(values, step)
         shown = {k: v for k, v in values.items() if k != "best/step"}
         line = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())

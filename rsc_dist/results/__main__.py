@@ -1,7 +1,7 @@
-"""``python -m rsc_dist.results``: see rsc_dist.results.tables."""
+"""``python -m rsc_dist.results``: see rsc_dist.results.cli."""
 
 import sys
 
-from rsc_dist.results.tables import main
+from rsc_dist.results.cli import main
 
 sys.exit(main())

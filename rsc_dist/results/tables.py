@@ -1,21 +1,19 @@
-"""Collect the results.json files of many runs into the paper's tables.
+"""The per-run tables: the results.json files of many runs as the paper's tables (the command
+line is rsc_dist/results/cli.py; a sweep's selection across trials is sweep_select.py).
 
-    python -m rsc_dist.results runs/pacs_resnet18-sweep            # prints Markdown, writes files
-    python -m rsc_dist.results runs/ --metric best --paper --out reports/ --wandb
-
-One table per dataset and metric: rows are methods (the algorithm, plus whatever else tells the
-runs apart: architecture, RSC mode or percentages, preset, ...), columns are the target domains
-and their average, cells are mean +- sample std over seeds in percent with the number of seeds.
+One table per dataset and metric: rows are methods (the algorithm, plus `key=value` for exactly
+the trajectory settings that differ between the runs: rsc_dist.config.trajectory_items, with the
+global batch the runs resolved, not the number of processes), columns are the target domains
+and their average, cells are mean +- spread over seeds in percent with the number of seeds
+(sample std by default, DomainBed's standard error with --error se).
 "best" is the evaluation each run's selection rule chose (its train.selection, recorded in its
 results.json); --selection RULE applies another rule to every run's history after the fact:
 source_val_mean, source_val_pooled, last, or oracle (the best-target-accuracy step, labelled as
 an oracle in every output). "last" is the final step; both tables by default. The average
 column averages the per-target means; its std is over each seed's average, when every target
 has the same seeds. `--paper` adds the paper's reported numbers for the
-(dataset, architecture) pairs it knows; `--top5` adds top-5 tables. Writes OUT/results.md and
-OUT/results.csv (one tidy row per cell) and, with --wandb, logs each table as a wandb.Table in
-one W&B run (job type "results"): online with an API key, else offline under OUT/wandb/ (upload
-later with `wandb sync OUT/wandb/offline-run-*`); WANDB_MODE=disabled skips it.
+(dataset, architecture) pairs it knows; `--top5` adds top-5 tables. Each table names the
+protocol(s) its runs recorded (run.protocol), the rule that chose "best" and the spread.
 
 Reads results.json schema versions 1 to 4; the layout is described once, in
 rsc_dist/core/contracts.py. A W&B run folder's copy or link of results.json (wandb/*run-*/files/) is
@@ -24,36 +22,29 @@ not a run of its own: each run is read once whatever its tracker.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import math
-import os
 import re
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsc_dist import methods
-from rsc_dist.config import flatten
+from rsc_dist.config import EARLIER_DEFAULTS, flatten, trajectory_items
 from rsc_dist.core import selection
 from rsc_dist.core.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
-from rsc_dist.observe.identity import wandb_mode_from_environment
+from rsc_dist.core.protocols import dataset_key
+from rsc_dist.core.errors import UsageError
+from rsc_dist.results import render
+from rsc_dist.results.render import Cell
 
 METRICS = ("best", "last")
 # results.json layouts this reader understands: 1 (no "schema_version" key) up to the current one.
 SCHEMA_VERSIONS = tuple(range(1, RESULTS_SCHEMA_VERSION + 1))
 
-# Keys that change what is being compared; other config keys (paths, logging, seeds, targets)
-# never split a row. Each registered method's section keys (rsc.*, coral.*) only label that
-# method's runs.
-METHOD_KEYS = (
-    "preset", "model.arch", "model.pretrained",
-    *(key for name in methods.NAMES for key in methods.section_keys(name)),
-    "data.sampling", "data.batch_size", "data.image_size", "optim.name", "optim.lr",
-    "train.epochs", "train.max_steps", "train.selection",
-)
+# Trajectory settings that never split a row: the seed and the held-out domains (the table's
+# columns), and the holdout seed, which DomainBed's protocol sets to the trial seed.
+NOT_ROW_KEYS = ("algorithm", "run.seed", "data.target", "data.holdout_seed")
+UNRECORDED_PROTOCOL = "unrecorded (results.json before schema 4)"
 # What chose "best" in results.json files that do not say (schema versions 1 and 2).
 OLD_SELECTION = "source_val_pooled"
 # W&B's run folders (offline-run-DATE_TIME-ID, run-DATE_TIME-ID) keep a results.json in files/.
@@ -97,7 +88,7 @@ PAPER = {
 PAPER_TOP5 = {("imagenet", "alexnet"): [("paper: ERM", {"Avg": 24.80}), ("paper: RSC", {"Avg": 30.78})]}
 
 
-class ResultsError(ValueError):
+class ResultsError(UsageError):
     """A results.json that cannot be used; the message names the file and the key."""
 
 
@@ -112,11 +103,8 @@ class Run:
     # metric ("best"/"last", "+top5" variants) -> {target: accuracy fraction}
     acc: dict[str, dict[str, float]]
     selection: str = OLD_SELECTION  # the rule that chose acc["best"]
-
-
-def dataset_key(name: str) -> str:
-    """'PACS', 'office_home', 'Office-Home' -> 'pacs', 'officehome' (for the paper lookup)."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+    protocol: str = UNRECORDED_PROTOCOL  # run.protocol (schema 4)
+    global_batch: int | None = None  # samples per step over all processes (schema 4)
 
 
 def load_run(path: Path, rule: str | None = None) -> Run:
@@ -186,7 +174,10 @@ def load_run(path: Path, rule: str | None = None) -> Run:
                 if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                     raise ResultsError(f"{path}: {label!r} must be a fraction in [0, 1]; got {value!r}")
             acc[metric + suffix] = {t: float(values[t]) for t in targets}
-    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule)
+    global_batch = data.get("global_batch")
+    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule,
+               str(data.get("protocol") or UNRECORDED_PROTOCOL),
+               global_batch if isinstance(global_batch, int) and not isinstance(global_batch, bool) else None)
 
 
 def results_files(root: Path) -> list[Path]:
@@ -209,49 +200,52 @@ def find_runs(root: Path, rule: str | None = None) -> list[Run]:
     return [load_run(p, rule) for p in paths]
 
 
+def row_settings(run: Run) -> dict:
+    """The settings that tell this run's trajectory apart from others' (a row splits on those
+    that differ): the recorded config's trajectory settings (rsc_dist.config.trajectory_items,
+    settings added later read at their earlier value) and the global batch it resolved, never
+    the number of processes that computed it."""
+    flat = flatten(run.config, leaf=lambda v: tuple(v) if isinstance(v, list) else v)
+    flat.setdefault("model.arch", run.arch)
+    for key, value in EARLIER_DEFAULTS.items():
+        flat.setdefault(key, value)
+    items = {k: v for k, v in trajectory_items(flat, run.algorithm).items() if k not in NOT_ROW_KEYS}
+    if run.global_batch is not None:
+        items["global_batch"] = run.global_batch
+    else:  # before schema 4: the batch settings as recorded
+        items.update({k: flat.get(k) for k in ("data.batch_size", "data.global_batch_size")})
+    return items
+
+
 def method_labels(runs: list[Run]) -> dict[Path, str]:
-    """Algorithm, plus `key=value` for each METHOD_KEY whose value differs between runs."""
-    # Lists as tuples: the values are compared in a set.
-    flats = {r.path: {**flatten(r.config, leaf=lambda v: tuple(v) if isinstance(v, list) else v),
-                      "model.arch": r.arch} for r in runs}
-    varying = [k for k in METHOD_KEYS if len({flats[r.path].get(k) for r in runs}) > 1]
+    """Algorithm, plus `key=value` for each trajectory setting whose value differs between runs."""
+    settings = {r.path: row_settings(r) for r in runs}
+    keys = sorted({k for items in settings.values() for k in items})
+    # A key varies when the runs that have it disagree (a method's own settings: its runs only).
+    varying = [k for k in keys if len({settings[r.path][k] for r in runs if k in settings[r.path]}) > 1]
     labels = {}
     for r in runs:
         parts = []
         for key in varying:
-            section = key.split(".", 1)[0]
-            if section in methods.METHODS and section != r.algorithm:
+            if key not in settings[r.path]:  # another method's setting
                 continue
-            value = flats[r.path].get(key)
-            if value is not None:
-                short = key.split(".", 1)[-1] if key in ("model.arch", "rsc.mode") else key
-                parts.append(f"{short}={value}")
+            value = settings[r.path][key]
+            short = key.split(".", 1)[-1] if key in ("model.arch", "rsc.mode") else key
+            parts.append(f"{short}={_label_value(value)}")
         labels[r.path] = r.algorithm.upper() + (f" ({', '.join(parts)})" if parts else "")
     return labels
 
 
-@dataclass(frozen=True)
-class Cell:
-    mean: float | None = None  # percent
-    std: float | None = None  # sample std over seeds; None with fewer than two
-    n: int = 0  # seeds
-    note: str = ""  # printed instead of n (e.g. why there is no std)
-
-    @classmethod
-    def of(cls, values: list[float]) -> "Cell":
-        if not values:
-            return cls()
-        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
-
-    def text(self) -> str:
-        if self.mean is None:
-            return "-"
-        std = f" ± {self.std:.2f}" if self.std is not None else ""
-        return f"{self.mean:.2f}{std} ({self.note or self.n})"
+def _label_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
-def average_cell(per_target: dict[str, dict[int, float]]) -> Cell:
-    """The Avg column: mean over targets of the per-target means (the paper's layout); its std
+def average_cell(per_target: dict[str, dict[int, float]], error: str = "std") -> Cell:
+    """The Avg column: mean over targets of the per-target means (the paper's layout); its spread
     is over seeds, of each seed's average over targets, when every target has the same seeds."""
     if not per_target or not all(per_target.values()):
         return Cell()
@@ -261,7 +255,7 @@ def average_cell(per_target: dict[str, dict[int, float]]) -> Cell:
         return Cell(mean, None, 0, "seeds differ between targets")
     seeds = sorted(next(iter(seed_sets)))
     per_seed = [statistics.fmean(v[s] for v in per_target.values()) for s in seeds]
-    return Cell(mean, statistics.stdev(per_seed) if len(per_seed) > 1 else None, len(per_seed))
+    return Cell(mean, render.spread(per_seed, error), len(per_seed))
 
 
 @dataclass
@@ -272,6 +266,8 @@ class Table:
     rows: dict[str, dict[str, Cell]]  # method -> column -> cell
     paper_rows: list[tuple[str, dict[str, float]]] = field(default_factory=list)
     rules: tuple[str, ...] = ()  # the selection rule(s) that chose "best" for these runs
+    error: str = "std"  # the cells' spread (render.ERRORS)
+    protocols: tuple[str, ...] = ()  # the runs' recorded run.protocol values
 
     @property
     def selection(self) -> str:
@@ -287,7 +283,7 @@ class Table:
         else:
             what = selection.LABELS[self.selection]
         top = "top-5" if self.metric.endswith("+top5") else "top-1"
-        return f"{self.dataset}: target accuracy (%), {top}, {what}; mean ± std over seeds (n)"
+        return f"{self.dataset}: target accuracy (%), {top}, {what}; mean ± {self.error} over seeds (n)"
 
     @property
     def key(self) -> str:
@@ -296,34 +292,24 @@ class Table:
         name = base if base == "last" else f"best_{self.selection}"
         return name + (f"+{top5}" if top5 else "")
 
+    def rendered(self) -> render.Table:
+        rules = [self.selection] if self.selection != "mixed" else list(self.rules)
+        about = [f"Protocol: {', '.join(self.protocols) or UNRECORDED_PROTOCOL}. Selection: "
+                 f"{'; '.join(selection.LABELS.get(r, r) for r in rules)}.",
+                 f"Cells: mean ± {render.ERRORS[self.error]} over seeds; (n) = seeds, one run each; Avg: mean of the "
+                 "columns, its spread over the seeds' averages."]
+        return render.Table(self.title, about, self.columns, self.rows, self.paper_rows,
+                            csv_fields={"table": "runs", "dataset": self.dataset, "metric": self.metric,
+                                        "protocol": ", ".join(self.protocols), "selection": self.selection,
+                                        "error": self.error},
+                            key=f"{self.dataset}/{self.key}", selection=self.selection, reference_source="paper")
+
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| method | " + " | ".join(self.columns) + " |",
-                 "|---|" + "---|" * len(self.columns)]
-        for method, cells in self.rows.items():
-            lines.append(f"| {method} | " + " | ".join(cells[c].text() for c in self.columns) + " |")
-        for label, values in self.paper_rows:
-            lines.append(f"| {label} | " + " | ".join(
-                f"{values[c]:.2f}" if c in values else "-" for c in self.columns) + " |")
-        return "\n".join(lines) + "\n"
+        return render.markdown(self.rendered())
 
     def records(self) -> list[dict]:
         """Tidy rows: one per (method, column), ours and the paper's."""
-        out = []
-        for method, cells in self.rows.items():
-            for c in self.columns:
-                cell = cells[c]
-                out.append({"dataset": self.dataset, "metric": self.metric, "selection": self.selection,
-                            "source": "runs",
-                            "method": method, "column": c,
-                            "mean": "" if cell.mean is None else round(cell.mean, 4),
-                            "std": "" if cell.std is None else round(cell.std, 4), "n": cell.n})
-        for label, values in self.paper_rows:
-            for c in self.columns:
-                if c in values:
-                    out.append({"dataset": self.dataset, "metric": self.metric, "selection": self.selection,
-                                "source": "paper",
-                                "method": label, "column": c, "mean": values[c], "std": "", "n": ""})
-        return out
+        return render.csv_rows(self.rendered())
 
 
 def _ordered_targets(dataset: str, targets: set[str]) -> list[str]:
@@ -331,7 +317,8 @@ def _ordered_targets(dataset: str, targets: set[str]) -> list[str]:
     return sorted(targets, key=lambda t: (order.get(t.lower(), len(order)), t))
 
 
-def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False, top5: bool = False) -> list[Table]:
+def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False, top5: bool = False,
+                 error: str = "std") -> list[Table]:
     labels = {}
     for dataset in {r.dataset for r in runs}:
         labels.update(method_labels([r for r in runs if r.dataset == dataset]))
@@ -339,9 +326,9 @@ def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False, top5: bo
     for r in runs:
         for t in r.acc["best"]:
             key = (r.dataset, labels[r.path], t, r.seed)
-            if key in seen:
-                raise ResultsError(f"{r.path}: duplicates {seen[key]} (same dataset, method "
-                                   f"{labels[r.path]!r}, target {t!r}, seed {r.seed}); "
+            if key in seen:  # every trajectory setting equal: the same run twice
+                raise ResultsError(f"{r.path}: duplicates {seen[key]} (same dataset, every trajectory setting "
+                                   f"({labels[r.path]!r}), target {t!r}, seed {r.seed}); "
                                    "point to a folder holding only one of them")
             seen[key] = r.path
     tables = []
@@ -359,112 +346,23 @@ def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False, top5: bo
                 per_target = {t: {r.seed: 100 * r.acc[metric][t] for r in ds_runs
                                   if labels[r.path] == method and t in r.acc.get(metric, {})}
                               for t in targets}
-                rows[method] = {t: Cell.of(list(v.values())) for t, v in per_target.items()}
-                rows[method]["Avg"] = average_cell(per_target)
-            paper_rows = []
-            if paper:
-                table = PAPER_TOP5 if metric.endswith("+top5") else PAPER
-                for arch in archs:
-                    for label, values in table.get((dataset_key(dataset), arch.lower()), []):
-                        lower = {k.lower(): v for k, v in values.items()}
-                        row = {c: lower[c.lower()] for c in targets + ["Avg"] if c.lower() in lower}
-                        paper_rows.append((label + (f" ({arch})" if len(archs) > 1 else ""), row))
+                rows[method] = {t: Cell.of(list(v.values()), error) for t, v in per_target.items()}
+                rows[method]["Avg"] = average_cell(per_target, error)
+            paper_rows = reference_rows(dataset, archs, targets, top5=metric.endswith("+top5")) if paper else []
             rules = tuple(sorted({r.selection for r in ds_runs}))
-            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows, rules))
+            protocols = tuple(sorted({r.protocol for r in ds_runs}))
+            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows, rules, error, protocols))
     return tables
 
 
-def write_outputs(tables: list[Table], out: Path, n_runs: int, root: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "results.md"
-    md.write_text(f"Results of {n_runs} run(s) under {root}\n\n" + "\n".join(t.markdown() for t in tables))
-    csv_path = out / "results.csv"
-    with open(csv_path, "w", newline="") as f:
-        fields = ["dataset", "metric", "selection", "source", "method", "column", "mean", "std", "n"]
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for t in tables:
-            writer.writerows(t.records())
-    return md, csv_path
-
-
-def table_rows(t: Table) -> tuple[list[str], list[list]]:
-    """A table's columns and rows as logged to W&B: ours ("runs"), then the paper's."""
-    columns = ["method", "source"] + [f"{c} mean" for c in t.columns] + [f"{c} std" for c in t.columns] + ["n"]
-    data = []
-    for method, cells in t.rows.items():
-        data.append([method, "runs"] + [cells[c].mean for c in t.columns]
-                    + [cells[c].std for c in t.columns] + [cells["Avg"].n])
-    for label, values in t.paper_rows:
-        data.append([label, "paper"] + [values.get(c) for c in t.columns] + [None] * len(t.columns) + [None])
-    return columns, data
-
-
-def log_to_wandb(tables: list[Table], root: Path, project: str, out: Path | None = None) -> str | None:
-    """Log every table as a wandb.Table in one "results" run. Returns the mode used ("online",
-    or "offline" with the run under OUT/wandb/), None when W&B is disabled or not installed."""
-    mode = wandb_mode_from_environment()
-    if mode == "disabled":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        return None
-    kwargs = {}
-    if out is not None:
-        (Path(out) / "wandb").mkdir(parents=True, exist_ok=True)
-        kwargs["dir"] = str(out)
-    run = wandb.init(project=project, job_type="results", name=f"results-{Path(root).resolve().name}",
-                     config={"runs_dir": str(root)}, mode=mode, **kwargs)
-    for t in tables:
-        columns, data = table_rows(t)
-        run.log({f"results/{t.dataset}/{t.key}": wandb.Table(columns=columns, data=data)})
-        run.summary[f"results/{t.dataset}/{t.key}/selection"] = t.selection  # "oracle" says so
-    run.finish()
-    return mode
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rsc_dist.results", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs_dir", type=Path, help="folder searched recursively for results.json")
-    p.add_argument("--out", type=Path, help="where results.md / results.csv go (default: RUNS_DIR)")
-    p.add_argument("--metric", choices=("best", "last", "both"), default="both")
-    p.add_argument("--selection", choices=selection.RULES,
-                   help="choose each run's best from its history with this rule (default: the rule the run "
-                        "trained with, its train.selection); oracle = best target accuracy, an upper bound, "
-                        "labelled ORACLE in every output")
-    p.add_argument("--paper", action="store_true", help="add the paper's numbers where known")
-    p.add_argument("--top5", action="store_true",
-                   help="also top-5 tables (runs that report target_top5; the ImageNet-Sketch table)")
-    p.add_argument("--wandb", action="store_true",
-                   help="log the tables to W&B (offline under OUT/wandb/ without an API key)")
-    p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "rsc_dist"))
-    args = p.parse_args(argv)
-    from rsc_dist.results import sweep_select  # a sweep's folder: selection across its trials
-
-    if args.selection and sweep_select.is_sweep(args.runs_dir):
-        return sweep_select.report(args.runs_dir, args.selection, args.out)
-    try:
-        runs = find_runs(args.runs_dir, args.selection)
-        metrics = METRICS if args.metric == "both" else (args.metric,)
-        tables = build_tables(runs, metrics, paper=args.paper, top5=args.top5)
-    except ResultsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    md, csv_path = write_outputs(tables, args.out or args.runs_dir, len(runs), args.runs_dir)
-    print(md.read_text())
-    print(f"wrote {md} and {csv_path}", file=sys.stderr)
-    if args.wandb:
-        out = args.out or args.runs_dir
-        mode = log_to_wandb(tables, args.runs_dir, args.wandb_project, out)
-        if mode is None:
-            print("W&B disabled or not installed: tables not logged", file=sys.stderr)
-        elif mode == "offline":
-            print(f"W&B offline: tables logged under {out / 'wandb'}; upload them with "
-                  f"`wandb sync {out / 'wandb'}/offline-run-*`", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def reference_rows(dataset: str, archs: list[str], columns: list[str], top5: bool = False) -> list[tuple]:
+    """The paper's (and DomainBed's) published rows for a dataset and its architectures, for the
+    columns given (and Avg)."""
+    table = PAPER_TOP5 if top5 else PAPER
+    rows = []
+    for arch in archs:
+        for label, values in table.get((dataset_key(dataset), arch.lower()), []):
+            lower = {k.lower(): v for k, v in values.items()}
+            row = {c: lower[c.lower()] for c in columns + ["Avg"] if c.lower() in lower}
+            rows.append((label + (f" ({arch})" if len(archs) > 1 else ""), row))
+    return rows

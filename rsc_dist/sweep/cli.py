@@ -2,6 +2,7 @@
 
     python -m rsc_dist.sweep launch/sweeps/demo.yaml                        # list the runs
     python -m rsc_dist.sweep launch/sweeps/demo.yaml --launcher local --parallel 2
+    python -m rsc_dist.sweep SWEEP.yaml --launcher local --gpus-per-run 2   # 2-GPU runs, queued over the GPUs
     python -m rsc_dist.sweep launch/sweeps/pacs_resnet18.yaml --launcher slurm \\
         --out /shared/runs/pacs_r18 --set data.root=/shared/shards/pacs --dry-run
     python -m rsc_dist.sweep SWEEP.yaml --launcher wandb --out OUT          # OUT/wandb_sweep.yaml
@@ -23,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from rsc_dist.core.contracts import EXIT_CONFIG
+from rsc_dist.core.errors import UsageError
 from rsc_dist.sweep.spec import Sweep, SweepError, load_sweep
 from rsc_dist.sweep.state import check_finished_runs, write_record
 
@@ -43,7 +45,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print what would run; start, write, submit nothing")
     p.add_argument("--commands", action="store_true", help="print: also each run's trainer command")
     local = p.add_argument_group("local")
-    local.add_argument("--parallel", type=int, help="runs at once (default: one per GPU, 1 on CPU)")
+    local.add_argument("--parallel", type=int, help="runs at once (default: as many as the GPUs hold, 1 on CPU)")
+    local.add_argument("--gpus-per-run", type=int, default=1, metavar="K",
+                       help="processes per run: K GPUs each (accelerate launch --num_processes K), queued over "
+                       "the machine's GPUs; with --devices cpu, K CPU ranks (gloo) each (default 1)")
     local.add_argument("--devices", default="auto", help="auto (GPUs if any), cpu, or GPU ids: 0,1,3")
     local.add_argument("--stop-timeout", type=float, default=300.0,
                        help="seconds a stopping run has to checkpoint before it is killed (default 300)")
@@ -77,22 +82,46 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     args = parse_args(argv)
     try:
+        check_arguments(args)
         sweep = load_sweep(args.sweep_file, parse_sets(args.set))
         out = (args.out or sweep.default_out()).expanduser().absolute()
         return dispatch(args, sweep, out, dry_run)
-    except SweepError as exc:
+    except UsageError as exc:
         print(f"rsc_dist.sweep: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Values argparse's types let through that mean nothing here: refused before anything
+    is read, locked or written."""
+    for flag, value in (("--parallel", args.parallel), ("--gpus-per-run", args.gpus_per_run),
+                        ("--max-parallel", args.max_parallel)):
+        if value is not None and value < 1:
+            raise SweepError(f"{flag} must be at least 1; got {value}")
+    if args.stop_timeout < 0:
+        raise SweepError(f"--stop-timeout must be >= 0 seconds; got {args.stop_timeout:g}")
+    owners = {"local": (("--parallel", args.parallel, None), ("--devices", args.devices, "auto"),
+                        ("--gpus-per-run", args.gpus_per_run, 1)),
+              "slurm": (("--sbatch", args.sbatch, []), ("--max-parallel", args.max_parallel, None)),
+              "wandb": (("--wandb-file", args.wandb_file, None),),
+              "one": (("--index", args.index, None),)}
+    for launcher, options in owners.items():
+        given = [flag for flag, value, default in options if value != default]
+        if given and args.launcher != launcher:
+            raise SweepError(f"{', '.join(given)}: option(s) of --launcher {launcher}, which --launcher "
+                             f"{args.launcher} does not use")
 
 
 def dispatch(args: argparse.Namespace, sweep: Sweep, out: Path, dry_run: bool) -> int:
     launcher = args.launcher
     if launcher == "print" or (dry_run and launcher == "local"):
         return print_runs(sweep, out, args.commands or dry_run)
+    if not dry_run:  # before anything starts, is submitted or handed to agents
+        sweep.require_dataset()
     if launcher == "local":
         from rsc_dist.sweep.launch_local import run_local
 
-        return run_local(sweep, out, args.devices, args.parallel, args.stop_timeout)
+        return run_local(sweep, out, args.devices, args.parallel, args.stop_timeout, args.gpus_per_run)
     if launcher == "slurm":
         from rsc_dist.sweep.launch_slurm import run_slurm
 
@@ -113,8 +142,10 @@ def print_runs(sweep: Sweep, out: Path, commands: bool) -> int:
     states = check_finished_runs(sweep.runs, out)
     counts = {s: list(states.values()).count(s) for s in ("done", "started", "new")}
     trials = ", ".join(f"{m} {n}" for m, n in sweep.n_trials.items())
-    print(f"# sweep {sweep.name} ({sweep.path}): {len(sweep.runs)} runs under {out}; trials per method: {trials}; "
-          f"{counts['done']} done, {counts['started']} started, {counts['new']} new")
+    print(f"# sweep {sweep.name} ({sweep.path}), protocol {sweep.protocol}: {len(sweep.runs)} runs under {out}; "
+          f"trials per method: {trials}; {counts['done']} done, {counts['started']} started, {counts['new']} new")
+    for note in sweep.notes:
+        print(f"# {note}")
     width = max(len(run.name) for run in sweep.runs)
     for run in sweep.runs:
         print(f"{run.index:4d}  {run.name:<{width}}  {states[run.name]:<7}  {run.describe_hparams()}")

@@ -1,6 +1,8 @@
-"""Run a sweep on this machine: a queue, at most K runs at once, one GPU each or CPU threads split.
+"""Run a sweep on this machine: a queue, at most P runs at once, each on K GPUs (--gpus-per-run,
+default 1) or on K CPU ranks with the cores split between the runs.
 
-Each run is `python -m rsc_dist.train ... --resume auto` in its own process group (its own
+Each run is `python -m rsc_dist.train ... --resume auto` (K > 1: `accelerate launch
+--num_processes K rsc_dist/train.py ...` on a port of its own) in its own process group (its own
 session), with its own log file OUT/logs/NAME.log. Finished runs are skipped; started ones
 resume from their newest checkpoint. A failed run is reported and the others go on.
 
@@ -37,18 +39,27 @@ POLL_SECONDS = 0.2
 
 @dataclass
 class Slot:
-    """Where one run goes: a GPU (its id for CUDA_VISIBLE_DEVICES) or a share of the CPU cores."""
-    gpu: str | None
+    """Where one run goes: its GPUs (ids for CUDA_VISIBLE_DEVICES, one rank each), or a share of
+    the CPU cores for ``ranks`` CPU ranks."""
+    gpus: tuple[str, ...]
     threads: int | None
+    ranks: int = 1
+
+    @property
+    def gpu(self) -> str | None:  # a one-GPU slot's id
+        return ",".join(self.gpus) if self.gpus else None
 
     def env(self) -> dict:
-        if self.gpu is not None:
-            return {"CUDA_VISIBLE_DEVICES": self.gpu}
+        if self.gpus:
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus)}
         threads = str(self.threads)
         return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
     def describe(self) -> str:
-        return f"GPU {self.gpu}" if self.gpu is not None else f"CPU, {self.threads} thread(s)"
+        if self.gpus:
+            return f"GPU{'s' if len(self.gpus) > 1 else ''} {','.join(self.gpus)}"
+        ranks = f"{self.ranks} CPU ranks" if self.ranks > 1 else "CPU"
+        return f"{ranks}, {self.threads} thread(s){' each' if self.ranks > 1 else ''}"
 
 
 def visible_gpus() -> list[str]:
@@ -70,8 +81,13 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def make_slots(devices: str, parallel: int | None) -> list[Slot]:
-    """``devices``: auto (GPUs when there are any, else CPU), cpu, or GPU ids "0,1,3"."""
+def make_slots(devices: str, parallel: int | None, per_run: int = 1) -> list[Slot]:
+    """``devices``: auto (GPUs when there are any, else CPU), cpu, or GPU ids "0,1,3";
+    ``per_run``: processes of each run (GPUs, or CPU ranks), K of --gpus-per-run."""
+    if parallel is not None and parallel < 1:
+        raise SweepError(f"--parallel must be at least 1; got {parallel}")
+    if per_run < 1:
+        raise SweepError(f"--gpus-per-run must be at least 1; got {per_run}")
     if devices == "auto":
         gpus = visible_gpus()
     elif devices == "cpu":
@@ -81,14 +97,17 @@ def make_slots(devices: str, parallel: int | None) -> list[Slot]:
         if not gpus:
             raise SweepError(f"--devices {devices!r}: expected auto, cpu or GPU ids such as 0,1")
     if gpus:
-        parallel = parallel or len(gpus)
-        if parallel > len(gpus):
-            raise SweepError(f"--parallel {parallel} needs {parallel} GPUs (one per run); {len(gpus)} available "
-                             f"({','.join(gpus)}); pass --parallel {len(gpus)} or --devices cpu")
-        return [Slot(gpu, None) for gpu in gpus[:parallel]]
+        fits = len(gpus) // per_run
+        parallel = parallel or fits
+        if parallel > fits:
+            each = f"{per_run} each" if per_run > 1 else "one per run"
+            raise SweepError(f"--parallel {parallel} needs {parallel * per_run} GPUs ({each}); {len(gpus)} available "
+                             f"({','.join(gpus)}); pass --parallel {max(fits, 1)}"
+                             + (f" or fewer --gpus-per-run" if fits == 0 else "") + " or --devices cpu")
+        return [Slot(tuple(gpus[i * per_run:(i + 1) * per_run]), None, per_run) for i in range(parallel)]
     parallel = parallel or 1
-    threads = max(1, cpu_cores() // parallel)
-    return [Slot(None, threads) for _ in range(parallel)]
+    threads = max(1, cpu_cores() // (parallel * per_run))
+    return [Slot((), threads, per_run) for _ in range(parallel)]
 
 
 def trainer_command(python: str = sys.executable) -> list[str]:
@@ -96,6 +115,28 @@ def trainer_command(python: str = sys.executable) -> list[str]:
     the tests use a stand-in trainer with the same contract)."""
     script = os.environ.get("RSC_TRAIN_SCRIPT")
     return [python, script] if script else [python, "-m", "rsc_dist.train"]
+
+
+def launch_command(slot: Slot, python: str = sys.executable) -> list[str]:
+    """The command of a run on ``slot``: the trainer itself for one process, else `accelerate
+    launch` of K processes (one per GPU of the slot, or K CPU ranks over gloo) on a free port,
+    so that runs started side by side do not meet at one rendezvous."""
+    if slot.ranks == 1:
+        return trainer_command(python)
+    script = os.environ.get("RSC_TRAIN_SCRIPT") or str(Path(__file__).resolve().parents[1] / "train.py")
+    # --multi_gpu on CPUs too: only Accelerate's torchrun path starts K ranks (its CPU path starts
+    # one, launch/accelerate/cpu_2proc.yaml says why); a trainer that sees no GPU forms gloo ranks.
+    return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(slot.ranks),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), script]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -155,7 +196,7 @@ class LocalSweep:
     # --- runs ---------------------------------------------------------------------------------
 
     def start(self, run: RunSpec, slot: Slot) -> None:
-        command = [*trainer_command(self.python), *run.trainer_args(self.sweep.preset, self.out)]
+        command = [*launch_command(slot, self.python), *run.trainer_args(self.sweep.preset, self.out)]
         log_path = self.out / "logs" / f"{run.name}.log"
         log = open(log_path, "a")
         log.write(f"\n=== {time.strftime('%F %T')} start on {slot.describe()}: {' '.join(command)}\n")
@@ -220,7 +261,7 @@ class LocalSweep:
         self.done = [run.name for run in self.sweep.runs if states[run.name] == DONE]
         self.say(f"sweep {self.sweep.name}: {len(self.sweep.runs)} runs under {self.out}, {self.skipped} finished "
                  f"earlier; {len(self.slots)} at a time on {self.slots[0].describe()}"
-                 + (" each" if len(self.slots) > 1 and self.slots[0].gpu is None else "")
+                 + (" each" if len(self.slots) > 1 and not self.slots[0].gpus else "")
                  + f"; logs in {self.out / 'logs'}")
         free = list(self.slots)
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -274,7 +315,8 @@ class LocalSweep:
         return EXIT_OK
 
 
-def run_local(sweep: Sweep, out: Path, devices: str, parallel: int | None, stop_timeout: float) -> int:
-    slots = make_slots(devices, parallel)
+def run_local(sweep: Sweep, out: Path, devices: str, parallel: int | None, stop_timeout: float,
+              per_run: int = 1) -> int:
+    slots = make_slots(devices, parallel, per_run)
     return LocalSweep(sweep, out, slots, stop_timeout).execute()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from rsc_dist.observe.metrics import SELECTION_SCORE_KEY
 from rsc_dist.sweep.spec import Sweep
 
 
@@ -24,7 +25,9 @@ def wandb_config(sweep: Sweep, out: Path, extra: list[str]) -> dict:
         "name": sweep.name,
         "program": "rsc_dist/sweep",  # informational: the command below runs the module
         "method": "grid",
-        "metric": {"name": "best/target_acc", "goal": "maximize"},
+        # The run's selection score (source validation by its train.selection): W&B's sweep view
+        # ranks trials by it. The target accuracy would rank them by the oracle, unlabelled.
+        "metric": {"name": SELECTION_SCORE_KEY, "goal": "maximize"},
         "parameters": {"index": {"values": [run.index for run in sweep.runs]}},
         "command": ["${env}", "${interpreter}", "-m", "rsc_dist.sweep", str(sweep.path.resolve()),
                     "--out", str(out.resolve()), *extra, "--launcher", "one", "${args}"],

@@ -1,52 +1,48 @@
-"""The sweep file and its deterministic expansion into runs.
+"""The sweep file and its deterministic expansion into runs (its keys: rsc_dist/sweep/schema.py).
 
-    name: pacs_r18_search          # default: the file's name without .yaml
-    preset: pacs_resnet18          # a preset name, or a YAML path (relative to this file)
-    methods: [erm, rsc]
-    targets: [art_painting, cartoon, photo, sketch]   # default: the preset's own target
-    seeds: [0, 1, 2]               # trial seeds (run.seed)
-    overrides:                     # fixed settings of every run
-      data.root: /shared/shards/pacs
-    default_space: true            # start from the per-method registry (space.default_space)
-    space:                         # every method; replaces registry entries of the same field
-      optim.weight_decay: [0.0, 5.0e-4]            # a list: a grid axis
-      optim.lr: {log_uniform: [1.0e-3, 1.0e-1]}     # a distribution: random search
-    method_space:                  # one method only; replaces the entries above
-      rsc: {rsc.p_batch: {choice: [0.25, 0.33]}}
-    n_trials: 8                    # random draws (per grid point); needed with a distribution
-    search_seed: 0                 # seeds the draws
-    slurm: {sbatch: [--gpus-per-node=1, --time=8:00:00], max_parallel: 16}
+Runs are methods x test domains x trials x seeds, in that order; run K of the list is always
+the same run, named METHOD-TARGET-tTT-sS, in the folder OUT/METHOD/TARGET/tTT-sS. Two protocols
+(the file's `protocol:`) decide what a trial is:
 
-Runs are methods x targets x trials x seeds, in that order; run K of the list is always the
-same run. A trial is one hyperparameter setting; its values are shared by every target and
-seed (so a setting has a mean over seeds), and draw k is the same for every method. `rsc.*`
-fields are left out of ERM's space (ERM never reads them), so ERM may have fewer trials. Each run has a stable name
-METHOD-TARGET-tTT-sS and folder OUT/METHOD/TARGET/tTT-sS.
+- paired (default): a trial is one hyperparameter setting, shared by every target and trial
+  seed (so a setting has a mean over seeds), and draw k is the same for every method; grid axes
+  (lists) are crossed with n_trials random draws; run.seed is the trial seed. `rsc.*` fields are
+  left out of ERM's space (ERM never reads them), so ERM may have fewer trials.
+- domainbed: DomainBed's protocol (rsc_dist/sweep/domainbed.py): trial k is hparams seed k,
+  drawn anew for every trial seed from DomainBed's registry (hparams seed 0: the defaults); each
+  trial seed also draws the validation split (data.holdout_seed) and each run hashes its own
+  run.seed, as DomainBed does.
+
+A field fixed in `overrides` (or --set) and searched by the space is an error naming it:
+the search would silently replace the override.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from rsc_dist import methods
-from rsc_dist.config import Config, ConfigError, describe_fields, flatten, load_config, to_dict
+from rsc_dist.config import (Config, ConfigError, describe_fields, flatten, load_config, parse_section,
+                             suggest_dotted, to_dict)
+from rsc_dist.core.errors import UsageError
+from rsc_dist.sweep import domainbed
+from rsc_dist.sweep.dataset import DatasetInfo, dataset_problems, read_dataset
+from rsc_dist.sweep.schema import SweepFile
 from rsc_dist.sweep.space import Distribution, SpaceError, default_space, parse_entry, unit
 
-KEYS = ("name", "preset", "methods", "targets", "seeds", "overrides", "default_space", "space",
-        "method_space", "n_trials", "search_seed", "slurm")
-SLURM_KEYS = ("sbatch", "max_parallel")
 METHODS = methods.NAMES
 # Set by the sweep for each run: written in methods/targets/seeds, or by the launcher.
 RESERVED = {"algorithm": "methods", "data.target": "targets", "run.seed": "seeds",
             "run.output_dir": "the launcher (--out)", "run.name": "the sweep (the run's name)"}
+RESERVED_DOMAINBED = {**RESERVED, "data.holdout_seed": "seeds (the trial seed draws the split)",
+                      "data.holdout_fraction": "holdout_fraction"}
 
 
-class SweepError(ValueError):
+class SweepError(UsageError):
     """A sweep file that cannot be used; the message names the file and the key."""
 
 
@@ -56,12 +52,18 @@ class RunSpec:
     name: str  # METHOD-TARGET-tTT-sS
     relative: Path  # METHOD/TARGET/tTT-sS, under the sweep's output folder
     method: str
-    target: str | None  # None: the preset's own target
-    seed: int
-    trial: int
+    targets: tuple[str, ...]  # held-out domains; (): the preset's own target
+    seed: int  # the trial seed
+    trial: int  # the trial (domainbed: the hparams seed)
     hparams: dict  # the trial's searched values {field: value}
     overrides: tuple[str, ...]  # the trainer's overrides, --key=value
     preset: str
+    run_seed: int  # run.seed (paired: the trial seed)
+
+    @property
+    def target(self) -> str | None:
+        """The run's held-out domains as one label (a+b for a pair); None: the preset's own."""
+        return "+".join(self.targets) or None
 
     def config(self) -> Config:
         """The config the trainer will resolve for this run."""
@@ -82,9 +84,19 @@ class Sweep:
     runs: list[RunSpec]
     slurm: dict  # sbatch: [options], max_parallel: int | None
     n_trials: dict[str, int]  # trials per method
+    protocol: str = "paired"
+    dataset: DatasetInfo | None = None  # None: not readable here (unchecked_reason says why)
+    unchecked_reason: str = ""
+    notes: tuple[str, ...] = field(default=())  # shown above the listing
 
     def default_out(self) -> Path:
         return Path("runs") / self.name
+
+    def require_dataset(self) -> None:
+        """Before anything starts or is submitted: the dataset must have been checked."""
+        if self.dataset is None:
+            raise SweepError(f"{self.path}: {self.unchecked_reason}: the sweep's domains and classes cannot be "
+                             "checked, so nothing is started; run it where the shards are (or fix data.root)")
 
 
 def _short(value) -> str:
@@ -110,33 +122,13 @@ def config_fields() -> set[str]:
     return {flag[2:] for flag, _, _ in describe_fields()} | {"algorithm"}
 
 
-def _unknown(what: str, name, known, otherwise: str) -> SweepError:
-    close = difflib.get_close_matches(str(name), sorted(known), n=1)
-    return SweepError(f"{what} {name!r}" + (f"; did you mean {close[0]}?" if close else f"; {otherwise}"))
-
-
-def _check_field(name: str, where: str, known: set[str]) -> None:
+def _check_field(name: str, where: str, known: set[str], reserved: dict) -> None:
     if not isinstance(name, str) or name not in known:
-        raise _unknown(f"{where}: unknown config field", name, known, "`python -m rsc_dist.train --help` lists them")
-    if name in RESERVED:
-        raise SweepError(f"{where}: {name} is set by {RESERVED[name]}, not here")
-
-
-def _mapping(value, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise SweepError(f"{where} must be a mapping of config fields (data.root: ...); got {value!r}")
-    return value
-
-
-def _int_list(value, where: str) -> list[int]:
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise SweepError(f"{where} must be a list of non-negative integers; got {value!r}")
-    if len(set(values)) != len(values):
-        raise SweepError(f"{where} lists a value twice: {value!r}")
-    return values
+        close = suggest_dotted(name, known)
+        hint = f"did you mean {close}?" if close else "`python -m rsc_dist.train --help` lists them"
+        raise SweepError(f"{where}: unknown config field {name!r}; {hint}")
+    if name in reserved:
+        raise SweepError(f"{where}: {name} is set by {reserved[name]}, not here")
 
 
 def load_sweep(path: Path | str, extra_overrides: dict | None = None) -> Sweep:
@@ -151,117 +143,239 @@ def load_sweep(path: Path | str, extra_overrides: dict | None = None) -> Sweep:
         raise SweepError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: a sweep file is a mapping (preset:, methods:, ...)")
-    for key in raw:
-        if key not in KEYS:
-            raise _unknown(f"{path}: unknown key", key, KEYS, f"known: {', '.join(KEYS)}")
-    return _expand(path, raw, extra_overrides or {})
+    try:
+        spec = parse_section(SweepFile, raw, str(path))
+    except ConfigError as exc:
+        raise SweepError(str(exc)) from None
+    return _expand(path, spec, set(raw), extra_overrides or {})
 
 
-def _expand(path: Path, raw: dict, extra_overrides: dict) -> Sweep:
+@dataclass
+class _Context:
+    """What both protocols' expansions share, checked once."""
+    where: str
+    name: str
+    preset: str
+    methods: list[str]
+    seeds: list[int]
+    base_args: list[str]
+    fixed: dict
+    preset_config: Config
+    flat: dict
+    test_sets: list[tuple[str, ...]]
+    dataset: DatasetInfo | None
+
+
+def _expand(path: Path, spec: SweepFile, given: set[str], extra_overrides: dict) -> Sweep:
     where = str(path)
-    name = str(raw.get("name") or path.stem)
+    name = spec.name or path.stem
     if not name.replace("-", "").replace("_", "").replace(".", "").replace("+", "").isalnum():
         raise SweepError(f"{where}: name {name!r} may only hold letters, digits and _ . + -")
-    if "preset" not in raw:
+    if not spec.preset:
         raise SweepError(f"{where}: missing key 'preset' (a preset name such as pacs_resnet18, or a YAML path)")
-    preset = str(raw["preset"])
+    preset = spec.preset
     if preset.endswith((".yaml", ".yml")):  # a file: beside the sweep file, else from here; absolute
         beside = path.parent / preset      # so every launcher's trainer finds it from any directory
         preset = str((beside if beside.is_file() else Path(preset)).resolve())
-    methods = raw.get("methods", ["rsc"])
-    methods = methods if isinstance(methods, list) else [methods]
-    for method in methods:
-        if method not in METHODS:
-            raise SweepError(f"{where}: methods: {method!r} is not one of {', '.join(METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise SweepError(f"{where}: methods lists a method twice: {methods!r}")
-    targets = raw.get("targets")
-    if targets is None:
-        targets = [None]
-    else:
-        targets = targets if isinstance(targets, list) else [targets]
-        if not targets or not all(isinstance(t, str) and t for t in targets) or len(set(targets)) != len(targets):
-            raise SweepError(f"{where}: targets must be a list of distinct domain names; got {raw['targets']!r}")
-    seeds = _int_list(raw.get("seeds", [0]), f"{where}: seeds")
-    n_trials = raw.get("n_trials")
-    if n_trials is not None and not (isinstance(n_trials, int) and not isinstance(n_trials, bool) and n_trials >= 1):
-        raise SweepError(f"{where}: n_trials must be a positive integer; got {n_trials!r}")
-    search_seed = raw.get("search_seed", 0)
-    if not isinstance(search_seed, int) or isinstance(search_seed, bool):
-        raise SweepError(f"{where}: search_seed must be an integer; got {search_seed!r}")
-    use_defaults = raw.get("default_space", False)
-    if not isinstance(use_defaults, bool):
-        raise SweepError(f"{where}: default_space must be true or false; got {use_defaults!r}")
+    _resolve(preset, [], f"{where}: preset")
+    chosen = list(spec.methods)
+    if not chosen:
+        raise SweepError(f"{where}: methods is empty; name at least one of {', '.join(METHODS)}")
+    if len(set(chosen)) != len(chosen):
+        raise SweepError(f"{where}: methods lists a method twice: {chosen}")
+    bad_options = [o for o in spec.slurm.sbatch if not o.startswith("--")]
+    if bad_options:
+        raise SweepError(f"{where}: slurm.sbatch: each entry is an sbatch option such as --time=8:00:00; "
+                         f"got {bad_options}")
+    domainbed_protocol = spec.protocol == "domainbed"
+    seeds = list(domainbed.DEFAULT_SEEDS if domainbed_protocol and "seeds" not in given else spec.seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SweepError(f"{where}: seeds must list distinct trial seeds; got {seeds}")
+    reserved = RESERVED_DOMAINBED if domainbed_protocol else RESERVED
 
     known = config_fields()
-    fixed = dict(_mapping(raw.get("overrides"), f"{where}: overrides"))
+    fixed = dict(spec.overrides)
     for key in fixed:
-        _check_field(key, f"{where}: overrides", known)
+        _check_field(key, f"{where}: overrides", known, reserved)
     for key in extra_overrides:
-        _check_field(key, "--set", known)
+        _check_field(key, "--set", known, reserved)
     fixed.update(extra_overrides)
-    space = _mapping(raw.get("space"), f"{where}: space")
-    for key in space:
-        _check_field(key, f"{where}: space", known)
-    method_space = _mapping(raw.get("method_space"), f"{where}: method_space")
-    for method, entries in method_space.items():
-        if method not in methods:
-            raise SweepError(f"{where}: method_space: {method!r} is not one of the sweep's methods {methods}")
-        for key in _mapping(entries, f"{where}: method_space.{method}"):
-            _check_field(key, f"{where}: method_space.{method}", known)
-    slurm = _mapping(raw.get("slurm"), f"{where}: slurm")
-    for key in slurm:
-        if key not in SLURM_KEYS:
-            raise SweepError(f"{where}: slurm: unknown key {key!r}; known: {', '.join(SLURM_KEYS)}")
-    sbatch = slurm.get("sbatch", [])
-    if not isinstance(sbatch, list) or not all(isinstance(o, str) and o.startswith("--") for o in sbatch):
-        raise SweepError(f"{where}: slurm.sbatch must be a list of sbatch options (--time=8:00:00); got {sbatch!r}")
-    max_parallel = slurm.get("max_parallel")
-    if max_parallel is not None and not (isinstance(max_parallel, int) and max_parallel >= 1):
-        raise SweepError(f"{where}: slurm.max_parallel must be a positive integer; got {max_parallel!r}")
+    for key in spec.space:
+        _check_field(key, f"{where}: space", known, reserved)
+    for method, entries in spec.method_space.items():
+        if method not in chosen:
+            raise SweepError(f"{where}: method_space: {method!r} is not one of the sweep's methods {chosen}")
+        if not isinstance(entries, dict):
+            raise SweepError(f"{where}: method_space.{method} must be a mapping of config fields; got {entries!r}")
+        for key in entries:
+            _check_field(key, f"{where}: method_space.{method}", known, reserved)
+    for key in list(spec.space) + list(fixed):
+        owner = key.split(".", 1)[0]
+        if owner in methods.sections() and owner not in chosen:
+            place = "space" if key in spec.space else "overrides"
+            raise SweepError(f"{where}: {place}: {key} belongs to method {owner}, which the sweep does not run "
+                             f"(methods: {', '.join(chosen)}); drop it or add {owner} to methods")
 
     base_args = [f"--{k}={cli_value(v)}" for k, v in fixed.items()]
     if "run.experiment" not in fixed:
         base_args.append(f"--run.experiment={name}")
     preset_config = _resolve(preset, base_args, f"{where}: overrides")
-    preset_flat = flatten(to_dict(preset_config))
+    flat = flatten(to_dict(preset_config))
+    try:
+        found = read_dataset(preset_config)
+    except UsageError as exc:
+        raise SweepError(f"{where}: {exc}") from None
+    dataset = found if isinstance(found, DatasetInfo) else None
+    test_sets = _test_sets(where, spec, preset_config, dataset, "" if dataset else found)
+    if dataset is not None:
+        problems = dataset_problems(dataset, preset_config, sorted({t for s in test_sets for t in s}))
+        if problems:
+            raise SweepError(f"{where}: " + "; ".join(problems))
+    context = _Context(where, name, preset, chosen, seeds, base_args, fixed, preset_config, flat, test_sets, dataset)
+    if domainbed_protocol:
+        runs, trials, notes = _expand_domainbed(context, spec, given)
+    else:
+        runs, trials, notes = _expand_paired(context, spec)
+    if dataset is None:
+        notes = (*notes, f"{found}: domains and classes not checked (launchers that run or submit refuse)")
+    return Sweep(path, name, preset, runs, {"sbatch": list(spec.slurm.sbatch), "max_parallel": spec.slurm.max_parallel},
+                 trials, spec.protocol, dataset, "" if dataset else found, tuple(notes))
 
+
+def _test_sets(where: str, spec: SweepFile, preset_config: Config, dataset: DatasetInfo | None,
+               unreadable: str) -> list[tuple[str, ...]]:
+    """The held-out domain sets, one run set each: the targets alone, then the pairs."""
+    targets = spec.targets
+    if targets is None:
+        if spec.target_pairs:
+            raise SweepError(f"{where}: target_pairs needs targets (a list, or all)")
+        return [()]
+    if targets == ("all",):
+        if dataset is None:
+            raise SweepError(f"{where}: targets: all needs the dataset's domains, but {unreadable}")
+        targets = dataset.domains
+    if not targets or not all(targets) or len(set(targets)) != len(targets):
+        raise SweepError(f"{where}: targets must be a list of distinct domain names (or all); got {list(targets)}")
+    if spec.target_pairs and dataset is None:
+        raise SweepError(f"{where}: target_pairs needs the dataset's domains, but {unreadable}")
+    domains = list(dataset.domains) if dataset is not None else None
+    return domainbed.test_domain_sets(list(targets), domains, spec.target_pairs)
+
+
+def _searched(entries: dict) -> dict:
+    """{field: entry} of the entries that vary between trials (grid axes and distributions)."""
+    return {key: raw for key, raw in entries.items() if isinstance(raw, (list, dict))}
+
+
+def _check_conflicts(context: _Context, method: str, entries: dict, sources: dict) -> None:
+    for key in _searched(entries):
+        if key in context.fixed:
+            raise SweepError(f"{context.where}: {key} is fixed in overrides (or --set) and searched by "
+                             f"{sources[key]} for {method}: the search would replace the override; remove it from "
+                             f"overrides, or fix it in space ({key}: VALUE), which replaces the searched entry")
+
+
+def _method_entries(context: _Context, spec: SweepFile, method: str, registry: dict, registry_name: str):
+    """({field: raw entry}, {field: where it came from}) of one method: the registry, then the
+    file's space and method_space, without other methods' sections."""
+    entries, sources = {}, {}
+    for layer, origin in ((registry, registry_name), (spec.space, "space"),
+                          (spec.method_space.get(method) or {}, f"method_space.{method}")):
+        for key, raw in layer.items():
+            entries[key], sources[key] = raw, origin
+    others = set(METHODS) - {method}  # another method's section means nothing to this one
+    entries = {k: v for k, v in entries.items() if k.split(".", 1)[0] not in others}
+    _check_conflicts(context, method, entries, sources)
+    return entries
+
+
+def _expand_paired(context: _Context, spec: SweepFile):
+    if spec.holdout_fraction is not None:
+        raise SweepError(f"{context.where}: holdout_fraction is a key of protocol domainbed; in a paired sweep "
+                         "set data.holdout_fraction in overrides")
     runs: list[RunSpec] = []
     trials_per_method = {}
     searched = False  # a distribution in some method's space
-    for method in methods:
-        entries = {}
-        if use_defaults:
-            entries.update(default_space(method, preset_flat))
-        entries.update(space)
-        entries.update(method_space.get(method) or {})
-        others = set(METHODS) - {method}  # another method's section means nothing to this one
-        entries = {k: v for k, v in entries.items() if k.split(".", 1)[0] not in others}
-        trials, trial_fixed, random = _trials(entries, n_trials, search_seed, f"{where}: space ({method})")
+    for method in context.methods:
+        registry = default_space(method, context.flat) if spec.default_space else {}
+        entries = _method_entries(context, spec, method, registry, "default_space")
+        trials, trial_fixed, random = _trials(entries, spec.n_trials, spec.search_seed,
+                                              f"{context.where}: space ({method})")
         searched = searched or random
-        _check_extremes(preset, base_args, method, entries, where)
+        _check_extremes(context, method, entries)
         trials_per_method[method] = len(trials)
-        width = max(2, len(str(len(trials) - 1)))
         fixed_args = [f"--{k}={cli_value(v)}" for k, v in trial_fixed.items()]
-        for target in targets:
-            label = target or preset_config.target_label()
+        for test_set in context.test_sets:
             for trial, hparams in enumerate(trials):
-                for seed in seeds:
-                    run_name = f"{method}-{label}-t{trial:0{width}d}-s{seed}"
-                    overrides = [f"--algorithm={method}", *([f"--data.target={target}"] if target else []),
-                                 f"--run.seed={seed}", *base_args, *fixed_args,
-                                 *(f"--{k}={cli_value(v)}" for k, v in hparams.items()),
-                                 f"--run.name={name}-{run_name}"]
-                    if seed == seeds[0] and (trial == 0 or target == targets[0]):
-                        # Each trial and each target once: seeds change no setting that can be invalid.
-                        _resolve(preset, overrides, f"{where}: run {run_name}")
-                    runs.append(RunSpec(len(runs), run_name, Path(method) / label / f"t{trial:0{width}d}-s{seed}",
-                                        method, target, seed, trial, hparams, tuple(overrides), preset))
-    if n_trials not in (None, 1) and not searched:
-        raise SweepError(f"{where}: n_trials {n_trials} without a distribution would repeat the same "
+                for seed in context.seeds:
+                    extra = [*fixed_args, *(f"--{k}={cli_value(v)}" for k, v in hparams.items())]
+                    check = seed == context.seeds[0] and (trial == 0 or test_set == context.test_sets[0])
+                    runs.append(_run(context, runs, method, test_set, trial, len(trials), seed, seed, hparams,
+                                     extra, check))
+    if spec.n_trials not in (None, 1) and not searched:
+        raise SweepError(f"{context.where}: n_trials {spec.n_trials} without a distribution would repeat the same "
                          "settings; add a distribution or drop n_trials")
-    return Sweep(path, name, preset, runs, {"sbatch": list(sbatch), "max_parallel": max_parallel},
-                 trials_per_method)
+    return runs, trials_per_method, ()
+
+
+def _expand_domainbed(context: _Context, spec: SweepFile, given: set[str]):
+    where = context.where
+    if spec.default_space:
+        raise SweepError(f"{where}: default_space: protocol domainbed always searches DomainBed's registry "
+                         "(rsc_dist/sweep/domainbed.py); drop default_space")
+    problems = domainbed.preset_problems(context.flat, context.methods)
+    if problems:
+        raise SweepError(f"{where}: protocol domainbed: the preset (with overrides) differs from what DomainBed "
+                         f"fixes: {'; '.join(problems)}")
+    n_trials = spec.n_trials or domainbed.DEFAULT_TRIALS
+    fraction = domainbed.DEFAULT_HOLDOUT if spec.holdout_fraction is None else spec.holdout_fraction
+    if not 0 < fraction < 1:
+        raise SweepError(f"{where}: holdout_fraction must be in (0, 1) under protocol domainbed; got {fraction}")
+    dataset_name = context.dataset.name if context.dataset else context.flat.get("data.dataset", "")
+    runs: list[RunSpec] = []
+    for method in context.methods:
+        registry = domainbed.registry(methods.get(method), context.flat, dataset_name)
+        entries = _method_entries(context, spec, method, {k: dist for k, (_, dist) in registry.items()},
+                                  "DomainBed's registry")
+        defaults = {key: registry[key][0] if key in registry else context.flat.get(key) for key in entries}
+        for key, raw in entries.items():
+            if isinstance(raw, list):
+                raise SweepError(f"{where}: space: {key}: a grid axis; protocol domainbed draws every trial "
+                                 "(use a distribution such as {choice: [...]}, or protocol paired)")
+        _check_extremes(context, method, entries)
+        for test_set in context.test_sets:
+            for trial in range(n_trials):
+                for seed in context.seeds:
+                    hparams = domainbed.draw_trial(entries, defaults, trial, seed, spec.search_seed,
+                                                   f"{where}: space ({method})")
+                    run_seed = domainbed.run_seed(method, test_set, trial, seed)
+                    extra = [f"--data.holdout_fraction={fraction!r}",
+                             f"--data.holdout_seed={seed}", *(f"--{k}={cli_value(v)}" for k, v in hparams.items())]
+                    sources = domainbed.source_count(context.preset_config, context.dataset, test_set)
+                    if sources and "data.batch_size" in hparams:  # DomainBed's batch is per domain and step
+                        extra.append(f"--data.global_batch_size={hparams['data.batch_size'] * sources}")
+                    check = trial == 0 or (seed == context.seeds[0] and test_set == context.test_sets[0])
+                    runs.append(_run(context, runs, method, test_set, trial, n_trials, seed, run_seed, hparams,
+                                     extra, check))
+    notes = (f"protocol domainbed: {n_trials} hparams seeds (0 = DomainBed's defaults) x {len(context.seeds)} "
+             f"trial seeds, drawn per (hparams seed, trial seed); holdout {fraction:g} of every domain per trial seed; "
+             "data.batch_size is DomainBed's batch per source domain, each run's data.global_batch_size that times its "
+             "source domains (the same batch on any number of processes)",)
+    return runs, {m: n_trials for m in context.methods}, notes
+
+
+def _run(context: _Context, runs: list, method: str, test_set: tuple[str, ...], trial: int, n_trials: int, seed: int,
+         run_seed: int, hparams: dict, extra: list[str], check: bool) -> RunSpec:
+    width = max(2, len(str(n_trials - 1)))
+    label = "+".join(test_set) or context.preset_config.target_label()
+    run_name = f"{method}-{label}-t{trial:0{width}d}-s{seed}"
+    target_args = [f"--data.target={','.join(test_set)}"] if test_set else []
+    overrides = [f"--algorithm={method}", *target_args, f"--run.seed={run_seed}", *context.base_args, *extra,
+                 f"--run.name={context.name}-{run_name}"]
+    if check:  # each trial and test set once: seeds change no setting that can be invalid
+        _resolve(context.preset, overrides, f"{context.where}: run {run_name}")
+    return RunSpec(len(runs), run_name, Path(method) / label / f"t{trial:0{width}d}-s{seed}", method, test_set, seed,
+                   trial, hparams, tuple(overrides), context.preset, run_seed)
 
 
 def _trials(entries: dict, n_trials: int | None, seed: int, where: str) -> tuple[list[dict], dict, bool]:
@@ -287,15 +401,19 @@ def _trials(entries: dict, n_trials: int | None, seed: int, where: str) -> tuple
     return trials, fixed, bool(random)
 
 
-def _check_extremes(preset: str, base_args: list[str], method: str, entries: dict, where: str) -> None:
+def _check_extremes(context: _Context, method: str, entries: dict) -> None:
     """The bounds of every distribution must be valid values of their field (a draw inside
     them then is too), even when no draw happens to reach them."""
+    where = f"{context.where}: space ({method})"
     for key, raw in entries.items():
-        kind, value = parse_entry(key, raw, where)
+        try:
+            kind, value = parse_entry(key, raw, where)
+        except SpaceError as exc:
+            raise SweepError(str(exc)) from None
         if isinstance(value, Distribution):
             for extreme in value.extremes():
-                _resolve(preset, [f"--algorithm={method}", *base_args, f"--{key}={cli_value(extreme)}"],
-                         f"{where}: space ({method}): {key}: {value.describe()}")
+                _resolve(context.preset, [f"--algorithm={method}", *context.base_args, f"--{key}={cli_value(extreme)}"],
+                         f"{where}: {key}: {value.describe()}")
 
 
 def _resolve(preset: str, overrides: list[str], where: str) -> Config:

@@ -64,16 +64,19 @@ RECORD_FILE = "sweep.json"
 
 
 def write_record(sweep, out: Path) -> Path:
-    """OUT/sweep.json: the sweep's runs with their method, target, seed, trial and searched
-    values, so that selection across trials (rsc_dist.sweep.select) knows which runs are the
+    """OUT/sweep.json: the sweep's protocol and runs with their method, held-out domains, trial
+    seed, trial, run seed and searched values, so that selection across trials
+    (rsc_dist.results.sweep_select) knows which runs are the
     same hyperparameter setting. Written by every launcher that runs something (never by a
     dry run), atomically: W&B trials may write it at the same time (with the same content)."""
     import os
     import tempfile
 
     record = {"name": sweep.name, "file": str(sweep.path.resolve()), "preset": sweep.preset,
+              "protocol": sweep.protocol,
               "runs": [{"name": r.name, "folder": str(r.relative), "method": r.method, "target": r.target,
-                        "seed": r.seed, "trial": r.trial, "hparams": r.hparams} for r in sweep.runs]}
+                        "targets": list(r.targets), "seed": r.seed, "trial": r.trial, "run_seed": r.run_seed,
+                        "hparams": r.hparams} for r in sweep.runs]}
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".sweep.json.")
     with os.fdopen(fd, "w") as f:

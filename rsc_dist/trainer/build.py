@@ -143,7 +143,7 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
     """
     distributed = accelerator.num_processes > 1
     network = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained,
-                          freeze_bn=config.model.freeze_bn)
+                          freeze_bn=config.model.freeze_bn, dropout=config.model.dropout)
     context = methods.MethodContext(
         seed=config.run.seed, num_classes=num_classes, num_domains=num_domains, feature_dim=network.feature_dim,
         process_group=torch.distributed.group.WORLD if distributed else None, capacity=capacity,

@@ -73,7 +73,7 @@ def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int, sour
     counts. ``sources``/``targets`` list every domain of the role, so one without samples shows
     as n = 0; without them, the domains that had samples."""
     result = {"step": step, "val_acc": None, "val_acc_mean": None, "val_per_domain": {}, "val_n": {},
-              "target_acc": {}, "target_top5": {}, "target_n": {}}
+              "target_acc": {}, "target_top5": {}, "target_n": {}, "target_out_acc": {}, "target_out_n": {}}
 
     def per_domain(role: str, listed: tuple[str, ...]):
         """Yield (domain, index, n) for the role's domains, each with its count recorded."""
@@ -99,4 +99,9 @@ def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int, sour
             if n > 0:
                 result["target_acc"][domain] = float(top1[i] / n)
                 result["target_top5"][domain] = float(top5[i] / n)
+    if "target_out" in counts:  # a holdout's target out-splits (DomainBed's oracle reads them)
+        top1, _, _ = counts["target_out"]
+        for domain, i, n in per_domain("target_out", targets):
+            if n > 0:
+                result["target_out_acc"][domain] = float(top1[i] / n)
     return result

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rsc_dist.config import Config, ConfigError
 from rsc_dist.data.augment import Augment
+from rsc_dist.data.holdout import Holdout, draw_holdout
 from rsc_dist.data.order import ShardRef
 from rsc_dist.data.streams import EvalStream, TrainStream, check_shard_sizes, make_loader
 
@@ -57,17 +58,21 @@ class DataPlan:
         self.sources = config.data.sources or tuple(d for d in domains if d not in self.targets)
         if not self.sources:
             raise ConfigError("no source domain left: every domain is a target")
-        self.train_urls = {d: self._paths(d, ("train",)) for d in self.sources}
-        empty = [d for d, urls in self.train_urls.items() if not urls]
+        # DomainBed's load-time split of every domain (data.holdout_fraction); None: the shards' own.
+        self.holdout = self._draw_holdout()
+        source_splits = ("train", "val", "test") if self.holdout else ("train", "val")
+        self.train_urls = {d: self._paths(d, ("train",) if not self.holdout else source_splits) for d in self.sources}
+        empty = [d for d in self.sources if not self._training_refs(d)]
         if empty:
-            raise ConfigError(f"source domains {empty} have no 'train' shards in {root}/_info.json")
+            raise ConfigError(f"source domains {empty} have no 'train' shards in {root}/_info.json"
+                              + (" (or no sample left by data.holdout_fraction)" if self.holdout else ""))
         self.val_urls = [u for d in self.sources for u in self._paths(d, ("val",))]
         self.target_urls = [u for d in self.targets for u in self._paths(d, ("train", "val", "test"))]
         missing = [u for u in self._all_urls() if not Path(u).is_file()]
         if missing:
             raise ConfigError(f"{len(missing)} shard(s) listed in {root}/_info.json are missing, "
                               f"e.g. {missing[0]}; rerun data_prep convert or check data.root")
-        check_shard_sizes(self._shard_refs(self.sources, ("train", "val")) +
+        check_shard_sizes(self._shard_refs(self.sources, source_splits) +
                           self._shard_refs(self.targets, ("train", "val", "test")))
         groups = len(self.sources) if config.data.sampling == "balanced" else 1
         self.global_batch = config.data.global_batch_size or config.data.batch_size * groups * world_size
@@ -75,7 +80,7 @@ class DataPlan:
             raise ConfigError(f"data.global_batch_size={self.global_batch} does not divide into {world_size} "
                               f"process(es) x {groups} sampling group(s); choose a multiple of {groups * world_size}")
 
-        train_samples = sum(self.manifest.num_samples(d, "train") for d in self.sources)
+        train_samples = sum(r.size for d in self.sources for r in self._training_refs(d))
         accumulation = config.train.grad_accum
         # Every checkpoint must fall on the end of an accumulation window: pending gradients
         # are not part of a checkpoint. Derived epochs are rounded down to whole windows.
@@ -102,8 +107,9 @@ class DataPlan:
             return [r for r in refs if r.num_samples]
 
         if self.config.data.sampling == "balanced":
-            return {d: nonempty(self._shard_refs((d,), ("train",))) for d in self.sources}
-        return {"merged": nonempty(self._shard_refs(self.sources, ("train",)))}
+            return {d: nonempty(self._training_refs(d)) for d in self.sources}
+        return {"merged": nonempty(sorted((r for d in self.sources for r in self._training_refs(d)),
+                                          key=lambda r: r.path))}
 
     @property
     def global_batch_per_group(self) -> int:
@@ -136,6 +142,37 @@ class DataPlan:
                 "steps_per_epoch": self.steps_per_epoch, "groups": list(self.groups),
                 "block_shards": self.config.data.shuffle_block_shards}
 
+    # -- the validation split ------------------------------------------------------------------
+
+    def _draw_holdout(self) -> Holdout | None:
+        fraction = self.config.data.holdout_fraction
+        if not fraction:
+            return None
+        return draw_holdout(self.manifest, self.sources + self.targets, fraction, self.config.data.holdout_seed)
+
+    def _training_refs(self, domain: str) -> list[ShardRef]:
+        """A source domain's training samples: its in-split, or its 'train' shards."""
+        if self.holdout:
+            return self.holdout.splits[domain].inside
+        return self._shard_refs((domain,), ("train",))
+
+    def validation_counts(self) -> dict[str, int]:
+        """Validation samples of each source domain (what selection by source validation needs)."""
+        if self.holdout:
+            return {d: self.holdout.splits[d].out_count for d in self.sources}
+        return {d: self.manifest.num_samples(d, "val") for d in self.sources}
+
+    def evaluation_sets(self) -> dict[str, list[ShardRef] | list[str]]:
+        """{role: what it evaluates}: "val" (the sources' validation), "target" (the targets:
+        whole, or their in-split with a holdout) and, with a holdout, "target_out" (the targets'
+        out-split, which DomainBed's oracle reads). Shard paths, or ShardRefs with a selection."""
+        if not self.holdout:
+            return {"val": self.val_urls, "target": self.target_urls}
+        splits = self.holdout.splits
+        return {"val": [r for d in self.sources for r in splits[d].outside],
+                "target": [r for d in self.targets for r in splits[d].inside],
+                "target_out": [r for d in self.targets for r in splits[d].outside]}
+
     # -- streams ------------------------------------------------------------------------------
 
     def _shard_refs(self, domains, splits: tuple[str, ...]) -> list[ShardRef]:
@@ -163,12 +200,21 @@ class DataPlan:
 
     def eval_loaders(self, rank: int, pin: bool) -> dict:
         loaders = {}
-        for role, urls in (("val", self.val_urls), ("target", self.target_urls)):
-            if urls:
-                stream = EvalStream(urls, rank=rank, world_size=self.world_size,
-                                    augment=augment_of(self.config), batch_size=self.config.data.eval_batch_size)
+        for role, shards in self.evaluation_sets().items():
+            if shards:
+                urls, selection = selected_samples(shards)
+                stream = EvalStream(urls, rank=rank, world_size=self.world_size, augment=augment_of(self.config),
+                                    batch_size=self.config.data.eval_batch_size, selection=selection)
                 loaders[role] = make_loader(stream, min(self.config.data.workers, len(urls)), pin)
         return loaders
+
+
+def selected_samples(shards: list) -> tuple[list[str], dict[str, frozenset[int]] | None]:
+    """(shard paths, {path: the sample indices that take part} or None for all): an evaluation
+    set given as paths or as ShardRefs with a selection."""
+    if all(isinstance(s, str) for s in shards):
+        return list(shards), None
+    return [r.path for r in shards], {r.path: frozenset(r.sample_indices().tolist()) for r in shards}
 
 
 def augment_of(config: Config) -> Augment:

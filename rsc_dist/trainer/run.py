@@ -12,8 +12,8 @@ import torch
 from accelerate.utils import set_seed
 
 from rsc_dist import methods
-from rsc_dist.config import Config, save_config, trajectory_settings
-from rsc_dist.core import selection
+from rsc_dist.config import EARLIER_DEFAULTS, Config, flatten, save_config, to_dict, trajectory_settings
+from rsc_dist.core import protocols, selection
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.core.errors import ConfigError
 from rsc_dist.observe.report import format_accuracy_table, results_document
@@ -41,6 +41,7 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
     stop = StopFlags(accelerator.device)
     stop.install()
     set_seed(config.run.seed)
+    protocols.check_world_size(config.run.protocol, flatten(to_dict(config)), accelerator.num_processes)
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
     check_selection_data(config, plan)
 
@@ -78,12 +79,13 @@ def check_selection_data(config: Config, plan: DataPlan) -> None:
     rule = config.train.selection
     if rule not in selection.NEEDS_SOURCE_VAL:
         return
-    counts = {d: plan.manifest.num_samples(d, "val") for d in plan.sources}
-    empty = selection.sources_without_validation(counts)
+    empty = selection.sources_without_validation(plan.validation_counts())
     if empty:
+        where = ("data.holdout_fraction leaves them" if plan.holdout else
+                 f"{plan.manifest.root}/_info.json has")
         raise ConfigError(f"train.selection={rule} needs source validation data, but source domain(s) "
-                          f"{', '.join(empty)} have 0 val samples in {plan.manifest.root}/_info.json; "
-                          "reconvert with a validation split, or pass --train.selection=last")
+                          f"{', '.join(empty)} have 0 val samples ({where} none); reconvert with a validation split, "
+                          "set data.holdout_fraction, or pass --train.selection=last")
 
 
 def resume_from(accelerator, state: TrainState, run_dir: Path, resume: str) -> None:
@@ -128,8 +130,10 @@ def resume_differences(state: TrainState, expected: dict) -> list[str]:
     # method's section is not part of this run's trajectory.
     inactive = tuple(f"{name}." for name in methods.sections() if name != new_settings.get("algorithm"))
     old_settings = {key: value for key, value in state.settings.items() if not key.startswith(inactive)}
-    if old_settings:  # saved before train.selection existed, when the pooled accuracy chose best/
-        old_settings.setdefault("train.selection", "source_val_pooled")
+    if old_settings:  # saved before some settings existed: read with what those runs computed
+        for key, value in EARLIER_DEFAULTS.items():
+            if key in new_settings:
+                old_settings.setdefault(key, value)
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
             changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from rsc_dist.core import protocols
 from rsc_dist.core.fields import setting
 
 
@@ -16,6 +17,9 @@ class RunConfig:
     output_dir: str | None = setting(
         None, "run folder (default runs/EXPERIMENT/ALGORITHM/TARGET/seedS-FINGERPRINT)")
     seed: int = setting(0, "seeds the model init, the sample order, augmentation and RSC draws")
+    protocol: Literal[protocols.NAMES] = setting(
+        "custom", "the published protocol the settings follow, recorded in results.json: "
+        + "; ".join(f"{name}: {meaning}" for name, meaning in protocols.VERSIONS.items()))
 
 
 @dataclass(frozen=True)

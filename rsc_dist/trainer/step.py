@@ -104,7 +104,7 @@ def train_on_batch(accelerator, trained: Trainables, config: Config, batch: dict
                    steps_per_epoch: int) -> tuple[dict, StepBatch]:
     """A loader's batch for global step ``step``: on the device, the method's draws, its step.
     Returns train_step's values and the batch as the method saw it."""
-    inputs = prepare_batch(config, batch, accelerator.device)
+    inputs = prepare_batch(config, batch, accelerator.device).replace(step=step)
     draws = trained.method.draws(step, steps_per_epoch, inputs.sample_ids)
     out = train_step(accelerator, trained.model, trained.optimizer, trained.scheduler, trained.method,
                      trained.network, inputs, draws, step)

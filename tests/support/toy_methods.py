@@ -74,7 +74,7 @@ class ToyState(Method):
         return _Levels(self.context.num_domains)
 
     def objective(self, network, batch, draws):
-        logits = network.head(network.features(batch.images))
+        logits = network.head(network.featurize(batch))
         per_sample = F.cross_entropy(logits.float(), batch.labels, reduction="none")
         means, counts = per_domain_means(per_sample, batch.domains, self.context.num_domains, self.process_group)
         present = (counts > 0).float()
@@ -115,7 +115,7 @@ class ToyAdversary(Method):
                 ParamGroup("critic", list(network.method.parameters()), {"lr": self.settings.critic_lr})]
 
     def model_objective(self, network, batch, draws):
-        z = network.features(batch.images)
+        z = network.featurize(batch)
         pooled = z.mean(dim=(2, 3))
         logits = network.head(z)
         critic_loss = F.cross_entropy(network.method["critic"](pooled).float(), batch.domains)
