@@ -1,7 +1,8 @@
-"""MMD, GroupDRO, IRM and VREx on 2 DDP ranks compute the single-process objective, gradient and
-state where the generic suite's even, balanced split does not reach: a merged batch whose
-domains are spread unevenly over the ranks (IRM's halves cross ranks), a domain absent from one
-rank, unequal local batches (MMD's gather pads). One launch for the four methods."""
+"""MMD, GroupDRO, IRM and VREx together: on 2 DDP ranks they compute the single-process
+objective, gradient and state where the generic suite's even, balanced split does not reach (a
+merged batch whose domains are spread unevenly over the ranks, so IRM's halves cross ranks; a
+domain absent from one rank; unequal local batches, which MMD's gather pads), in one launch for
+the four; and they refuse gradient accumulation with one line."""
 
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from rsc_dist import methods
+from rsc_dist.core.errors import ConfigError
 from rsc_dist.methods.base import MethodContext, StepBatch
 from support.dist_utils import run_on_ranks
 from support.method_reference import NUM_CLASSES, NUM_DOMAINS, step_data, tiny_network
@@ -83,3 +85,13 @@ def test_two_uneven_ranks_compute_the_single_process_step(two_ranks, name):
             torch.testing.assert_close(got["grads"][key], grad, rtol=1e-9, atol=1e-12, msg=key)
         for key, value in single["state"].items():
             torch.testing.assert_close(got["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_gradient_accumulation_is_refused_in_one_line(name):
+    with pytest.raises(ConfigError) as refused:
+        methods.build(name, None, MethodContext(num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS, grad_accum=2))
+    message = str(refused.value)
+    assert message.startswith(f"algorithm={name} cannot run with train.grad_accum=2: ") and "\n" not in message
+    assert "whole batch" in message and message.endswith("raise data.global_batch_size instead")
+    methods.build(name, None, MethodContext(num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS, grad_accum=1))
