@@ -1,5 +1,6 @@
 """The benchmark's variants compute the same step; its CLI prints a table."""
 
+import pytest
 import torch
 
 from rsc_dist import bench
@@ -42,3 +43,21 @@ def test_input_benchmark_runs_on_shards(capsys, tiny_shards):
     assert set(out["rates"]) == {"loader only", "train, from shards", "train, synthetic in memory"}
     assert all(rate > 0 for rate in out["rates"].values()) and out["fed_fraction"] > 0
     assert "fed fraction" in capsys.readouterr().out
+
+
+def test_method_benchmark_times_any_registered_method(capsys, tmp_path):
+    """A method with state and an optimizer reset (IRM) and one with its own parameters and a
+    second update per step (the tests' toy_adversary) run their train_step through the Runner
+    and get a ratio to ERM, which is always timed first; an unknown name is one line."""
+    from rsc_dist import bench_methods
+
+    result = bench_methods.main(["--methods", "irm,toy_adversary", "--resolution", "32", "--per-domain", "2",
+                                 "--rounds", "1", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                                 "--freeze-bn", "--json", str(tmp_path / "methods.json")])
+    assert list(result["methods"]) == ["erm", "irm", "toy_adversary"]
+    assert all(row["img_s"] > 0 and row["step_time_vs_erm"] > 0 for row in result["methods"].values())
+    assert result["methods"]["erm"]["step_time_vs_erm"] == 1.0
+    assert "| irm |" in capsys.readouterr().out and (tmp_path / "methods.json").exists()
+    with pytest.raises(SystemExit) as stopped:
+        bench_methods.parse_args(["--methods", "irm,nonesuch"])
+    assert stopped.value.code == 2 and "unknown --methods ['nonesuch']" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from rsc_dist import methods, train
 from support.dist_utils import free_port, run_on_ranks
-from support.method_suite import initial_weights, run_trainer_jobs, train_step_level
+from support.method_suite import initial_weights, method_overrides, run_trainer_jobs, train_step_level
 from support.trainer_fixtures import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -122,19 +122,20 @@ def end_to_end(tmp_path_factory, tiny_shards):
                                 "tracker": "none", "agree_every_steps": 1})
     runs = {}
     for name in NAMES:
-        common = ["--config", str(config), "--algorithm", name]
+        common = ["--config", str(config), "--algorithm", name, *method_overrides(name)]
         whole, elastic, resumed = (root / f"{name}-{kind}" for kind in ("whole", "elastic", "resumed"))
         runs[name] = {"whole": whole, "elastic": elastic, "resumed": resumed,
                       "codes": {"whole": train.main(common + ["--output_dir", str(whole)]),
                                 "resumed_cut": train.main(common + ["--output_dir", str(resumed),
                                                                     f"--train.stop_at_step={CUT}"]),
                                 "resumed": train.main(common + ["--output_dir", str(resumed)])}}
-    jobs = [["--config", str(config), "--algorithm", name, "--output_dir", str(runs[name]["elastic"]),
-             f"--train.stop_at_step={CUT}"] for name in NAMES]
+    jobs = [["--config", str(config), "--algorithm", name, *method_overrides(name), "--output_dir",
+             str(runs[name]["elastic"]), f"--train.stop_at_step={CUT}"] for name in NAMES]
     run_on_ranks(run_trainer_jobs, 2, jobs, [free_port() for _ in jobs], env_init=True, timeout=1500)
     for name in NAMES:
         runs[name]["codes"]["elastic"] = train.main(["--config", str(config), "--algorithm", name,
-                                                     "--output_dir", str(runs[name]["elastic"])])
+                                                     *method_overrides(name), "--output_dir",
+                                                     str(runs[name]["elastic"])])
     return runs
 
 

@@ -21,12 +21,19 @@ import os
 from rsc_dist.methods.base import Method, MethodContext
 from rsc_dist.methods.coral import CORAL
 from rsc_dist.methods.erm import ERM
+from rsc_dist.methods.groupdro import GroupDRO
+from rsc_dist.methods.irm import IRM
+from rsc_dist.methods.mmd import MMD
 from rsc_dist.methods.rsc import RSC
+from rsc_dist.methods.vrex import VREx
 
 PLUGINS_VARIABLE = "RSC_DIST_METHOD_MODULES"
 
 # The registry. The first is the default algorithm.
-_REGISTERED: tuple[type[Method], ...] = (RSC, ERM, CORAL)
+_REGISTERED: tuple[type[Method], ...] = (
+    RSC, ERM, CORAL,
+    MMD, GroupDRO, IRM, VREx,  # DomainBed's per-domain methods (issue #24, part 1)
+)
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in _REGISTERED}
 NAMES: tuple[str, ...] = tuple(METHODS)

@@ -30,15 +30,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsc_dist.core.collectives import gather_rows
 from rsc_dist.core.fields import setting
 from rsc_dist.methods.base import Method
-
-_PADDING_DOMAIN = -1.0  # the domain column of a padded row: matches no domain
+from rsc_dist.methods.domain_statistics import (
+    domain_membership,
+    full_precision,
+    gather_domain_rows,
+    mean_over_domain_pairs,
+    pooled_features,
+)
 
 
 @dataclass(frozen=True)
@@ -75,11 +78,6 @@ class CORAL(Method):
         return cross_entropy + self.settings.penalty_weight * penalty, {"coral_penalty": penalty.detach()}
 
 
-def pooled_features(z: Tensor) -> Tensor:
-    """(N, d): a feature map (N, C, H, W) averaged over its locations; (N, d) as it is."""
-    return z.mean(dim=(2, 3)) if z.dim() == 4 else z.flatten(1)
-
-
 def coral_penalty(features: Tensor, domains: Tensor, num_domains: int, *, process_group=None,
                   capacity: int | None = None) -> Tensor:
     """The mean CORAL distance over pairs of domains present (>= 2 samples) in the batch.
@@ -89,30 +87,16 @@ def coral_penalty(features: Tensor, domains: Tensor, num_domains: int, *, proces
     rank pads to ``capacity`` rows, the largest local batch, so the gather needs no size
     agreement). No host sync: absent domains are weighted out, not branched on.
     """
-    features = features.float()
-    domain_column = domains.to(features.dtype)
-    if process_group is not None:
-        # One collective for features and domains; padding rows belong to no domain.
-        rows = torch.cat([features, domain_column[:, None]], dim=1)
-        padding = rows.new_zeros(rows.shape[1])
-        padding[-1] = _PADDING_DOMAIN
-        rows = gather_rows(rows, process_group, capacity, padding, differentiable=True)
-        features, domain_column = rows[:, :-1], rows[:, -1]
-    ids = torch.arange(num_domains, device=features.device, dtype=features.dtype)
-    member = (domain_column[None, :] == ids[:, None]).to(features.dtype)  # (K, N) one-hot
-    counts = member.sum(dim=1)
-    means = member @ features / counts.clamp(min=1)[:, None]  # Eq. 1
-    covariances = []
-    for k in range(num_domains):
-        centered = (features - means[k]) * member[k][:, None]  # rows of other domains: zero
-        covariances.append(centered.T @ centered / (counts[k] - 1).clamp(min=1))  # Eq. 2
-    present = (counts >= 2).to(features.dtype)
-    total = features.new_zeros(())
-    pairs = features.new_zeros(())
-    for a in range(num_domains):
-        for b in range(a + 1, num_domains):
-            distance = (means[a] - means[b]).pow(2).mean() + (covariances[a] - covariances[b]).pow(2).mean()
-            weight = present[a] * present[b]
-            total = total + weight * distance
-            pairs = pairs + weight
-    return total / pairs.clamp(min=1)
+    with full_precision(features):
+        features, domain_column = gather_domain_rows(features, domains, process_group, capacity)
+        member = domain_membership(domain_column, num_domains)  # (K, N) one-hot
+        counts = member.sum(dim=1)
+        means = member @ features / counts.clamp(min=1)[:, None]  # Eq. 1
+        covariances = []
+        for k in range(num_domains):
+            centered = (features - means[k]) * member[k][:, None]  # rows of other domains: zero
+            covariances.append(centered.T @ centered / (counts[k] - 1).clamp(min=1))  # Eq. 2
+        present = (counts >= 2).to(features.dtype)
+        return mean_over_domain_pairs(
+            lambda a, b: (means[a] - means[b]).pow(2).mean() + (covariances[a] - covariances[b]).pow(2).mean(),
+            present)

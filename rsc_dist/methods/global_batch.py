@@ -25,7 +25,7 @@ def per_domain_means(values: Tensor, domains: Tensor, num_domains: int, group=No
                      differentiable: bool = True) -> tuple[Tensor, Tensor]:
     """(means (K,), counts (K,)): the mean of ``values`` (N,) over each domain's samples of the
     global batch, and how many there are (a domain absent from the step: mean 0, count 0)."""
-    values = values.float()
+    values = values.to(torch.promote_types(values.dtype, torch.float32))  # bf16 up, float64 kept
     sums = values.new_zeros(num_domains).index_add(0, domains, values)
     counts = values.new_zeros(num_domains).index_add(0, domains, torch.ones_like(values))
     totals = all_reduce_sum(torch.cat([sums, counts]), group, differentiable=differentiable)
