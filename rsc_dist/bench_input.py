@@ -192,7 +192,8 @@ def main(argv=None) -> dict:
     from rsc_dist.data.streams import DevicePrefetch  # here: --augment-only also runs against older checkouts
 
     network, method = build_training_model(config, plan.manifest.num_classes, accelerator,
-                                           capacity=plan.local_forward_batch, num_domains=len(plan.domains))
+                                           capacity=plan.local_forward_batch, num_domains=len(plan.domains),
+                                           source_domains=plan.source_indices)
     optimizer = optim.build_optimizer(config.optim, method.parameter_groups(network))
     scheduler = optim.build_scheduler(config.schedule, optimizer, 10**9)
     model, optimizer = accelerator.prepare(network, optimizer)

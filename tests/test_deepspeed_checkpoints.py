@@ -27,6 +27,7 @@ def _save_with_a_full_disk_on_rank_1(rank, world_size, run_dir):
     config = load_config("demo", ["--model.arch=resnet18", "--wandb.mode=disabled"])
     accelerator = build.make_accelerator(config, Path(run_dir))
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=4, domains=("a", "b"),
+                           source_indices=(0, 1),
                            local_forward_batch=2, global_forward_batch=2 * world_size)
     build.training_objects(config, plan, accelerator)
     checkpoints.save_checkpoint(accelerator, Path(run_dir), 1, keep=2)

@@ -53,7 +53,7 @@ def _objects(stage, name, world_size, run_dir):
     if stage == 3:  # partition every parameter (by default the small ones stay whole on every rank)
         accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=SAVED_AT + MORE,
-                           domains=("a", "b"), local_forward_batch=GLOBAL_BATCH // world_size,
+                           domains=("a", "b"), source_indices=(0, 1), local_forward_batch=GLOBAL_BATCH // world_size,
                            global_forward_batch=GLOBAL_BATCH)
     torch.manual_seed(0)
     trained = build.training_objects(config, plan, accelerator)

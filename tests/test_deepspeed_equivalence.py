@@ -34,6 +34,7 @@ def _train_variants(rank, world_size, out_dir):
     from rsc_dist.trainer.step import train_on_batch
 
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=STEPS, domains=("a", "b"),
+                           source_indices=(0, 1),
                            local_forward_batch=GLOBAL_BATCH // world_size, global_forward_batch=GLOBAL_BATCH)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     results = {}

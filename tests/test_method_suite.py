@@ -25,7 +25,10 @@ from support.dist_utils import free_port, run_on_ranks
 from support.method_suite import initial_weights, method_overrides, run_trainer_jobs, train_step_level
 from support.trainer_fixtures import tiny_config
 
-pytestmark = pytest.mark.slow
+# The first test of each part waits for a session fixture that trains every registered method
+# (its launches are bounded on their own, 1500 s each); pytest-timeout's 600 s per test would
+# count that whole setup against one test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 NAMES = methods.NAMES
 # Every method with its defaults, RSC's random-score ablation (scores seeded per sample), and

@@ -20,11 +20,14 @@ import os
 
 from rsc_dist.methods.base import Method, MethodContext
 from rsc_dist.methods.coral import CORAL
+from rsc_dist.methods.dann import CDANN, DANN
 from rsc_dist.methods.erm import ERM
 from rsc_dist.methods.groupdro import GroupDRO
 from rsc_dist.methods.irm import IRM
+from rsc_dist.methods.mixup import Mixup
 from rsc_dist.methods.mmd import MMD
 from rsc_dist.methods.rsc import RSC
+from rsc_dist.methods.sagnet import SagNet
 from rsc_dist.methods.vrex import VREx
 
 PLUGINS_VARIABLE = "RSC_DIST_METHOD_MODULES"
@@ -32,7 +35,8 @@ PLUGINS_VARIABLE = "RSC_DIST_METHOD_MODULES"
 # The registry. The first is the default algorithm.
 _REGISTERED: tuple[type[Method], ...] = (
     RSC, ERM, CORAL,
-    MMD, GroupDRO, IRM, VREx,  # DomainBed's per-domain methods (issue #24, part 1)
+    MMD, GroupDRO, IRM, VREx,  # DomainBed's per-domain methods
+    Mixup, DANN, CDANN, SagNet,  # DomainBed's methods that change the inputs or train an adversary
 )
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in _REGISTERED}
@@ -88,5 +92,5 @@ def _import_plugins() -> None:
 
 _import_plugins()
 
-__all__ = ["CORAL", "DEFAULT", "ERM", "METHODS", "Method", "MethodContext", "NAMES", "RSC", "build", "get",
-           "register", "section_keys", "sections"]
+__all__ = ["CDANN", "CORAL", "DANN", "DEFAULT", "ERM", "METHODS", "Method", "MethodContext", "Mixup", "NAMES", "RSC",
+           "SagNet", "build", "get", "register", "section_keys", "sections"]

@@ -56,12 +56,17 @@ class MethodContext:
     seed: int = 0
     num_classes: int = 2
     num_domains: int = 1  # domain indices of the manifest (training batches carry them)
+    # The manifest indices of the training (source) domains, in sampling-group order; empty:
+    # every domain is a source. A method with one output per training domain (DANN's
+    # discriminator) has len(source_domains) of them.
+    source_domains: tuple[int, ...] = ()
     feature_dim: int = 0  # channels of the backbone's features z (the pooled feature size)
     process_group: object = None  # the ranks of a data-parallel run; None on one process
     capacity: int | None = None  # the largest local forward batch of any rank (fixed-size gathers)
     balanced: bool = False  # data.sampling=balanced: every step takes the same count from each source
     grad_accum: int = 1
     zero_stage: int | None = None  # DeepSpeed ZeRO stage; None without DeepSpeed
+    optimizer: str = "sgd"  # optim.name: which settings a ParamGroup may carry (Adam: betas)
 
 
 @dataclass(frozen=True)

@@ -134,18 +134,21 @@ def check_device_requests(config: Config, env=os.environ) -> None:
 
 
 def build_training_model(config: Config, num_classes: int, accelerator: Accelerator, *, capacity: int,
-                         num_domains: int, grad_accum: int | None = None) -> tuple[torch.nn.Module, methods.Method]:
+                         num_domains: int, source_domains: tuple[int, ...] = (),
+                         grad_accum: int | None = None) -> tuple[torch.nn.Module, methods.Method]:
     """The network (backbone, head, the method's own modules) and the configured method.
 
     ``capacity``: the local forward batch (the size of a method's fixed-size gathers);
-    ``num_domains``: the manifest's domain count. The method's modules are built after the
+    ``num_domains``: the manifest's domain count; ``source_domains``: the manifest indices of
+    the training domains (empty: all of them). The method's modules are built after the
     backbone, so the backbone's initialization draws the same numbers for every method.
     """
     distributed = accelerator.num_processes > 1
     network = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained,
                           freeze_bn=config.model.freeze_bn, dropout=config.model.dropout)
     context = methods.MethodContext(
-        seed=config.run.seed, num_classes=num_classes, num_domains=num_domains, feature_dim=network.feature_dim,
+        seed=config.run.seed, num_classes=num_classes, num_domains=num_domains, source_domains=tuple(source_domains),
+        feature_dim=network.feature_dim, optimizer=config.optim.name,
         process_group=torch.distributed.group.WORLD if distributed else None, capacity=capacity,
         balanced=config.data.sampling == "balanced",
         grad_accum=config.train.grad_accum if grad_accum is None else grad_accum, zero_stage=zero_stage(accelerator))
@@ -165,7 +168,8 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
 def training_objects(config: Config, plan: DataPlan, accelerator: Accelerator) -> Trainables:
     """Model, optimizer and schedule, prepared by Accelerate (DDP or DeepSpeed), and the method."""
     network, method = build_training_model(config, plan.manifest.num_classes, accelerator,
-                                           capacity=plan.local_forward_batch, num_domains=len(plan.domains))
+                                           capacity=plan.local_forward_batch, num_domains=len(plan.domains),
+                                           source_domains=plan.source_indices)
     optimizer = optim.build_optimizer(config.optim, method.parameter_groups(network))
     total_optimizer_steps = math.ceil(plan.total_steps / config.train.grad_accum)
     scheduler = optim.build_scheduler(config.schedule, optimizer, total_optimizer_steps)

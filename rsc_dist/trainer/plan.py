@@ -112,6 +112,11 @@ class DataPlan:
                                           key=lambda r: r.path))}
 
     @property
+    def source_indices(self) -> tuple[int, ...]:
+        """The manifest indices of the source domains, in sampling-group order."""
+        return tuple(self.domains.index(d) for d in self.sources)
+
+    @property
     def global_batch_per_group(self) -> int:
         return self.global_batch // len(self.groups)
 

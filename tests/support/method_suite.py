@@ -29,10 +29,14 @@ PER_DOMAIN, STEPS, SIZE = 16, 6, 40  # global batch 48; 40 px gives ResNet-18 a 
 # the switch); GroupDRO's weights move visibly. IRM's penalty grows with the square of the
 # logits, which one SGD step at lr 0.05 from scratch blows up: at that rate it diverges (NaN by
 # step 3) even at the weight 1 DomainBed uses before the switch, so IRM trains at lr 0.01 here.
+# DANN and CDANN take both kinds of step, consecutive discriminator steps included, with the
+# gradient penalty and the discriminator's seeded dropout.
 METHOD_OVERRIDES = {
     "irm": ["--irm.anneal_steps=2", "--irm.penalty_weight=0.1", "--optim.lr=0.01"],
     "vrex": ["--vrex.anneal_steps=2"],
     "groupdro": ["--groupdro.eta=0.1"],
+    **{name: [f"--{name}.d_steps_per_g=2", f"--{name}.grad_penalty=0.1", f"--{name}.mlp_dropout=0.1"]
+       for name in ("dann", "cdann")},
 }
 
 
@@ -79,7 +83,8 @@ def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, e
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     local = PER_DOMAIN * SOURCES // world_size
     plan = SimpleNamespace(manifest=SimpleNamespace(num_classes=CLASSES), total_steps=STEPS,
-                           domains=tuple("abcd"[:DOMAINS]), local_forward_batch=local,
+                           domains=tuple("abcd"[:DOMAINS]), source_indices=tuple(range(SOURCES)),
+                           local_forward_batch=local,
                            global_forward_batch=PER_DOMAIN * SOURCES)
     results = {}
     for engine in engines:
