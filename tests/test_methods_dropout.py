@@ -13,8 +13,8 @@ from rsc_dist.models.heads import PooledLinearHead
 from rsc_dist.models.network import Network
 from rsc_dist.trainer.optim import build_optimizer
 from rsc_dist.trainer.settings import OptimConfig
-from support.method_reference import PlainAccelerator
 from rsc_dist.trainer.step import Runner
+from support.method_reference import PlainAccelerator
 
 BUILT_IN = tuple(name for name, method in methods.METHODS.items() if method.__module__.startswith("rsc_dist."))
 DOMAINS, CLASSES, PER_DOMAIN, CHANNELS = 3, 3, 4, 4

@@ -103,7 +103,7 @@ def make_slots(devices: str, parallel: int | None, per_run: int = 1) -> list[Slo
             each = f"{per_run} each" if per_run > 1 else "one per run"
             raise SweepError(f"--parallel {parallel} needs {parallel * per_run} GPUs ({each}); {len(gpus)} available "
                              f"({','.join(gpus)}); pass --parallel {max(fits, 1)}"
-                             + (f" or fewer --gpus-per-run" if fits == 0 else "") + " or --devices cpu")
+                             + (" or fewer --gpus-per-run" if fits == 0 else "") + " or --devices cpu")
         return [Slot(tuple(gpus[i * per_run:(i + 1) * per_run]), None, per_run) for i in range(parallel)]
     parallel = parallel or 1
     threads = max(1, cpu_cores() // (parallel * per_run))
