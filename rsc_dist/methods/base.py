@@ -54,7 +54,10 @@ class MethodContext:
     seed: int = 0
     num_classes: int = 2
     num_domains: int = 1  # domain indices of the manifest (training batches carry them)
-    feature_dim: int = 0  # channels of the backbone's features z (the pooled feature size)
+    feature_dim: int = 0  # the size of the backbone's pooled features (head.pooled(z); z's channels for a CNN)
+    # False for a head that reads none of z's locations (a ViT's class-token head on its last
+    # layer): a method that mutes locations would change nothing (rsc_dist.models.network).
+    locations_reach_logits: bool = True
     process_group: object = None  # the ranks of a data-parallel run; None on one process
     capacity: int | None = None  # the largest local forward batch of any rank (fixed-size gathers)
     balanced: bool = False  # data.sampling=balanced: every step takes the same count from each source

@@ -6,7 +6,8 @@ The loss (DomainBed's ``CORAL`` with its ``coral`` distance, ``mmd_gamma`` = pen
                                                             + mean_jk (C_a - C_b)_jk^2 ]
 
 over the pairs P of source domains present in the step's batch, where for domain a with n_a
-samples of pooled features f_i (the backbone's output after global average pooling, d values):
+samples of pooled features f_i (d values: the backbone's output after global average pooling,
+for a CNN; the vector a timm model's classifier reads, for any timm backbone, ViTs included):
 
     mu_a = 1/n_a sum_i f_i                                   (Sun & Saenko, Eq. 1: the means)
     C_a  = 1/(n_a - 1) sum_i (f_i - mu_a)(f_i - mu_a)^T       (Eq. 2: the covariances)
@@ -64,7 +65,7 @@ class CORAL(Method):
             raise ValueError("CORAL needs the number of domains of the dataset (context.num_domains)")
 
     def transform_features(self, z, head, batch, draws):
-        return z, {"pooled": pooled_features(z)}
+        return z, {"pooled": pooled_features(z, head)}
 
     def loss(self, logits, batch, extras):
         if batch.domains is None:
@@ -75,8 +76,13 @@ class CORAL(Method):
         return cross_entropy + self.settings.penalty_weight * penalty, {"coral_penalty": penalty.detach()}
 
 
-def pooled_features(z: Tensor) -> Tensor:
-    """(N, d): a feature map (N, C, H, W) averaged over its locations; (N, d) as it is."""
+def pooled_features(z: Tensor, head=None) -> Tensor:
+    """(N, d): the pooled features of z. With ``head``: what its ``pooled`` gives (every
+    backbone's head has one: for a CNN the map averaged over its locations, for a timm model
+    the vector its classifier reads, e.g. a ViT's class token after the final norm). Without:
+    a feature map (N, C, H, W) averaged over its locations; (N, d) as it is."""
+    if head is not None and hasattr(head, "pooled"):
+        return head.pooled(z)
     return z.mean(dim=(2, 3)) if z.dim() == 4 else z.flatten(1)
 
 
