@@ -27,6 +27,7 @@ from rsc_dist import methods
 from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import section, setting
 from rsc_dist.data.settings import DataConfig
+from rsc_dist.models.backbones import backbone_preprocessing, check_arch
 from rsc_dist.models.settings import ModelConfig
 from rsc_dist.observe.settings import WandbConfig
 from rsc_dist.trainer.settings import OptimConfig, RunConfig, ScheduleConfig, TrainConfig
@@ -337,14 +338,24 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) 
     if overrides:
         values = _merge(values, parse_overrides(overrides))
         config = _build(Config, values, "", "command line")
-    config = dataclasses.replace(config, preset=name_or_path)
+    config = dataclasses.replace(config, preset=name_or_path, data=backbone_data_settings(config, values))
     validate(config)
     return config
+
+
+def backbone_data_settings(config: Config, values: dict):
+    """``config.data`` with the input settings the backbone's weights expect (a timm model's
+    mean, std and image size) wherever the preset and the command line (``values``) leave them
+    unset; the torchvision backbones' are the fields' defaults."""
+    data_values = values.get("data") or {}
+    follow = {key: value for key, value in backbone_preprocessing(config.model.arch).items() if key not in data_values}
+    return dataclasses.replace(config.data, **follow)
 
 
 def validate(config: Config) -> None:
     """Range checks declared on the fields (``setting(check=...)``), then cross-field rules."""
     _check_ranges(config, "")
+    check_arch(config.model.arch)
     if not 0 < config.data.random_resized_crop_scale[0] <= config.data.random_resized_crop_scale[1] <= 1:
         raise ConfigError(f"data.random_resized_crop_scale must satisfy 0 < lo <= hi <= 1; "
                           f"got {config.data.random_resized_crop_scale}")
