@@ -30,11 +30,11 @@ def suite_overrides(name: str) -> list[str]:
             "--train.mixed_precision=no", "--wandb.mode=disabled"]
 
 
-def global_batch(step: int) -> dict:
+def global_batch(step: int, size: int = SIZE) -> dict:
     """Global batch ``step``: PER_DOMAIN samples of each source domain, in the stream's layout."""
     g = torch.Generator().manual_seed(1000 + step)
     n = PER_DOMAIN * SOURCES
-    return {"image": torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8),
+    return {"image": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
             "label": torch.randint(0, CLASSES, (n,), generator=g),
             "domain": torch.arange(SOURCES).repeat_interleave(PER_DOMAIN),
             "sample_id": torch.randint(0, 2**62, (n,), generator=g),
@@ -81,7 +81,7 @@ def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, e
                 results[engine, name, tuple(extra)] = {"refused": str(refused)}
                 continue
             for step in range(STEPS):
-                batch = rank_share(global_batch(step), rank, world_size)
+                batch = rank_share(global_batch(step, variant_image_size(extra)), rank, world_size)
                 train_on_batch(accelerator, trained, config, batch, step, steps_per_epoch=100)
             weights = accelerator.get_state_dict(trained.model)
             results[engine, name, tuple(extra)] = {
@@ -90,12 +90,24 @@ def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, e
     torch.save(results, Path(out_dir, f"world{world_size}_rank{rank}.pt"))
 
 
-def initial_weights() -> dict:
-    """The weights every variant starts from (seed 0, before any step)."""
+def _overrides(extra) -> dict:
+    return dict(arg[2:].split("=", 1) for arg in extra if arg.startswith("--") and "=" in arg)
+
+
+def variant_image_size(extra) -> int:
+    """The side of a variant's images: its --data.image_size (a ViT is built for one whose side
+    its patch divides), else SIZE."""
+    return int(_overrides(extra).get("data.image_size", SIZE))
+
+
+def initial_weights(extra=()) -> dict:
+    """The weights a variant starts from (seed 0, before any step): ResNet-18, or the backbone
+    its overrides name (--model.arch, --data.image_size)."""
     from rsc_dist.models.build import build_model
 
     torch.manual_seed(0)
-    return build_model("resnet18", CLASSES).state_dict()
+    return build_model(_overrides(extra).get("model.arch", "resnet18"), CLASSES,
+                       image_size=variant_image_size(extra)).state_dict()
 
 
 def run_trainer_jobs(rank: int, world_size: int, jobs: list, ports: list) -> None:
