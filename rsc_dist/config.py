@@ -93,13 +93,20 @@ NOT_TRAJECTORY = (
 )
 
 
+# Settings added after runs were made, {key: the value that reproduces those runs}: at that
+# value a setting is left out of the trajectory settings, so the runs' fingerprints (their
+# default folders) and their checkpoints' settings stay what they were.
+ADDED_SETTINGS = {"model.head_blocks": None}
+
+
 def trajectory_settings(config: "Config") -> dict:
     """Flat {dotted key: value} of the settings that define the run's trajectory: only the
     active method's section among the methods' (an ERM run does not depend on rsc.*)."""
     flat = flatten(to_dict(config))
     skipped = NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != config.algorithm)
     return {key: value for key, value in flat.items()
-            if not any(key == skip or key.startswith(skip + ".") for skip in skipped)}
+            if not any(key == skip or key.startswith(skip + ".") for skip in skipped)
+            and not (key in ADDED_SETTINGS and value == ADDED_SETTINGS[key])}
 
 
 def resolved_batch(config: "Config", world_size: int) -> dict:

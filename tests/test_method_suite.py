@@ -38,6 +38,9 @@ BACKBONES = [("rsc", ("--model.arch=timm/vit_tiny_patch16_224", "--data.image_si
              ("rsc", ("--model.arch=timm/test_convnext",)),
              ("coral", ("--model.arch=timm/test_vit", "--data.image_size=32"))]
 VARIANTS += BACKBONES
+# ZeRO-3 on a timm ViT: RSC's saliency through the head's transformer block, every parameter
+# partitioned (2 ranks, against DDP on 2 ranks).
+ZERO3 = ("rsc", ("--model.arch=timm/test_vit", "--data.image_size=32"))
 # What the bound tells apart: RSC selecting within each rank (a different algorithm on every
 # world size) is far outside it.
 PER_RANK = ("rsc", ("--rsc.global_selection=false",))
@@ -58,7 +61,8 @@ def step_level(tmp_path_factory):
     # A generous timeout: a loaded 2-core machine runs these launches several times slower.
     run_on_ranks(train_step_level, 1, str(out), VARIANTS + [PER_RANK], ("ddp",), env_init=True, timeout=1500)
     engines = ("ddp", "zero2") if _has_deepspeed() else ("ddp",)
-    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, env_init=True, timeout=1500)
+    more = (("ddp", ZERO3), ("zero3", ZERO3)) if _has_deepspeed() else ()
+    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, more, env_init=True, timeout=1500)
     return {world: torch.load(out / f"world{world}_rank0.pt") for world in (1, 2)}
 
 
@@ -102,6 +106,17 @@ def test_zero2_reaches_the_weights_of_ddp_or_refuses(step_level, name, extra):
     ddp = step_level[2]["ddp", name, extra]["weights"]
     assert "refused" not in result, result
     assert relative_l2(result["weights"], ddp) <= MAX_RELATIVE_L2, name
+
+
+def test_zero3_reaches_the_weights_of_ddp_on_a_timm_vit(step_level):
+    if not _has_deepspeed():
+        pytest.skip("deepspeed is not installed")
+    ddp, zero3 = step_level[2]["ddp", *ZERO3]["weights"], step_level[2]["zero3", *ZERO3]
+    assert "refused" not in zero3, zero3
+    assert zero3["weights"].keys() == ddp.keys()
+    start = initial_weights(ZERO3[1])
+    assert sum(not torch.allclose(start[k], v) for k, v in ddp.items() if v.is_floating_point()) > 10
+    assert relative_l2(zero3["weights"], ddp) <= MAX_RELATIVE_L2
 
 
 # -- end to end ---------------------------------------------------------------------------------

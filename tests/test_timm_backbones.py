@@ -346,3 +346,14 @@ def test_the_timm_presets_resolve():
     clip = load_config("domainbed_pacs_clip_vitb16")
     assert clip.model.arch == "timm/vit_base_patch16_clip_quickgelu_224.openai" and clip.data.image_size == 224
     assert clip.rsc.mode == "channel" and clip.model.head_blocks == 0
+
+
+def test_runs_made_before_keep_their_fingerprint():
+    """model.head_blocks at its default leaves the trajectory settings as they were: the demo's
+    default run folder is the one it had before the setting existed (pinned from that version)."""
+    from rsc_dist.config import trajectory_fingerprint, trajectory_settings
+
+    demo = load_config("demo")
+    assert trajectory_fingerprint(demo, 1) == "26575016d91e9f11"
+    assert "model.head_blocks" not in trajectory_settings(demo)
+    assert trajectory_settings(load_config("demo", ["--model.head_blocks=1"]))["model.head_blocks"] == 1

@@ -51,9 +51,11 @@ def rank_share(batch: dict, rank: int, world_size: int) -> dict:
     return share
 
 
-def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, engines: tuple) -> None:
-    """Train every (name, extra overrides) variant under every engine ("ddp", "zero2"); rank 0
-    saves each run's final state dict, or the refusal's message."""
+def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, engines: tuple,
+                     more: tuple = ()) -> None:
+    """Train every (name, extra overrides) variant under every engine ("ddp", "zero2", "zero3"),
+    and the (engine, variant) pairs of ``more``; rank 0 saves each run's final state dict, or the
+    refusal's message."""
     from rsc_dist.config import load_config
     from rsc_dist.core.errors import ConfigError
     from rsc_dist.trainer import build
@@ -65,28 +67,32 @@ def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, e
                            domains=tuple("abcd"[:DOMAINS]), local_forward_batch=local,
                            global_forward_batch=PER_DOMAIN * SOURCES)
     results = {}
-    for engine in engines:
-        for name, extra in variants:
-            os.environ.clear()
-            os.environ.update(base_env)
-            if engine != "ddp":
-                os.environ.update(deepspeed_launch_env(REPO / "launch" / "accelerate" / f"deepspeed_{engine}.yaml"))
-            fresh_accelerate_state()
-            config = load_config("demo", suite_overrides(name) + list(extra))
-            accelerator = build.make_accelerator(config, Path(out_dir) / "unused")
-            torch.manual_seed(0)
-            try:
-                trained = build.training_objects(config, plan, accelerator)
-            except ConfigError as refused:
-                results[engine, name, tuple(extra)] = {"refused": str(refused)}
-                continue
-            for step in range(STEPS):
-                batch = rank_share(global_batch(step, variant_image_size(extra)), rank, world_size)
-                train_on_batch(accelerator, trained, config, batch, step, steps_per_epoch=100)
-            weights = accelerator.get_state_dict(trained.model)
-            results[engine, name, tuple(extra)] = {
-                "weights": {k: v.detach().clone() for k, v in weights.items()} if rank == 0 else None}
-            del trained, accelerator
+    for engine, (name, extra) in [(engine, variant) for engine in engines for variant in variants] + list(more):
+        os.environ.clear()
+        os.environ.update(base_env)
+        if engine != "ddp":
+            os.environ.update(deepspeed_launch_env(REPO / "launch" / "accelerate" / f"deepspeed_{engine}.yaml"))
+        fresh_accelerate_state()
+        config = load_config("demo", suite_overrides(name) + list(extra))
+        accelerator = build.make_accelerator(config, Path(out_dir) / "unused")
+        if engine == "zero3":
+            # Partition every parameter: by default DeepSpeed keeps those under 1e5 elements
+            # whole on every rank (all of a test model's).
+            accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"][
+                "stage3_param_persistence_threshold"] = 0
+        torch.manual_seed(0)
+        try:
+            trained = build.training_objects(config, plan, accelerator)
+        except ConfigError as refused:
+            results[engine, name, tuple(extra)] = {"refused": str(refused)}
+            continue
+        for step in range(STEPS):
+            batch = rank_share(global_batch(step, variant_image_size(extra)), rank, world_size)
+            train_on_batch(accelerator, trained, config, batch, step, steps_per_epoch=100)
+        weights = accelerator.get_state_dict(trained.model)
+        results[engine, name, tuple(extra)] = {
+            "weights": {k: v.detach().clone() for k, v in weights.items()} if rank == 0 else None}
+        del trained, accelerator
     torch.save(results, Path(out_dir, f"world{world_size}_rank{rank}.pt"))
 
 
