@@ -316,6 +316,12 @@ def test_rsc_and_coral_run_on_token_features():
     assert pooled_features(z, net.head).shape == (4, net.feature_dim)
 
 
+def test_an_image_size_the_model_cannot_take_is_one_line():
+    with pytest.raises(ConfigError, match=r"timm/test_vit cannot run on 40 x 40 px inputs \(data.image_size\): "
+                                          r"Input height \(40\) should be divisible by patch size \(16\)"):
+        build_model("timm/test_vit", CLASSES, image_size=40)
+
+
 # -- the config ----------------------------------------------------------------------------------
 
 

@@ -182,7 +182,11 @@ def split_timm_model(name: str, model: nn.Module, image_size: int | None,
     """``features`` and ``head`` of a timm model (module docstring: how)."""
     config = pretrained_config(name)
     size = image_size or (config.input_size[-1] if config is not None else 224)
-    z, head_calls, feature_calls = _trace(model, size)
+    try:
+        z, head_calls, feature_calls = _trace(model, size)
+    except (AssertionError, RuntimeError) as exc:  # e.g. a patch size that does not divide the image
+        raise ConfigError(f"timm/{name} cannot run on {size} x {size} px inputs (data.image_size): "
+                          f"{str(exc).strip().splitlines()[-1]}") from exc
     overlap = [path for path in head_calls if any(f == path or f.startswith(path + ".") for f in feature_calls)]
     if overlap:
         raise ConfigError(f"timm/{name} cannot be split into features and head: its forward_head calls "
