@@ -199,14 +199,18 @@ def test_weights_errors_name_the_file_and_never_download(tmp_path, monkeypatch):
     assert torch.equal(net.features.model.cls_token, written.cls_token)
 
 
-def test_a_wrong_checkpoint_stops_the_trainer_with_one_line(tmp_path, tiny_shards, capsys):
+def test_the_trainer_stops_with_one_line_on_weights_or_masks_that_do_not_fit(tmp_path, tiny_shards, capsys):
     other = tmp_path / "convnext.pth"
     torch.save(_timm_model("test_convnext").state_dict(), other)
     config = tiny_config(tmp_path, tiny_shards, data={"image_size": SIZE})
-    code = train.main(["--config", str(config), "--output_dir", str(tmp_path / "run"), "--model.arch=timm/test_vit",
-                       f"--model.pretrained={other}"])
+    common = ["--config", str(config), "--output_dir", str(tmp_path / "run"), "--model.arch=timm/test_vit"]
+    code = train.main(common + [f"--model.pretrained={other}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("rsc_dist.train: error: pretrained weights in") and "do not fit" in err[-1]
+    # RSC's spatial masks on the last layer of a class-token ViT could not change the logits.
+    code = train.main(common + ["--model.head_blocks=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("rsc_dist.train: error: rsc.mode=spatial+channel mutes locations")
 
 
 def test_torchvision_names_stay_torchvision_backbones(tmp_path):

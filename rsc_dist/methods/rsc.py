@@ -77,8 +77,9 @@ class RSC(Method):
             raise ConfigError(
                 f"rsc.mode={self.settings.mode} mutes locations of the features z, but this backbone's head reads "
                 "none of them (a class-token head on the last layer): the spatial mask could not change the "
-                "logits. Use --rsc.mode=channel, or --model.head_blocks=1 (z becomes the input of the last "
-                "transformer block, whose patch tokens reach the class token; docs/method.md, \"RSC on tokens\")")
+                "logits. Use --rsc.mode=channel, or for a timm ViT --model.head_blocks=1 (z becomes the input of "
+                "the last transformer block, whose patch tokens reach the class token; docs/method.md, \"RSC on "
+                "tokens\")")
 
     def draws(self, step, steps_per_epoch, sample_ids):
         settings, seed = self.settings, self.context.seed
