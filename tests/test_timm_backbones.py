@@ -318,6 +318,12 @@ def test_rsc_and_coral_run_on_token_features():
     z = net.features(x)
     torch.testing.assert_close(pooled_features(z, net.head), net.head.pooled(z))
     assert pooled_features(z, net.head).shape == (4, net.feature_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls; the mask 0 or 1 in z's dtype
+        z = net.features(x)
+        out = net(x, objective=RSC().objective, batch=StepBatch(images=x, labels=labels, pixels=x),
+                  draws={"mode": "channel", "p_batch": 1.0})
+    assert out.mask.dtype == z.dtype and ((out.mask == 0) | (out.mask == 1)).all()
+    assert torch.isfinite(out.loss) and (out.mask == 0).any()
 
 
 def test_an_image_size_the_model_cannot_take_is_one_line():
