@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from safetensors.torch import save_file
-from timm.models import get_pretrained_cfg
 
 from rsc_dist import train
 from rsc_dist.config import load_config
@@ -213,17 +212,21 @@ def test_the_trainer_stops_with_one_line_on_weights_or_masks_that_do_not_fit(tmp
     assert code == 2 and err[-1].startswith("rsc_dist.train: error: rsc.mode=spatial+channel mutes locations")
 
 
-def test_torchvision_names_stay_torchvision_backbones(tmp_path):
+def test_torchvision_names_stay_torchvision_backbones(tmp_path, monkeypatch):
     """Why the seven torchvision names are not timm models (rsc_dist.models.backbones): timm's
     ResNet with torchvision's weights file computes exactly what the torchvision ResNet does, but
     under other state-dict keys (runs' checkpoints would stop loading); timm has no AlexNet;
     torchvision's ConvNeXt-Tiny weights do not load into timm's ConvNeXt-Tiny."""
     torch.manual_seed(0)
-    path = tmp_path / "resnet18.pth"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # torchvision's weights file, where --model.pretrained=torchvision looks for it
+    path = tmp_path / "torch" / "hub" / "checkpoints" / torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    assert get_pretrained_cfg("resnet18.tv_in1k").url.endswith(
-        torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[1])  # the same weights file
-    tv, tm = (build_model(arch, CLASSES, pretrained=str(path), freeze_bn=True) for arch in ("resnet18", "timm/resnet18"))
+    tv = build_model("resnet18", CLASSES, pretrained="torchvision", freeze_bn=True)
+    # timm's resnet18.tv_in1k names the same file: --model.pretrained=timm finds it there.
+    tm = build_model("timm/resnet18.tv_in1k", CLASSES, pretrained="timm", freeze_bn=True)
     x = torch.randn(2, 3, SIZE, SIZE)
     torch.testing.assert_close(tm.head.pooled(tm.features(x)), tv.head.pooled(tv.features(x)), rtol=1e-6, atol=1e-6)
     assert not {key for key in tv.state_dict() if key.startswith("features.")} & set(tm.state_dict())
