@@ -58,7 +58,8 @@ fi
 # Python and torch start, and CI runs the dry run on 2 cores).
 declare -A dry_repeat_of=()
 ((dry)) && dry_repeat_of=([bench_input_resnet50_device]=bench_input_resnet18_device
-  [bench_input_resnet50_workers]=bench_input_resnet18_workers [bench_resnet18]=bench_resnet50)
+  [bench_input_resnet50_workers]=bench_input_resnet18_workers [bench_resnet18]=bench_resnet50
+  [bench_timm]=bench_resnet50)
 
 budget=${GPU_CHECKS_BUDGET_S:-540}
 [[ $budget =~ ^[0-9]+$ ]] || { echo "GPU_CHECKS_BUDGET_S must be a whole number of seconds, got '$budget'" >&2; exit 2; }
@@ -121,6 +122,9 @@ done
 step bench_resnet18 180 "${bench[@]}" --arch resnet18 "${variants[@]}" --json "$out/bench_resnet18.json"
 step bench_resnet50_compile 300 "${bench[@]}" --arch resnet50 --compile --variants erm,rsc_closed_form \
   --json "$out/bench_resnet50_compile.json"
+# RSC on a ViT's tokens (class-token head: saliency through the last block) and on a timm ConvNeXt.
+step bench_timm 240 "${bench[@]}" --arch timm/vit_small_patch16_224,timm/convnext_tiny "${variants[@]}" \
+  --json "$out/bench_timm.json"
 
 cat "$summary"
 ((skipped == 0)) || echo "$skipped step(s) skipped: out of the ${budget}s budget (GPU_CHECKS_BUDGET_S)" >&2

@@ -3,6 +3,8 @@
     python -m rsc_dist.bench                                   # CPU-sized defaults
     python -m rsc_dist.bench --arch resnet50 --resolution 224 --batch 256 --amp bf16 \
         --channels-last --device cuda                          # the GPU anchor setting
+    python -m rsc_dist.bench --arch timm/vit_small_patch16_224,timm/convnext_tiny --resolution 96 \
+        --variants erm,rsc_closed_form                         # timm backbones (RSC on tokens)
 
 Synthetic inputs already on the device; every variant runs the same optimizer step. Variants
 are timed in interleaved rounds (ERM, RSC, ... , ERM, RSC, ...) so that drift in machine load
@@ -27,17 +29,24 @@ from rsc_dist.methods.base import StepBatch
 from rsc_dist.methods.rsc_masks import DEFAULT_P_BATCH, draw_mode, rsc_mask
 from rsc_dist.methods.rsc_released import released_mask
 from rsc_dist.models.build import build_model
+from rsc_dist.models.layouts import layout_of
 from rsc_dist.models.network import Network
 
 VARIANTS = ("erm", "rsc_closed_form", "rsc_autograd", "rsc_released_logic")
 
 
 class OpaqueHead(nn.Module):
-    """Hides a PooledLinearHead from the closed form, forcing the autograd saliency path."""
+    """Hides a pooled linear head's classifier from the closed form, forcing the autograd
+    saliency path (the features' layout and the pooled features stay the head's)."""
 
     def __init__(self, head: nn.Module):
         super().__init__()
         self.inner = head
+        self.layout = layout_of(head)
+        self.in_channels = head.in_channels
+
+    def pooled(self, z):
+        return self.inner.pooled(z)
 
     def forward(self, z):
         return self.inner(z)
@@ -83,9 +92,9 @@ class ReleasedLogicModel(nn.Module):
         return self.head(z * mask)
 
 
-def make_variant(name: str, arch: str, num_classes: int) -> nn.Module:
+def make_variant(name: str, arch: str, num_classes: int, image_size: int | None = None) -> nn.Module:
     torch.manual_seed(0)
-    base = build_model(arch, num_classes)
+    base = build_model(arch, num_classes, image_size=image_size)
     if name == "rsc_autograd":
         base.head = OpaqueHead(base.head)
     if name == "rsc_released_logic":
@@ -118,14 +127,17 @@ def bench_arch(args, arch: str, device: torch.device) -> dict:
     )
     runs = {}
     for name in args.variants:
-        model = make_variant(name, arch, args.num_classes).to(device, memory_format=memory_format)
+        model = make_variant(name, arch, args.num_classes, args.resolution).to(device, memory_format=memory_format)
+        if name == "rsc_released_logic" and layout_of(model.head).kind != "nchw":
+            print(f"{arch}: rsc_released_logic skipped (the released code handles NCHW feature maps only)")
+            continue
         model.train()
         if args.compile:
             model.features.compile()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         train_steps(model, optimizer, x, y, args.warmup, 0, autocast)
         runs[name] = (model, optimizer)
-    rates = {name: [] for name in args.variants}
+    rates = {name: [] for name in runs}
     for round_index in range(args.rounds):
         for name, (model, optimizer) in runs.items():
             synchronize(device)
@@ -189,7 +201,8 @@ def format_table(results: list[dict], device_name: str) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--arch", default="resnet18", help="comma-separated: resnet18,resnet50,alexnet")
+    parser.add_argument("--arch", default="resnet18",
+                        help="comma-separated model.arch values: resnet18,resnet50,alexnet,timm/vit_small_patch16_224")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--num-classes", type=int, default=7)

@@ -28,7 +28,7 @@ from rsc_dist.core import protocols
 from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import section, setting
 from rsc_dist.data.settings import DataConfig
-from rsc_dist.models.backbones import BACKBONES
+from rsc_dist.models.backbones import BACKBONES, backbone_preprocessing, check_arch
 from rsc_dist.models.settings import ModelConfig
 from rsc_dist.observe.settings import WandbConfig
 from rsc_dist.trainer.settings import OptimConfig, RunConfig, ScheduleConfig, TrainConfig
@@ -98,6 +98,12 @@ EARLIER_DEFAULTS = {"train.selection": "source_val_pooled", "data.holdout_fracti
                     "data.holdout_seed": 0, "model.dropout": 0.0}
 
 
+# Settings added after runs were made, {key: the value that reproduces those runs}: at that
+# value a setting is left out of the trajectory settings, so the runs' fingerprints (their
+# default folders) and their checkpoints' settings stay what they were.
+ADDED_SETTINGS = {"model.head_blocks": None}
+
+
 def trajectory_settings(config: "Config") -> dict:
     """Flat {dotted key: value} of the settings that define the run's trajectory: only the
     active method's section among the methods' (an ERM run does not depend on rsc.*)."""
@@ -109,7 +115,8 @@ def trajectory_items(flat: dict, algorithm: str) -> dict:
     results.json, may come from an older version: sections of unknown methods are dropped too)."""
     skipped = NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != algorithm)
     return {key: value for key, value in flat.items()
-            if not any(key == skip or key.startswith(skip + ".") for skip in skipped)}
+            if not any(key == skip or key.startswith(skip + ".") for skip in skipped)
+            and not (key in ADDED_SETTINGS and value == ADDED_SETTINGS[key])}
 
 
 def resolved_batch(config: "Config", world_size: int) -> dict:
@@ -399,14 +406,24 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) 
     if overrides:
         values = _merge(values, parse_overrides(overrides))
         config = _build(Config, values, "", "command line")
-    config = dataclasses.replace(config, preset=name_or_path)
+    config = dataclasses.replace(config, preset=name_or_path, data=backbone_data_settings(config, values))
     validate(config)
     return config
+
+
+def backbone_data_settings(config: Config, values: dict):
+    """``config.data`` with the input settings the backbone's weights expect (a timm model's
+    mean, std and image size) wherever the preset and the command line (``values``) leave them
+    unset; the torchvision backbones' are the fields' defaults."""
+    data_values = values.get("data") or {}
+    follow = {key: value for key, value in backbone_preprocessing(config.model.arch).items() if key not in data_values}
+    return dataclasses.replace(config.data, **follow)
 
 
 def validate(config: Config) -> None:
     """Range checks declared on the fields (``setting(check=...)``), then cross-field rules."""
     _check_ranges(config, "")
+    check_arch(config.model.arch)
     if not 0 < config.data.random_resized_crop_scale[0] <= config.data.random_resized_crop_scale[1] <= 1:
         raise ConfigError(f"data.random_resized_crop_scale must satisfy 0 < lo <= hi <= 1; "
                           f"got {config.data.random_resized_crop_scale}")
@@ -415,7 +432,7 @@ def validate(config: Config) -> None:
     for key, value in (("data.holdout_fraction", config.data.holdout_fraction), ("model.dropout", config.model.dropout)):
         if value >= 1:
             raise ConfigError(f"{key} must be below 1; got {value}")
-    if config.model.dropout and not BACKBONES[config.model.arch].pooled_linear_head:
+    if config.model.dropout and not (config.model.arch in BACKBONES and BACKBONES[config.model.arch].pooled_linear_head):
         raise ConfigError(f"model.dropout (DomainBed's ResNet dropout, on the pooled features) needs a backbone whose "
                           f"head is global average pooling and one linear layer; {config.model.arch}'s is not")
     protocols.check_settings(config.run.protocol, flatten(to_dict(config)))

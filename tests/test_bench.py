@@ -25,12 +25,14 @@ def test_variants_compute_the_same_logits():
 
 def test_cli_prints_table(capsys, tmp_path):
     results = bench.main(
-        ["--resolution", "32", "--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "0",
-         "--device", "cpu", "--json", str(tmp_path / "out.json")]
+        ["--arch", "resnet18,timm/test_vit", "--resolution", "32", "--batch", "4", "--rounds", "1", "--steps", "1",
+         "--warmup", "0", "--device", "cpu", "--json", str(tmp_path / "out.json")]
     )
     out = capsys.readouterr().out
-    assert "| resnet18 | 32 | 4 | rsc_closed_form |" in out
+    assert "| resnet18 | 32 | 4 | rsc_closed_form |" in out and "| timm/test_vit | 32 | 4 | rsc_autograd |" in out
     assert set(results[0]["variants"]) == set(bench.VARIANTS)
+    # The released code's mask logic reads NCHW maps only: not run on a ViT's tokens.
+    assert set(results[1]["variants"]) == set(bench.VARIANTS) - {"rsc_released_logic"}
     assert all(v["img_s"] > 0 for v in results[0]["variants"].values())
     assert (tmp_path / "out.json").exists()
 

@@ -19,7 +19,7 @@ SCRIPT = ROOT / "launch" / "gpu_checks.sh"
 # architecture differs (launch/gpu_checks.sh, dry_repeat_of).
 DRY_RUN_REPEATS = {"bench_input_resnet50_device": "bench_input_resnet18_device",
                    "bench_input_resnet50_workers": "bench_input_resnet18_workers",
-                   "bench_resnet18": "bench_resnet50"}
+                   "bench_resnet18": "bench_resnet50", "bench_timm": "bench_resnet50"}
 
 
 def _steps() -> list[str]:

@@ -3,7 +3,9 @@ toy_methods.py included) through the same checks, so a new method is covered by 
 
 1. 2 ranks == 1 process, through the trainer's own assembly and step, on the same global
    batches (3 source domains x 16 = 48 per step, balanced sampling, 6 steps, frozen BatchNorm):
-   the final weights and the method's state agree to a relative L2 of 1e-4.
+   the final weights and the method's state agree to a relative L2 of 1e-4. Every method on
+   ResNet-18, and a backbone axis on a few (timm's ViT-Tiny with its class-token head, a timm
+   ConvNeXt, a token ViT under CORAL's pooled features).
 2. ZeRO-2 == DDP on 2 ranks, for every method that runs under ZeRO; a method that cannot
    (its update pattern cannot be stepped by DeepSpeed) stops with one line naming it.
 3. End to end through ``rsc_dist.train`` on shards: the uninterrupted 1-process run (the
@@ -34,6 +36,15 @@ NAMES = methods.NAMES
 # Every method with its defaults, RSC's random-score ablation (scores seeded per sample), and
 # RSC with DomainBed's ResNet dropout (masks hashed from the samples' identities and the step).
 VARIANTS = [(name, ()) for name in NAMES] + [("rsc", ("--rsc.strategy=random",)), ("rsc", ("--model.dropout=0.5",))]
+# The backbone axis: timm models (random init). A ViT is built for its images' size (32 px: a
+# 2 x 2 patch grid and a class token).
+BACKBONES = [("rsc", ("--model.arch=timm/vit_tiny_patch16_224", "--data.image_size=32")),
+             ("rsc", ("--model.arch=timm/test_convnext",)),
+             ("coral", ("--model.arch=timm/test_vit", "--data.image_size=32"))]
+VARIANTS += BACKBONES
+# ZeRO-3 on a timm ViT: RSC's saliency through the head's transformer block, every parameter
+# partitioned (2 ranks, against DDP on 2 ranks).
+ZERO3 = ("rsc", ("--model.arch=timm/test_vit", "--data.image_size=32"))
 # What the bound tells apart: RSC selecting within each rank (a different algorithm on every
 # world size) is far outside it.
 PER_RANK = ("rsc", ("--rsc.global_selection=false",))
@@ -54,7 +65,8 @@ def step_level(tmp_path_factory):
     # A generous timeout: a loaded 2-core machine runs these launches several times slower.
     run_on_ranks(train_step_level, 1, str(out), VARIANTS + [PER_RANK], ("ddp",), env_init=True, timeout=1500)
     engines = ("ddp", "zero2") if _has_deepspeed() else ("ddp",)
-    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, env_init=True, timeout=1500)
+    more = (("ddp", ZERO3), ("zero3", ZERO3)) if _has_deepspeed() else ()
+    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, more, env_init=True, timeout=1500)
     return {world: torch.load(out / f"world{world}_rank0.pt") for world in (1, 2)}
 
 
@@ -71,7 +83,7 @@ def test_two_ranks_reach_the_weights_of_one_process(step_level, name, extra):
     one = step_level[1]["ddp", name, extra]["weights"]
     two = step_level[2]["ddp", name, extra]["weights"]
     assert one.keys() == two.keys()
-    start = initial_weights()
+    start = initial_weights(extra)
     moved = sum(not torch.allclose(start[k], v) for k, v in one.items() if k in start and v.is_floating_point())
     assert moved > 10, "training must change the weights for the comparison to mean anything"
     assert relative_l2(two, one) <= MAX_RELATIVE_L2, name
@@ -100,6 +112,17 @@ def test_zero2_reaches_the_weights_of_ddp_or_refuses(step_level, name, extra):
     assert relative_l2(result["weights"], ddp) <= MAX_RELATIVE_L2, name
 
 
+def test_zero3_reaches_the_weights_of_ddp_on_a_timm_vit(step_level):
+    if not _has_deepspeed():
+        pytest.skip("deepspeed is not installed")
+    ddp, zero3 = step_level[2]["ddp", *ZERO3]["weights"], step_level[2]["zero3", *ZERO3]
+    assert "refused" not in zero3, zero3
+    assert zero3["weights"].keys() == ddp.keys()
+    start = initial_weights(ZERO3[1])
+    assert sum(not torch.allclose(start[k], v) for k, v in ddp.items() if v.is_floating_point()) > 10
+    assert relative_l2(zero3["weights"], ddp) <= MAX_RELATIVE_L2
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 CUT = 2
@@ -124,41 +147,46 @@ def end_to_end(tmp_path_factory, tiny_shards):
                          train={"max_steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2,
                                 "tracker": "none", "agree_every_steps": 1})
     runs = {}
-    for name in NAMES:
-        common = ["--config", str(config), "--algorithm", name, *method_overrides(name)]
-        whole, elastic, resumed = (root / f"{name}-{kind}" for kind in ("whole", "elastic", "resumed"))
-        runs[name] = {"whole": whole, "elastic": elastic, "resumed": resumed,
-                      "codes": {"whole": train.main(common + ["--output_dir", str(whole)]),
-                                "resumed_cut": train.main(common + ["--output_dir", str(resumed),
-                                                                    f"--train.stop_at_step={CUT}"]),
-                                "resumed": train.main(common + ["--output_dir", str(resumed)])}}
-    jobs = [["--config", str(config), "--algorithm", name, *method_overrides(name), "--output_dir",
-             str(runs[name]["elastic"]), f"--train.stop_at_step={CUT}"] for name in NAMES]
+    for key, (name, extra) in END_TO_END.items():
+        common = ["--config", str(config), "--algorithm", name, *extra]
+        whole, elastic, resumed = (root / f"{key.replace('/', '-')}-{kind}" for kind in ("whole", "elastic", "resumed"))
+        runs[key] = {"whole": whole, "elastic": elastic, "resumed": resumed, "common": common,
+                     "codes": {"whole": train.main(common + ["--output_dir", str(whole)]),
+                               "resumed_cut": train.main(common + ["--output_dir", str(resumed),
+                                                                   f"--train.stop_at_step={CUT}"]),
+                               "resumed": train.main(common + ["--output_dir", str(resumed)])}}
+    jobs = [run["common"] + ["--output_dir", str(run["elastic"]), f"--train.stop_at_step={CUT}"]
+            for run in runs.values()]
     run_on_ranks(run_trainer_jobs, 2, jobs, [free_port() for _ in jobs], env_init=True, timeout=1500)
-    for name in NAMES:
-        runs[name]["codes"]["elastic"] = train.main(["--config", str(config), "--algorithm", name,
-                                                     *method_overrides(name), "--output_dir",
-                                                     str(runs[name]["elastic"])])
+    for run in runs.values():
+        run["codes"]["elastic"] = train.main(run["common"] + ["--output_dir", str(run["elastic"])])
     return runs
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_resumed_equals_uninterrupted_and_the_smoke_run_reports(end_to_end, name):
-    run = end_to_end[name]
+# Every method on ResNet-18, and RSC on a timm ViT (tokens; evaluation and best/ included).
+END_TO_END = {**{name: (name, tuple(method_overrides(name))) for name in NAMES},
+              "rsc@timm/test_vit": ("rsc", ("--model.arch=timm/test_vit",))}
+
+
+@pytest.mark.parametrize("key", END_TO_END)
+def test_resumed_equals_uninterrupted_and_the_smoke_run_reports(end_to_end, key):
+    name = END_TO_END[key][0]
+    run = end_to_end[key]
     assert run["codes"] == {"whole": 0, "resumed_cut": 75, "resumed": 0, "elastic": 0}, run["codes"]
     expected, got = _final_weights(run["whole"]), _final_weights(run["resumed"])
     assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    for tensor in expected:
+        assert torch.equal(expected[tensor], got[tensor]), tensor
     assert _history(run["resumed"]) == _history(run["whole"]) and len(_history(run["whole"])) == 2
     results = json.loads((run["whole"] / "results.json").read_text())
     assert results["algorithm"] == name and results["config"]["algorithm"] == name
     assert 0 <= results["last"]["target_acc"]["sketch"] <= 1
+    assert (run["whole"] / "checkpoints" / "best" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_stopped_on_two_ranks_and_resumed_on_one_continues_the_run(end_to_end, name):
-    run = end_to_end[name]
+@pytest.mark.parametrize("key", END_TO_END)
+def test_stopped_on_two_ranks_and_resumed_on_one_continues_the_run(end_to_end, key):
+    run = end_to_end[key]
     assert run["codes"]["elastic"] == 0
     expected, got = _final_weights(run["whole"]), _final_weights(run["elastic"])
     assert relative_l2(got, expected) <= MAX_RELATIVE_L2

@@ -61,6 +61,9 @@ class MethodContext:
     # discriminator) has len(source_domains) of them.
     source_domains: tuple[int, ...] = ()
     feature_dim: int = 0  # channels of the backbone's features z (the pooled feature size)
+    # False for a head that reads none of z's locations (a ViT's class-token head on its last
+    # layer): a method that mutes locations would change nothing (rsc_dist.models.network).
+    locations_reach_logits: bool = True
     process_group: object = None  # the ranks of a data-parallel run; None on one process
     capacity: int | None = None  # the largest local forward batch of any rank (fixed-size gathers)
     balanced: bool = False  # data.sampling=balanced: every step takes the same count from each source

@@ -6,7 +6,8 @@ The loss (DomainBed's ``CORAL`` with its ``coral`` distance, ``mmd_gamma`` = pen
                                                             + mean_jk (C_a - C_b)_jk^2 ]
 
 over the pairs P of source domains present in the step's batch, where for domain a with n_a
-samples of pooled features f_i (the backbone's output after global average pooling, d values):
+samples of pooled features f_i (d values: the backbone's output after global average pooling,
+for a CNN; the vector a timm model's classifier reads, for any timm backbone, ViTs included):
 
     mu_a = 1/n_a sum_i f_i                                   (Sun & Saenko, Eq. 1: the means)
     C_a  = 1/(n_a - 1) sum_i (f_i - mu_a)(f_i - mu_a)^T       (Eq. 2: the covariances)
@@ -67,7 +68,7 @@ class CORAL(Method):
             raise ValueError("CORAL needs the number of domains of the dataset (context.num_domains)")
 
     def transform_features(self, z, head, batch, draws):
-        return z, {"pooled": pooled_features(z)}
+        return z, {"pooled": pooled_features(z, head)}
 
     def loss(self, logits, batch, extras):
         if batch.domains is None:

@@ -45,7 +45,7 @@ from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import setting
 from rsc_dist.core.seeding import hashed_uniform, mix_seed
 from rsc_dist.methods.base import Method, ParamGroup, StepOutput, unused_parameters_term
-from rsc_dist.methods.coral import pooled_features
+from rsc_dist.methods.domain_statistics import pooled_features
 
 _DROPOUT_SALT = 0x44414E4E  # separates the discriminator's dropout draws from other seeded draws
 _ADAM_BETA2 = 0.9  # DomainBed's betas are (beta1, 0.9) for both players
@@ -152,7 +152,7 @@ class DANN(Method):
             z = network.featurize(batch)
             logits = network.head(z)
             class_loss = F.cross_entropy(logits.float(), batch.labels)
-        disc_loss = self.discriminator_loss(network.method, pooled_features(z), batch, draws)
+        disc_loss = self.discriminator_loss(network.method, pooled_features(z, network.head), batch, draws)
         loss = disc_loss + unused_parameters_term(network.features, network.head)
         return StepOutput(loss, logits, {"class_loss": class_loss, "disc_loss": disc_loss.detach()})
 
@@ -160,7 +160,7 @@ class DANN(Method):
         z = network.featurize(batch)
         logits = network.head(z)
         class_loss = F.cross_entropy(logits.float(), batch.labels)
-        disc_loss = self.discriminator_loss(network.method, pooled_features(z), batch, draws)
+        disc_loss = self.discriminator_loss(network.method, pooled_features(z, network.head), batch, draws)
         loss = class_loss - self.settings.adversarial_weight * disc_loss
         return StepOutput(loss, logits, {"class_loss": class_loss.detach(), "disc_loss": disc_loss.detach()})
 

@@ -40,9 +40,13 @@ def full_precision(tensor: Tensor):
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def pooled_features(z: Tensor) -> Tensor:
-    """(N, d): a feature map (N, C, H, W) averaged over its locations (DomainBed's featurizer
-    output); (N, d) as it is."""
+def pooled_features(z: Tensor, head=None) -> Tensor:
+    """(N, d): the pooled features of z (DomainBed's featurizer output). With ``head``: what its
+    ``pooled`` gives (for a CNN the map averaged over its locations, for a timm model the vector
+    its classifier reads, e.g. a ViT's class token after the final norm). Without: a feature map
+    (N, C, H, W) averaged over its locations; (N, d) as it is."""
+    if head is not None and hasattr(head, "pooled"):
+        return head.pooled(z)
     return z.mean(dim=(2, 3)) if z.dim() == 4 else z.flatten(1)
 
 

@@ -76,7 +76,7 @@ class MMD(Method):
         logits = network.head(z)
         group, num_domains = self.process_group, self.context.num_domains
         risks, counts = domain_risks(logits, batch.labels, batch.domains, num_domains, group)
-        penalty = mmd_penalty(pooled_features(z), batch.domains, num_domains, process_group=group,
+        penalty = mmd_penalty(pooled_features(z, network.head), batch.domains, num_domains, process_group=group,
                               capacity=self.context.capacity)
         loss = mean_over_present(risks, counts) + self.settings.penalty_weight * penalty
         return StepOutput(loss, logits, {"mmd_penalty": penalty.detach()})

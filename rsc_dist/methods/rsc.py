@@ -1,6 +1,6 @@
 """RSC: Representation Self-Challenging (Huang et al., ECCV 2020), as a method of the trainer.
 
-The method itself lives in ``rsc_dist.rsc`` as pure tensor functions (docs/method.md's Steps
+The method itself lives in ``rsc_dist.methods.rsc_masks`` as pure tensor functions (docs/method.md's Steps
 1-5); this class only connects them to the trainer: its config section, the per-step draws
 (the spatial/channel mode of Step 2 and p_batch of Step 4, both functions of (seed, step)),
 the mask applied to z inside the forward (Step 5: ``z * mask``, the mask a constant), the plain
@@ -15,6 +15,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import setting
 from rsc_dist.core.seeding import mix_seed
 from rsc_dist.methods.base import Method
@@ -27,6 +28,7 @@ from rsc_dist.methods.rsc_masks import (
     p_batch_schedule,
     rsc_mask,
 )
+from rsc_dist.models.layouts import layout_of
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,16 @@ class RSC(Method):
             space["rsc.p_batch"] = {"uniform": [0.0, 0.5]}
         return space
 
+    def check_context(self) -> None:
+        super().check_context()
+        if "spatial" in self.settings.mode and not self.context.locations_reach_logits:
+            raise ConfigError(
+                f"rsc.mode={self.settings.mode} mutes locations of the features z, but this backbone's head reads "
+                "none of them (a class-token head on the last layer): the spatial mask could not change the "
+                "logits. Use --rsc.mode=channel, or for a timm ViT --model.head_blocks=1 (z becomes the input of "
+                "the last transformer block, whose patch tokens reach the class token; docs/method.md, \"RSC on "
+                "tokens\")")
+
     def draws(self, step, steps_per_epoch, sample_ids):
         settings, seed = self.settings, self.context.seed
         schedule = p_batch_schedule(settings.p_batch_schedule, settings.p_batch)
@@ -96,8 +108,10 @@ class RSC(Method):
             process_group=self.selection_group,
             capacity=self.context.capacity,
         )
-        # Step 5 (docs/method.md): the mask is a constant; gradients flow through z only.
-        return z * mask, {"mask": mask, "mask_mode": draws.get("mode", "spatial")}
+        # Step 5 (docs/method.md): the mask is a constant; gradients flow through z only. The
+        # extras carry it as a picture (N, c, h, w), what the image grids draw.
+        mode = draws.get("mode", "spatial")
+        return z * mask, {"mask": layout_of(head).picture(mask, mode), "mask_mode": mode}
 
     def loss(self, logits, batch, extras):
         loss, _ = super().loss(logits, batch, extras)

@@ -13,6 +13,11 @@ does. The model adapter that calls this lives in ``rsc_dist.models``.
                     process_group=torch.distributed.group.WORLD)
     logits = head(z * mask)
 
+z is a CNN's feature map (N, C, H, W) or any layout of rsc_dist.models.layouts (the head's
+``layout``): a channels-last map, or a transformer's tokens (N, T, D), whose patch tokens are
+the locations ("spatial" mode) and whose prefix tokens (class, register) are never muted
+(docs/method.md, "RSC on tokens").
+
 Hot-path rules kept here: no ``.item()``/``nonzero()`` (no host-device sync), no
 ``backward()``, no parameter ``.grad`` touched, no train/eval switch, one collective per step.
 """
@@ -30,7 +35,7 @@ from torch import Tensor, nn
 
 from rsc_dist.core.collectives import gather_rows
 from rsc_dist.core.seeding import hashed_uniform, mix_seed
-from rsc_dist.models.heads import PooledLinearHead
+from rsc_dist.models.layouts import FeatureLayout, layout_of
 
 Mode = Literal["spatial", "channel"]
 Strategy = Literal["top_gradient", "top_activation", "random"]
@@ -57,29 +62,38 @@ _PAD = -1.0
 def _closed_form_weight(head: Callable[[Tensor], Tensor]) -> Tensor | None:
     """The head's class-weight matrix when the closed form applies, else None.
 
-    Under DeepSpeed ZeRO-3 the weight is partitioned outside the head's own forward (an empty
-    tensor on this rank), so there the autograd path, which runs inside the head, is used.
+    It applies to a head that is global average pooling over z's locations and one linear
+    layer: such a head names that layer ``closed_form_classifier`` (models.heads.PooledLinearHead;
+    a timm head whose probe showed it, rsc_dist.models.timm_backbones). Under DeepSpeed ZeRO-3
+    the weight is partitioned outside the head's own forward (an empty tensor on this rank), so
+    there the autograd path, which runs inside the head, is used.
     """
-    if not isinstance(head, PooledLinearHead):
+    classifier = getattr(head, "closed_form_classifier", None)
+    if classifier is None:
         return None
-    weight = head.fc.weight
+    weight = classifier.weight
     if weight.numel() == 0 or hasattr(weight, "ds_id"):
         return None
     return weight
 
 
 def saliency(features: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor) -> Tensor:
-    """``G = d(sum_i h(z)_{i, y_i}) / dz`` on a detached copy of ``z``, shape (N, C, H, W).
+    """``G = d(sum_i h(z)_{i, y_i}) / dz`` on a detached copy of ``z``, in z's shape.
 
-    Closed form for ``PooledLinearHead``; ``torch.autograd.grad`` with ``inputs=z_copy`` for any
-    other head, which leaves every parameter's ``.grad`` alone and is DDP-safe.
+    Closed form for a pooled linear head: ``W[y_i] / L`` at each of the L locations, 0 at
+    prefix tokens; ``torch.autograd.grad`` with ``inputs=z_copy`` for any other head, which
+    leaves every parameter's ``.grad`` alone and is DDP-safe.
     """
     weight = _closed_form_weight(head)
     if weight is not None:
-        height, width = features.shape[-2:]
+        layout = layout_of(head)
         dtype = torch.promote_types(features.dtype, torch.float32)
-        per_channel = weight.detach().to(dtype)[targets] / (height * width)  # (N, C)
-        return per_channel[:, :, None, None].expand(features.shape)
+        locations = math.prod(layout.location_shape(features))
+        per_channel = weight.detach().to(dtype)[targets] / locations  # (N, C)
+        at_locations = layout.location_mask(
+            torch.ones(features.shape[0], *layout.location_shape(features), dtype=dtype, device=features.device),
+            prefix_value=0.0)
+        return (layout.channel_mask(per_channel) * at_locations).expand(features.shape)
     return _autograd_saliency(features, head, targets)
 
 
@@ -107,34 +121,41 @@ def channel_and_spatial_scores(
     strategy: Strategy = "top_gradient",
     generator: torch.Generator | None = None,
     sample_seeds: Tensor | None = None,
+    layout: FeatureLayout | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-sample channel scores (N, C) and spatial scores (N, H, W).
+    """Per-sample channel scores (N, C) and location scores (N, *locations): (N, H, W) for a
+    map, (N, L) over the patch tokens for tokens. ``layout``: the head's when None.
 
+    A channel's score averages over every position of z (prefix tokens included: a class-token
+    head's gradient lives there); location scores cover the locations only (Step 2).
     Scores are computed in at least float32 (never in bf16/fp16, where near-ties collapse).
     Strategy "random" draws from ``sample_seeds`` when given (each sample's scores a function of
     its own seed, so independent of how the batch is split over ranks), else from ``generator``.
     """
+    layout = layout or layout_of(head)
     z = features.detach().to(torch.promote_types(features.dtype, torch.float32))
+    positions, locations = layout.positions(z), layout.locations(z)  # (N, P, C), (N, L, C)
+    grid = (z.shape[0], *layout.location_shape(z))
     if strategy == "top_gradient":
         weight = _closed_form_weight(head)
-        if weight is not None:  # mean_hw of the closed-form G, without materializing G
-            s_channel = weight.detach().to(z.dtype)[targets] / (z.shape[-2] * z.shape[-1])
+        if weight is not None:  # the mean over positions of the closed-form G, without materializing G
+            s_channel = weight.detach().to(z.dtype)[targets] / positions.shape[1]
         else:
-            s_channel = saliency(features, head, targets).mean(dim=(2, 3)).to(z.dtype)
+            s_channel = layout.positions(saliency(features, head, targets)).mean(dim=1).to(z.dtype)
         # Grad-CAM map, as the released code does: sum_c z * s_ch.
-        s_spatial = torch.einsum("nchw,nc->nhw", z, s_channel)
+        s_spatial = torch.einsum("nlc,nc->nl", locations, s_channel).reshape(grid)
         return s_channel, s_spatial
     if strategy == "top_activation":
-        return z.mean(dim=(2, 3)), z.mean(dim=1)
+        return positions.mean(dim=1), locations.mean(dim=2).reshape(grid)
     if strategy == "random":
-        n, c, h, w = z.shape
+        n, c, count = z.shape[0], positions.shape[2], locations.shape[1]
         if sample_seeds is not None:
             seeds = sample_seeds.to(z.device, torch.int64)
             return (hashed_uniform(seeds, c, salt=1).to(z.dtype),
-                    hashed_uniform(seeds, h * w, salt=2).to(z.dtype).view(n, h, w))
+                    hashed_uniform(seeds, count, salt=2).to(z.dtype).view(grid))
         gen_device = generator.device if generator is not None else z.device
         s_channel = torch.rand((n, c), generator=generator, device=gen_device)
-        s_spatial = torch.rand((n, h, w), generator=generator, device=gen_device)
+        s_spatial = torch.rand(grid, generator=generator, device=gen_device)
         return s_channel.to(z.device), s_spatial.to(z.device)
     raise ValueError(f"unknown RSC strategy {strategy!r}; expected one of {STRATEGIES}")
 
@@ -163,13 +184,16 @@ def top_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
 
 
 def feature_mask(
-    s_channel: Tensor, s_spatial: Tensor, mode: Mode, *, p_spatial: float, p_channel: float
+    s_channel: Tensor, s_spatial: Tensor, mode: Mode, *, p_spatial: float, p_channel: float,
+    layout: FeatureLayout | None = None,
 ) -> Tensor:
-    """Boolean keep-mask broadcastable to (N, C, H, W): (N, 1, H, W) or (N, C, 1, 1)."""
+    """Boolean keep-mask broadcastable to z: for a NCHW map (N, 1, H, W) or (N, C, 1, 1); for
+    tokens (N, T, 1) with the prefix tokens kept, or (N, 1, D)."""
+    layout = layout or FeatureLayout()
     if mode == "spatial":
-        return top_fraction_mask(s_spatial, p_spatial)[:, None, :, :]
+        return layout.location_mask(top_fraction_mask(s_spatial, p_spatial), prefix_value=True)
     if mode == "channel":
-        return top_fraction_mask(s_channel, p_channel)[:, :, None, None]
+        return layout.channel_mask(top_fraction_mask(s_channel, p_channel))
     raise ValueError(f"unknown RSC mode {mode!r}; expected one of {MODES}")
 
 
@@ -251,12 +275,14 @@ def rsc_mask(
     process_group=None,
     capacity: int | None = None,
 ) -> Tensor:
-    """The RSC mask of one step: 0/1 in ``features.dtype``, broadcastable to (N, C, H, W).
+    """The RSC mask of one step: 0/1 in ``features.dtype``, broadcastable to z.
 
     Args:
-        features: the last convolutional feature map z, (N, C, H, W), any H x W.
-        head: any callable mapping z to logits (N, K). ``PooledLinearHead`` gets the
-            closed-form saliency; anything else goes through ``torch.autograd.grad``.
+        features: the features z the head reads: a CNN's last feature map (N, C, H, W), any
+            H x W, or another layout of rsc_dist.models.layouts (the head's ``layout``).
+        head: any callable mapping z to logits (N, K). A pooled linear head (one that names its
+            ``closed_form_classifier``) gets the closed-form saliency; anything else goes
+            through ``torch.autograd.grad``.
         targets: ground-truth labels (N,), integers in [0, K).
         mode: "spatial" or "channel" (resolve "spatial+channel" per step with ``draw_mode``).
         p_spatial, p_channel: fraction of locations / channels muted per sample.
@@ -272,7 +298,8 @@ def rsc_mask(
 
     The mask is a constant: no gradient flows through it (Step 5).
     """
-    _check_inputs(features, targets, mode, strategy, (p_spatial, p_channel, p_batch))
+    layout = layout_of(head)
+    _check_inputs(features, targets, mode, strategy, (p_spatial, p_channel, p_batch), layout)
     targets = targets.long()
     with torch.no_grad(), same_randomness_per_call(head, features.device) as reset:
         reset()
@@ -280,9 +307,9 @@ def rsc_mask(
         _check_logits(logits_full, features.shape[0], targets)
         reset()
         s_channel, s_spatial = channel_and_spatial_scores(
-            features, head, targets, strategy=strategy, generator=generator, sample_seeds=sample_seeds
-        )
-        keep = feature_mask(s_channel, s_spatial, mode, p_spatial=p_spatial, p_channel=p_channel)
+            features, head, targets, strategy=strategy, generator=generator, sample_seeds=sample_seeds,
+            layout=layout)
+        keep = feature_mask(s_channel, s_spatial, mode, p_spatial=p_spatial, p_channel=p_channel, layout=layout)
         keep_value = keep.to(features.dtype)
         reset()
         logits_masked = head(features.detach() * keep_value)
@@ -294,7 +321,7 @@ def rsc_mask(
             capacity=capacity,
         )
         # Step 4: unselected samples see their full features.
-        selected = selected.reshape(-1, 1, 1, 1)
+        selected = selected.reshape(-1, *[1] * (features.dim() - 1))
         return torch.where(selected, keep_value, torch.ones_like(keep_value))
 
 
@@ -379,9 +406,9 @@ def p_batch_schedule(name: str, value: float) -> Callable[[int, int], float]:
 # Input checks: clear messages instead of an index error deep inside a kernel
 
 
-def _check_inputs(features: Tensor, targets: Tensor, mode: str, strategy: str, fractions) -> None:
-    if features.dim() != 4:
-        raise ValueError(f"features must be (N, C, H, W); got shape {tuple(features.shape)}")
+def _check_inputs(features: Tensor, targets: Tensor, mode: str, strategy: str, fractions,
+                  layout: FeatureLayout | None = None) -> None:
+    (layout or FeatureLayout()).check(features)
     if targets.dim() != 1 or targets.shape[0] != features.shape[0]:
         raise ValueError(
             f"targets must be (N,) with N = {features.shape[0]} matching features; "

@@ -48,7 +48,7 @@ from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import setting
 from rsc_dist.core.seeding import hashed_uniform, mix_seed
 from rsc_dist.methods.base import Method, ParamGroup, StepOutput, unused_parameters_term
-from rsc_dist.methods.coral import pooled_features
+from rsc_dist.methods.domain_statistics import pooled_features
 from rsc_dist.methods.global_batch import in_global_order, local_rows
 from rsc_dist.models.heads import PooledLinearHead, PooledNormHead
 

@@ -1,9 +1,18 @@
 """The backbone registry: each torchvision network split into ``features(x) -> z`` (up to the
 last feature map, where RSC acts) and ``head(z) -> logits``, with what offline weight loading
-needs (docs/extending.md, "Adding a backbone")."""
+needs (docs/extending.md, "Adding a backbone"); beside them any timm model by name,
+``timm/<model name>`` (rsc_dist.models.timm_backbones). ``check_arch`` says which names a
+config may use.
+
+The seven torchvision names stay torchvision networks: timm has no AlexNet, its ConvNeXt-Tiny
+is another implementation with another weights file, and the ResNets' state-dict keys would
+change (runs' checkpoints must keep loading). timm's ``resnet*.tv_in1k`` are the same networks
+with the same weights files, with outputs equal to these (tests/test_timm_backbones.py).
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -11,7 +20,9 @@ from typing import Callable
 import torchvision
 from torch import nn
 
+from rsc_dist.core.errors import ConfigError
 from rsc_dist.models.heads import AlexNetHead, PooledLinearHead, PooledNormHead
+from rsc_dist.models.timm_backbones import TIMM_PREFIX, check_timm_name, preprocessing, timm_model_name
 
 
 def _split_resnet(net: nn.Module, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -62,3 +73,24 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("convnext_tiny", "ConvNeXt_Tiny_Weights", "classifier.2.", _split_convnext, False),
 )}
 ARCHS = tuple(BACKBONES)
+
+
+def check_arch(arch: str) -> None:
+    """ConfigError (one line) unless ``arch`` is a registered torchvision backbone or a model timm has."""
+    name = timm_model_name(arch)
+    if name is not None:
+        check_timm_name(name)
+        return
+    if arch not in BACKBONES:
+        close = difflib.get_close_matches(arch, ARCHS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)} or {TIMM_PREFIX}<timm model name> "
+                          f"(e.g. timm/resnet50.ram_in1k); got {arch!r}{hint}")
+
+
+def backbone_preprocessing(arch: str) -> dict:
+    """The input a backbone's weights expect (``data.mean``, ``data.std``, ``data.image_size``):
+    a timm model's own pretrained config; {} for torchvision's (the config's defaults are theirs)."""
+    check_arch(arch)
+    name = timm_model_name(arch)
+    return preprocessing(name) if name is not None else {}

@@ -1,4 +1,5 @@
-"""``build_model``: a registered backbone, its pretrained weights loaded, as a ``Network``."""
+"""``build_model``: a registered backbone (torchvision's, or any timm model), its pretrained
+weights loaded, as a ``Network``."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 
 import torchvision
 
-from rsc_dist.models.backbones import ARCHS, BACKBONES
+from rsc_dist.core.errors import ConfigError
+from rsc_dist.models.backbones import BACKBONES, check_arch
 from rsc_dist.models.network import Network
+from rsc_dist.models.timm_backbones import build_timm_backbone, timm_model_name
 from rsc_dist.models.weights import load_imagenet_weights
 
 
@@ -18,23 +21,37 @@ def build_model(
     pretrained: str | os.PathLike | None = None,
     freeze_bn: bool = False,
     dropout: float = 0.0,
+    image_size: int | None = None,
+    head_blocks: int | None = None,
 ) -> Network:
-    """A registered torchvision backbone split into features and head (a method's own modules
-    are added by the trainer as ``network.method``, after the backbone's initialization).
+    """A backbone split into features and head (a method's own modules are added by the trainer
+    as ``network.method``, after the backbone's initialization).
 
-    ``pretrained``: None (random init), "torchvision" (the ImageNet weights file in the
-    torchvision cache, never downloaded), or a path to a state-dict file. The ImageNet
-    classifier layer is always replaced by a fresh one with ``num_classes`` outputs.
-    ``dropout``: DomainBed's ResNet dropout on the pooled features in training (FeatureDropout).
+    ``arch``: a torchvision name of rsc_dist.models.BACKBONES or ``timm/<model name>``.
+    ``pretrained``: None (random init); for torchvision backbones "torchvision" (the ImageNet
+    weights file in the torchvision cache), for timm ones "timm" (timm's / Hugging Face's
+    cache), never downloaded; or a path to a weights file. The ImageNet classifier layer is
+    always replaced by a fresh one with ``num_classes`` outputs. ``image_size``: the input side,
+    for timm models built for a fixed size (ViTs). ``head_blocks``: timm ViTs only
+    (rsc_dist.models.timm_backbones).
+    ``dropout``: DomainBed's ResNet dropout on the pooled features in training (FeatureDropout;
+    torchvision backbones whose head is average pooling and one linear layer).
     """
-    if arch not in BACKBONES:
-        raise ValueError(f"model.arch must be one of {ARCHS}; got {arch!r}")
+    check_arch(arch)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+    name = timm_model_name(arch)
+    if name is not None:
+        features, head = build_timm_backbone(name, num_classes, image_size=image_size, pretrained=pretrained,
+                                             head_blocks=head_blocks)
+        if dropout:
+            raise ConfigError(f"model.dropout is DomainBed's ResNet dropout on pooled CNN features; {arch} is a timm "
+                              "model (its own drop rates are off: they would draw per rank)")
+        return Network(features, head, freeze_bn=freeze_bn)
+    if head_blocks:
+        raise ConfigError(f"model.head_blocks={head_blocks} applies to timm ViTs; {arch} is a torchvision CNN")
     net = getattr(torchvision.models, arch)(weights=None)
     if pretrained not in (None, "", "none"):
         load_imagenet_weights(net, arch, pretrained)
     features, head = BACKBONES[arch].split(net, num_classes)
     return Network(features, head, freeze_bn=freeze_bn, dropout=dropout)
-
-

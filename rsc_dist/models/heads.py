@@ -1,8 +1,12 @@
-"""Heads: the part of a backbone from its last feature map z to the logits. Each knows
-``in_channels``, the channels of z (what a method's own modules on the pooled features take).
+"""Heads: the part of a backbone from its last feature map z to the logits (torchvision's
+backbones; timm's are in rsc_dist.models.timm_backbones). Each knows ``in_channels``, the size
+of its pooled features, and ``pooled(z)``, those features (what CORAL and a method's own
+modules on the pooled features take).
 
-``PooledLinearHead`` (global average pool + one linear layer) is what RSC's closed-form saliency
-recognizes (rsc_dist.methods.rsc_masks); the others are scored through autograd.
+A head that is global average pooling and one linear layer names that layer as
+``closed_form_classifier``: RSC's saliency then has a closed form (rsc_dist.methods.rsc_masks);
+the others are scored through autograd. These heads read NCHW maps, whose every location
+reaches the logits (``rsc_dist.models.layouts``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import Tensor, nn
 class PooledLinearHead(nn.Module):
     """Global average pool + linear: ``h(z) = W . GAP(z) + b``.
 
-    rsc_mask recognizes this class and computes saliency in closed form (Step 1):
+    Its ``closed_form_classifier`` gives rsc_mask the saliency in closed form (Step 1):
     ``G[i, c, h, w] = W[y_i, c] / (H * W)``, so no backward pass is needed at all.
     """
 
@@ -23,8 +27,15 @@ class PooledLinearHead(nn.Module):
         self.in_channels = in_channels
         self.fc = nn.Linear(in_channels, num_classes)
 
+    @property
+    def closed_form_classifier(self) -> nn.Linear:
+        return self.fc
+
+    def pooled(self, z: Tensor) -> Tensor:
+        return z.mean(dim=(2, 3))
+
     def forward(self, z: Tensor) -> Tensor:
-        return self.fc(z.mean(dim=(2, 3)))
+        return self.fc(self.pooled(z))
 
 
 class AlexNetHead(nn.Module):
@@ -35,6 +46,10 @@ class AlexNetHead(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = classifier
         self.in_channels = classifier[1].in_features // 36  # its first linear layer reads 6 x 6 x C
+
+    def pooled(self, z: Tensor) -> Tensor:
+        """Global average pooling of z (C values): its MLP reads 6 x 6 x C."""
+        return z.mean(dim=(2, 3))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.pool(z), 1))
@@ -50,6 +65,10 @@ class PooledNormHead(nn.Module):
         self.pool = pool
         self.classifier = classifier
         self.in_channels = classifier[-1].in_features
+
+    def pooled(self, z: Tensor) -> Tensor:
+        """Global average pooling of z, before the LayerNorm (what CORAL has read since it was added)."""
+        return z.mean(dim=(2, 3))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.classifier(self.pool(z))

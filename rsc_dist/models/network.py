@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rsc_dist.models.feature_dropout import FeatureDropout, dropout_seeds
+from rsc_dist.models.layouts import FeatureLayout, layout_of
 
 
 class Network(nn.Module):
@@ -41,8 +42,19 @@ class Network(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        """Channels of the features z (the size of the pooled feature vector)."""
+        """The size of the pooled feature vector (``head.pooled(z)``; the channels of z for a CNN)."""
         return self.head.in_channels
+
+    @property
+    def feature_layout(self) -> FeatureLayout:
+        """Where z keeps its channels and locations (rsc_dist.models.layouts)."""
+        return layout_of(self.head)
+
+    @property
+    def locations_reach_logits(self) -> bool:
+        """False for a head that reads none of z's locations (a ViT's class-token head on the
+        last layer): muting locations could not change the logits."""
+        return getattr(self.head, "locations_reach_logits", True)
 
     def train(self, mode: bool = True) -> "Network":
         """``freeze_bn``: BatchNorm layers stay in eval mode (running statistics, never updated)

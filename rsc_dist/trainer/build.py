@@ -145,10 +145,12 @@ def build_training_model(config: Config, num_classes: int, accelerator: Accelera
     """
     distributed = accelerator.num_processes > 1
     network = build_model(config.model.arch, num_classes, pretrained=config.model.pretrained,
-                          freeze_bn=config.model.freeze_bn, dropout=config.model.dropout)
+                          freeze_bn=config.model.freeze_bn, dropout=config.model.dropout,
+                          image_size=config.data.image_size, head_blocks=config.model.head_blocks)
     context = methods.MethodContext(
         seed=config.run.seed, num_classes=num_classes, num_domains=num_domains, source_domains=tuple(source_domains),
         feature_dim=network.feature_dim, optimizer=config.optim.name,
+        locations_reach_logits=network.locations_reach_logits,
         process_group=torch.distributed.group.WORLD if distributed else None, capacity=capacity,
         balanced=config.data.sampling == "balanced",
         grad_accum=config.train.grad_accum if grad_accum is None else grad_accum, zero_stage=zero_stage(accelerator))
@@ -253,7 +255,8 @@ def evaluation_network(config: Config, num_classes: int, state_dict: dict, devic
     the run's memory format, on ``device``, in eval mode: what rsc_dist.evaluate runs on a saved
     model and the trainer on a ZeRO-3 model. ConfigError (naming ``source``) when the weights do
     not fit the architecture and class count."""
-    model = build_model(config.model.arch, num_classes, pretrained=None)
+    model = build_model(config.model.arch, num_classes, pretrained=None, image_size=config.data.image_size,
+                        head_blocks=config.model.head_blocks)
     # A method's own modules (network.method: a discriminator, a second head, per-domain
     # weights) take no part in prediction.
     state_dict = {key: value for key, value in state_dict.items() if not key.startswith(METHOD_PREFIX)}

@@ -51,11 +51,11 @@ def suite_overrides(name: str) -> list[str]:
             "--train.mixed_precision=no", "--wandb.mode=disabled", *method_overrides(name)]
 
 
-def global_batch(step: int) -> dict:
+def global_batch(step: int, size: int = SIZE) -> dict:
     """Global batch ``step``: PER_DOMAIN samples of each source domain, in the stream's layout."""
     g = torch.Generator().manual_seed(1000 + step)
     n = PER_DOMAIN * SOURCES
-    return {"image": torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8),
+    return {"image": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
             "label": torch.randint(0, CLASSES, (n,), generator=g),
             "domain": torch.arange(SOURCES).repeat_interleave(PER_DOMAIN),
             "sample_id": torch.randint(0, 2**62, (n,), generator=g),
@@ -72,9 +72,11 @@ def rank_share(batch: dict, rank: int, world_size: int) -> dict:
     return share
 
 
-def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, engines: tuple) -> None:
-    """Train every (name, extra overrides) variant under every engine ("ddp", "zero2"); rank 0
-    saves each run's final state dict, or the refusal's message."""
+def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, engines: tuple,
+                     more: tuple = ()) -> None:
+    """Train every (name, extra overrides) variant under every engine ("ddp", "zero2", "zero3"),
+    and the (engine, variant) pairs of ``more``; rank 0 saves each run's final state dict, or the
+    refusal's message."""
     from rsc_dist.config import load_config
     from rsc_dist.core.errors import ConfigError
     from rsc_dist.trainer import build
@@ -87,37 +89,53 @@ def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, e
                            local_forward_batch=local,
                            global_forward_batch=PER_DOMAIN * SOURCES)
     results = {}
-    for engine in engines:
-        for name, extra in variants:
-            os.environ.clear()
-            os.environ.update(base_env)
-            if engine != "ddp":
-                os.environ.update(deepspeed_launch_env(REPO / "launch" / "accelerate" / f"deepspeed_{engine}.yaml"))
-            fresh_accelerate_state()
-            config = load_config("demo", suite_overrides(name) + list(extra))
-            accelerator = build.make_accelerator(config, Path(out_dir) / "unused")
-            torch.manual_seed(0)
-            try:
-                trained = build.training_objects(config, plan, accelerator)
-            except ConfigError as refused:
-                results[engine, name, tuple(extra)] = {"refused": str(refused)}
-                continue
-            for step in range(STEPS):
-                batch = rank_share(global_batch(step), rank, world_size)
-                train_on_batch(accelerator, trained, config, batch, step, steps_per_epoch=100)
-            weights = accelerator.get_state_dict(trained.model)
-            results[engine, name, tuple(extra)] = {
-                "weights": {k: v.detach().clone() for k, v in weights.items()} if rank == 0 else None}
-            del trained, accelerator
+    for engine, (name, extra) in [(engine, variant) for engine in engines for variant in variants] + list(more):
+        os.environ.clear()
+        os.environ.update(base_env)
+        if engine != "ddp":
+            os.environ.update(deepspeed_launch_env(REPO / "launch" / "accelerate" / f"deepspeed_{engine}.yaml"))
+        fresh_accelerate_state()
+        config = load_config("demo", suite_overrides(name) + list(extra))
+        accelerator = build.make_accelerator(config, Path(out_dir) / "unused")
+        if engine == "zero3":
+            # Partition every parameter: by default DeepSpeed keeps those under 1e5 elements
+            # whole on every rank (all of a test model's).
+            accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"][
+                "stage3_param_persistence_threshold"] = 0
+        torch.manual_seed(0)
+        try:
+            trained = build.training_objects(config, plan, accelerator)
+        except ConfigError as refused:
+            results[engine, name, tuple(extra)] = {"refused": str(refused)}
+            continue
+        for step in range(STEPS):
+            batch = rank_share(global_batch(step, variant_image_size(extra)), rank, world_size)
+            train_on_batch(accelerator, trained, config, batch, step, steps_per_epoch=100)
+        weights = accelerator.get_state_dict(trained.model)
+        results[engine, name, tuple(extra)] = {
+            "weights": {k: v.detach().clone() for k, v in weights.items()} if rank == 0 else None}
+        del trained, accelerator
     torch.save(results, Path(out_dir, f"world{world_size}_rank{rank}.pt"))
 
 
-def initial_weights() -> dict:
-    """The weights every variant starts from (seed 0, before any step)."""
+def _overrides(extra) -> dict:
+    return dict(arg[2:].split("=", 1) for arg in extra if arg.startswith("--") and "=" in arg)
+
+
+def variant_image_size(extra) -> int:
+    """The side of a variant's images: its --data.image_size (a ViT is built for one whose side
+    its patch divides), else SIZE."""
+    return int(_overrides(extra).get("data.image_size", SIZE))
+
+
+def initial_weights(extra=()) -> dict:
+    """The weights a variant starts from (seed 0, before any step): ResNet-18, or the backbone
+    its overrides name (--model.arch, --data.image_size)."""
     from rsc_dist.models.build import build_model
 
     torch.manual_seed(0)
-    return build_model("resnet18", CLASSES).state_dict()
+    return build_model(_overrides(extra).get("model.arch", "resnet18"), CLASSES,
+                       image_size=variant_image_size(extra)).state_dict()
 
 
 def run_trainer_jobs(rank: int, world_size: int, jobs: list, ports: list) -> None:
