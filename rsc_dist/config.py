@@ -92,16 +92,14 @@ NOT_TRAJECTORY = (
     "train.image_log_every_steps", "train.agree_every_steps", "train.stop_at_step", "train.tracker",
     "wandb", "run.protocol",
 )
-# Trajectory settings added after runs were saved without them, with the value that computes
-# what those runs computed: a checkpoint or results.json that lacks one is read with it.
-EARLIER_DEFAULTS = {"train.selection": "source_val_pooled", "data.holdout_fraction": 0.0,
-                    "data.holdout_seed": 0, "model.dropout": 0.0}
-
-
 # Settings added after runs were made, {key: the value that reproduces those runs}: at that
 # value a setting is left out of the trajectory settings, so the runs' fingerprints (their
 # default folders) and their checkpoints' settings stay what they were.
-ADDED_SETTINGS = {"model.head_blocks": None}
+ADDED_SETTINGS = {"data.holdout_fraction": 0.0, "data.holdout_seed": 0, "model.dropout": 0.0,
+                  "model.head_blocks": None}
+# Trajectory settings added after runs were saved without them, with the value that computes
+# what those runs computed: a checkpoint or results.json that lacks one is read with it.
+EARLIER_DEFAULTS = {"train.selection": "source_val_pooled", **ADDED_SETTINGS}
 
 
 def trajectory_settings(config: "Config") -> dict:

@@ -37,7 +37,7 @@ NEVER_DOWNLOADS = ("This tool never downloads weights at run time; use --model.p
 
 def cached_timm_weights(name: str) -> tuple[Path | None, list[str]]:
     """(the cached weights file of timm's model ``name``, or None; the places looked at)."""
-    from rsc_dist.models.timm_backbones import pretrained_config
+    from timm.models import get_pretrained_cfg as pretrained_config
 
     config = pretrained_config(name)
     looked = []
@@ -118,7 +118,7 @@ def _is_torchscript(path: Path) -> bool:
 def load_timm_weights(model: nn.Module, name: str, pretrained: str | os.PathLike) -> Path:
     """Load ``pretrained`` (module docstring) into timm's ``model`` (built for ``name``, not yet
     split), its classifier replaced; the file read. ConfigError when the weights do not fit."""
-    from rsc_dist.models.timm_backbones import pretrained_config
+    from timm.models import get_pretrained_cfg as pretrained_config
 
     path = timm_weights_path(name, pretrained)
     state = read_state_dict(path)
