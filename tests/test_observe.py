@@ -53,7 +53,8 @@ def evaluation(step, val, sketch, top5=0.9, photo=None):
     return {"step": step, "val_acc": (30 * val + 10 * (photo or val)) / 40,
             "val_acc_mean": (val + (photo or val)) / 2, "val_per_domain": per_domain,
             "val_n": {"cartoon": 30, "photo": 10},
-            "target_acc": {"sketch": sketch}, "target_top5": {"sketch": top5}, "target_n": {"sketch": 24}}
+            "target_acc": {"sketch": sketch}, "target_top5": {"sketch": top5}, "target_n": {"sketch": 24},
+            "val_loss": 1.0 - val, "val_loss_mean": 1.0 - val, "val_loss_per_domain": {d: 1.0 - v for d, v in per_domain.items()}}
 
 
 def images_and_mask():
@@ -235,7 +236,7 @@ def test_results_document_follows_the_contract(monkeypatch, tmp_path):
     first = evaluation(4, 0.6, 0.5)
     state = types.SimpleNamespace(best=first, last=first, step=4, history=[first], forced_resumes=[])
     doc = results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))
-    assert doc["schema_version"] == contracts.RESULTS_SCHEMA_VERSION == 3 and doc["best_checkpoint"] is None
+    assert doc["schema_version"] == contracts.RESULTS_SCHEMA_VERSION == 4 and doc["best_checkpoint"] is None
     assert doc["fingerprint"] == config_module.trajectory_fingerprint(config, 1)
     assert doc["selection"] == "source_val_pooled" and doc["best"]["val_n"] == {"cartoon": 30, "photo": 10}
     assert contracts.layout_problems(json.loads(json.dumps(doc))) == []
