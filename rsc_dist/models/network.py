@@ -24,6 +24,7 @@ class Network(nn.Module):
         self.head = head
         self.method = method
         self.freeze_bn = freeze_bn
+        self.loaded_from: str | None = None  # which of a run's weights it started from (models.build)
         self.train()  # a module starts in training mode; with freeze_bn its BatchNorm layers do not
 
     @property
