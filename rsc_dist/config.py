@@ -24,6 +24,8 @@ from typing import Any, Callable, Literal
 import yaml
 
 from rsc_dist import methods
+from rsc_dist.averaging import settings as averaging_settings
+from rsc_dist.averaging.settings import AveragingConfig
 from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import section, setting
 from rsc_dist.data.settings import DataConfig
@@ -47,6 +49,7 @@ class CommonConfig:
     optim: OptimConfig = section(OptimConfig)
     schedule: ScheduleConfig = section(ScheduleConfig)
     train: TrainConfig = section(TrainConfig)
+    averaging: AveragingConfig = section(AveragingConfig)
     wandb: WandbConfig = section(WandbConfig)
     preset: str = setting("", "the preset this config came from (set by load_config)")
 
@@ -94,9 +97,12 @@ NOT_TRAJECTORY = (
 
 def trajectory_settings(config: "Config") -> dict:
     """Flat {dotted key: value} of the settings that define the run's trajectory: only the
-    active method's section among the methods' (an ERM run does not depend on rsc.*)."""
+    active method's section among the methods' (an ERM run does not depend on rsc.*), and of
+    the averaging settings only those of train.averaging's kind (none without averaging: the
+    averaged model lives in the run folder, so a run with another average is another run)."""
     flat = flatten(to_dict(config))
-    skipped = NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != config.algorithm)
+    skipped = (NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != config.algorithm)
+               + averaging_settings.inactive_keys(config.train.averaging))
     return {key: value for key, value in flat.items()
             if not any(key == skip or key.startswith(skip + ".") for skip in skipped)}
 
@@ -350,6 +356,7 @@ def validate(config: Config) -> None:
                           f"got {config.data.random_resized_crop_scale}")
     if set(config.data.target) & set(config.data.sources):
         raise ConfigError(f"data.target {config.data.target} overlaps data.sources {config.data.sources}")
+    averaging_settings.check(config.train.averaging, config.averaging)
 
 
 _RANGES = {"fraction": (0.0, 1.0, "in [0, 1]"), "positive": (1, None, ">= 1"), "nonnegative": (0, None, ">= 0")}

@@ -52,7 +52,7 @@ METHOD_KEYS = (
     "preset", "model.arch", "model.pretrained",
     *(key for name in methods.NAMES for key in methods.section_keys(name)),
     "data.sampling", "data.batch_size", "data.image_size", "optim.name", "optim.lr",
-    "train.epochs", "train.max_steps", "train.selection",
+    "train.epochs", "train.max_steps", "train.selection", "train.averaging",
 )
 # What chose "best" in results.json files that do not say (schema versions 1 and 2).
 OLD_SELECTION = "source_val_pooled"
@@ -112,6 +112,7 @@ class Run:
     # metric ("best"/"last", "+top5" variants) -> {target: accuracy fraction}
     acc: dict[str, dict[str, float]]
     selection: str = OLD_SELECTION  # the rule that chose acc["best"]
+    variant: str = ""  # not the run's own trained model: "SWAD", "uniform soup of 5 runs" (its row: METHOD + VARIANT)
 
 
 def dataset_key(name: str) -> str:
@@ -119,9 +120,8 @@ def dataset_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def load_run(path: Path, rule: str | None = None) -> Run:
-    """Parse and check one results.json (layout: rsc_dist/core/contracts.py). ``rule``: choose "best"
-    from the history with this selection rule instead of taking the run's own choice."""
+def read_document(path: Path) -> dict:
+    """One results.json as a dict (ResultsError naming the file when it is not one)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -130,6 +130,17 @@ def load_run(path: Path, rule: str | None = None) -> Run:
         raise ResultsError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ResultsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_run(path: Path, rule: str | None = None) -> Run:
+    """Parse and check one results.json (layout: rsc_dist/core/contracts.py). ``rule``: choose "best"
+    from the history with this selection rule instead of taking the run's own choice."""
+    return parse_run(path, read_document(path), rule)
+
+
+def parse_run(path: Path, data: dict, rule: str | None = None) -> Run:
+    """``load_run`` on a document already read (``path`` names it in messages and labels)."""
 
     def need(key, kind, where=data, label=None):
         label = label or key
@@ -186,7 +197,10 @@ def load_run(path: Path, rule: str | None = None) -> Run:
                 if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                     raise ResultsError(f"{path}: {label!r} must be a fraction in [0, 1]; got {value!r}")
             acc[metric + suffix] = {t: float(values[t]) for t in targets}
-    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule)
+    variant = data.get("variant") or ""
+    if not isinstance(variant, str):
+        raise ResultsError(f"{path}: 'variant' must be a string; got {variant!r}")
+    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule, variant)
 
 
 def results_files(root: Path) -> list[Path]:
@@ -206,13 +220,16 @@ def find_runs(root: Path, rule: str | None = None) -> list[Run]:
     paths = results_files(root)
     if not paths:
         raise ResultsError(f"no results.json under {root}")
-    return [load_run(p, rule) for p in paths]
+    from rsc_dist.results.averaged import load_runs  # a run's averaged model is a row of its own
+
+    return [run for p in paths for run in load_runs(p, rule)]
 
 
 def method_labels(runs: list[Run]) -> dict[Path, str]:
     """Algorithm, plus `key=value` for each METHOD_KEY whose value differs between runs."""
     # Lists as tuples: the values are compared in a set.
-    flats = {r.path: {**flatten(r.config, leaf=lambda v: tuple(v) if isinstance(v, list) else v),
+    flats = {r.path: {"train.averaging": "none",  # runs from before averaging existed had none
+                      **flatten(r.config, leaf=lambda v: tuple(v) if isinstance(v, list) else v),
                       "model.arch": r.arch} for r in runs}
     varying = [k for k in METHOD_KEYS if len({flats[r.path].get(k) for r in runs}) > 1]
     labels = {}
@@ -220,13 +237,14 @@ def method_labels(runs: list[Run]) -> dict[Path, str]:
         parts = []
         for key in varying:
             section = key.split(".", 1)[0]
-            if section in methods.METHODS and section != r.algorithm:
-                continue
+            if section in methods.METHODS and section != r.algorithm or key == "train.averaging" and r.variant:
+                continue  # another method's setting; an averaged row's variant names its averaging
             value = flats[r.path].get(key)
             if value is not None:
                 short = key.split(".", 1)[-1] if key in ("model.arch", "rsc.mode") else key
                 parts.append(f"{short}={value}")
-        labels[r.path] = r.algorithm.upper() + (f" ({', '.join(parts)})" if parts else "")
+        variant = f" + {r.variant}" if r.variant else ""
+        labels[r.path] = r.algorithm.upper() + variant + (f" ({', '.join(parts)})" if parts else "")
     return labels
 
 
