@@ -13,6 +13,9 @@
       optim.lr: {log_uniform: [1.0e-3, 1.0e-1]}     # a distribution: random search
     method_space:                  # one method only; replaces the entries above
       rsc: {rsc.p_batch: {choice: [0.25, 0.33]}}
+    shared_init: runs/lp/erm/sketch/seed0-XXXX   # every run starts from this run's weights
+                                   # (model.pretrained; DiWA's shared start, so that
+                                   # python -m rsc_dist.soup can average the runs)
     n_trials: 8                    # random draws (per grid point); needed with a distribution
     search_seed: 0                 # seeds the draws
     slurm: {sbatch: [--gpus-per-node=1, --time=8:00:00], max_parallel: 16}
@@ -38,7 +41,7 @@ from rsc_dist.config import Config, ConfigError, describe_fields, flatten, load_
 from rsc_dist.sweep.space import Distribution, SpaceError, default_space, parse_entry, unit
 
 KEYS = ("name", "preset", "methods", "targets", "seeds", "overrides", "default_space", "space",
-        "method_space", "n_trials", "search_seed", "slurm")
+        "method_space", "n_trials", "search_seed", "slurm", "shared_init")
 SLURM_KEYS = ("sbatch", "max_parallel")
 METHODS = methods.NAMES
 # Set by the sweep for each run: written in methods/targets/seeds, or by the launcher.
@@ -200,6 +203,8 @@ def _expand(path: Path, raw: dict, extra_overrides: dict) -> Sweep:
     for key in extra_overrides:
         _check_field(key, "--set", known)
     fixed.update(extra_overrides)
+    if raw.get("shared_init") is not None:
+        fixed["model.pretrained"] = _shared_init(path, raw, fixed)
     space = _mapping(raw.get("space"), f"{where}: space")
     for key in space:
         _check_field(key, f"{where}: space", known)
@@ -262,6 +267,33 @@ def _expand(path: Path, raw: dict, extra_overrides: dict) -> Sweep:
                          "settings; add a distribution or drop n_trials")
     return Sweep(path, name, preset, runs, {"sbatch": list(sbatch), "max_parallel": max_parallel},
                  trials_per_method)
+
+
+def _shared_init(path: Path, raw: dict, fixed: dict) -> str:
+    """shared_init: one run or checkpoint every trial starts from, as an absolute path (relative
+    paths are read from the sweep file's folder, then from here)."""
+    from rsc_dist.core.errors import ConfigError
+    from rsc_dist.models.weights import run_weights_location
+
+    value = raw["shared_init"]
+    where = f"{path}: shared_init"
+    if not isinstance(value, str) or not value:
+        raise SweepError(f"{where} must be the path of a run folder or checkpoint; got {value!r}")
+    if "model.pretrained" in fixed:
+        raise SweepError(f"{where} sets model.pretrained for every run; remove model.pretrained from overrides/--set")
+    for name, entries in [("space", raw.get("space") or {}), *((f"method_space.{m}", e or {}) for m, e in
+                                                                (raw.get("method_space") or {}).items())]:
+        if isinstance(entries, dict) and "model.pretrained" in entries:
+            raise SweepError(f"{where}: {name} also searches model.pretrained; a shared start is one checkpoint")
+    beside = path.parent / value
+    chosen = (beside if beside.exists() else Path(value).expanduser()).resolve()
+    try:
+        found = run_weights_location(chosen) if chosen.is_dir() else (chosen if chosen.is_file() else None)
+    except ConfigError as exc:
+        raise SweepError(f"{where}: {str(exc).removeprefix(f'model.pretrained={chosen}: ')}") from None
+    if found is None:
+        raise SweepError(f"{where}: {value} does not exist (looked beside the sweep file and from {Path.cwd()})")
+    return str(chosen)
 
 
 def _trials(entries: dict, n_trials: int | None, seed: int, where: str) -> tuple[list[dict], dict, bool]:
