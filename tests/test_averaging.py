@@ -303,3 +303,14 @@ def test_averaging_refuses_what_it_cannot_do():
         check_averaging_data(load_config("demo", ["--train.averaging=swad"]), plan)
     with pytest.raises(ConfigError, match="swa_start_step=10 is not before the run's last step"):
         check_averaging_data(load_config("demo", ["--train.averaging=swa", "--averaging.swa_start_step=10"]), plan)
+
+
+def test_the_averaging_benchmark_prints_its_table(capsys, tmp_path):
+    from rsc_dist import bench_averaging
+
+    results = bench_averaging.main(["--resolution", "16", "--batch", "2", "--rounds", "2", "--steps", "2",
+                                    "--warmup", "1", "--eval-every", "2", "--json", str(tmp_path / "out.json")])
+    (result,) = results
+    assert set(result["kinds"]) == {"ema", "swad"} and result["erm_ms_per_step"] > 0
+    assert all(row["update_ms"] > 0 for row in result["kinds"].values())
+    assert "| resnet18 | 16 | 2 |" in capsys.readouterr().out and (tmp_path / "out.json").is_file()

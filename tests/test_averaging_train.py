@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow
 
 CUT, STEPS = 2, 4
 SWAD = ["--train.averaging=swad", "--averaging.swad_n_converge=2", "--averaging.swad_n_tolerance=3"]
-EMA = ["--train.averaging=ema", "--averaging.ema_decay=0.7", "--model.freeze_bn=false", "--averaging.bn_batches=2"]
+TRAINED_BN = ["--model.freeze_bn=false"]  # the EMA run and its twin without averaging train BatchNorm
+EMA = ["--train.averaging=ema", "--averaging.ema_decay=0.7", "--averaging.bn_batches=2", *TRAINED_BN]
 MAX_RELATIVE_L2 = 1e-4
 ZERO2 = ACCELERATE_CONFIGS / "deepspeed_zero2.yaml"
 
@@ -61,12 +62,13 @@ def runs(tmp_path_factory, tiny_shards):
     root = tmp_path_factory.mktemp("averaging_runs")
     config = end_to_end_config(root, tiny_shards, max_steps=STEPS, eval_every_steps=1, checkpoint_every_steps=2)
     common = ["--config", str(config), "--algorithm", "erm"]
-    folders = {name: root / name for name in ("swad", "swad_resumed", "swad_elastic", "swad_zero2", "ema")}
+    folders = {name: root / name for name in ("swad", "swad_resumed", "swad_elastic", "swad_zero2", "ema", "plain")}
     codes = {"swad": train.main(common + SWAD + ["--output_dir", str(folders["swad"])]),
              "swad_cut": train.main(common + SWAD + ["--output_dir", str(folders["swad_resumed"]),
                                                      f"--train.stop_at_step={CUT}"]),
              "swad_resumed": train.main(common + SWAD + ["--output_dir", str(folders["swad_resumed"])]),
-             "ema": train.main(common + EMA + ["--output_dir", str(folders["ema"])])}
+             "ema": train.main(common + EMA + ["--output_dir", str(folders["ema"])]),
+             "plain": train.main(common + TRAINED_BN + ["--output_dir", str(folders["plain"])])}
     cut = [f"--train.stop_at_step={CUT}"]
     jobs = [common + SWAD + cut + ["--output_dir", str(folders["swad_elastic"])]]
     configs = [None]
@@ -82,7 +84,7 @@ def runs(tmp_path_factory, tiny_shards):
 
 
 def test_swad_resumed_on_one_process_is_bit_identical(runs):
-    assert runs["codes"] == {"swad": 0, "swad_cut": 75, "swad_resumed": 0, "ema": 0, "swad_elastic": 0}
+    assert runs["codes"] == {"swad": 0, "swad_cut": 75, "swad_resumed": 0, "ema": 0, "plain": 0, "swad_elastic": 0}
     whole, resumed = document(runs["swad"]), document(runs["swad_resumed"])
     block = whole["averaged"]
     assert block["kind"] == "swad" and block["best"] is not None, block
@@ -130,6 +132,20 @@ def test_ema_with_batchnorm_training_is_evaluated_like_the_trained_model(runs):
     # BatchNorm statistics were recomputed for the average (2 batches), not taken from training.
     assert not torch.allclose(weights["features.1.running_mean"], trained["features.1.running_mean"])
     assert int(weights["features.1.num_batches_tracked"]) == 2
+
+
+def test_averaging_leaves_the_trained_model_as_it_is(runs):
+    """The EMA run (evaluating and recomputing BatchNorm for its average at every evaluation)
+    trains the very weights of the same run without averaging."""
+    def final(name):
+        return load_file(sorted((runs[name] / "checkpoints").glob("checkpoint_*"))[-1] / "model.safetensors")
+
+    with_average, without = final("ema"), final("plain")
+    assert with_average.keys() == without.keys()
+    assert all(torch.equal(with_average[k], without[k]) for k in without)
+    assert document(runs["plain"])["averaged"] is None
+    assert [h["target_acc"] for h in document(runs["plain"])["history"]] == \
+        [h["target_acc"] for h in document(runs["ema"])["history"]]
 
 
 def test_results_print_the_averaged_models_as_rows(runs, capsys):

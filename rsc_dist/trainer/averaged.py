@@ -65,13 +65,17 @@ def source_batches(config: Config, plan, accelerator, count: int):
 
 def averaged_network(config: Config, num_classes: int, accelerator, model, averaged: dict) -> torch.nn.Module:
     """A plain network with the ``averaged`` parameters and the trained model's buffers."""
-    if build.zero_stage(accelerator) == 3:  # the module's parameters are partitioned placeholders
-        state = build.evaluation_model(config, num_classes, accelerator, model).state_dict()
-    else:
-        state = accelerator.unwrap_model(model).state_dict()
-    state = {key: value for key, value in state.items() if not key.startswith(build.METHOD_PREFIX)}
-    state.update(averaged)
-    return build.evaluation_network(config, num_classes, state, accelerator.device, source="the averaged weights")
+    # Building a network draws its initial weights from the global generator: the trained
+    # model's later draws (dropout) must not depend on whether an average is evaluated.
+    with torch.random.fork_rng(devices=[]):
+        if build.zero_stage(accelerator) == 3:  # the module's parameters are partitioned placeholders
+            state = build.evaluation_model(config, num_classes, accelerator, model).state_dict()
+        else:
+            state = accelerator.unwrap_model(model).state_dict()
+        state = {key: value for key, value in state.items() if not key.startswith(build.METHOD_PREFIX)}
+        state.update(averaged)
+        return build.evaluation_network(config, num_classes, state, accelerator.device,
+                                        source="the averaged weights")
 
 
 def evaluate_average(run, eval_loaders: dict) -> dict | None:

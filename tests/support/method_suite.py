@@ -15,6 +15,7 @@ between world sizes and engines like the weights.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -137,8 +138,9 @@ def relative_l2(got: dict, expected: dict, prefix: str = "") -> float:
     return float(difference.norm() / scale.norm())
 
 
+@functools.lru_cache(maxsize=1)
 def initial_weights() -> dict:
-    """The weights every variant starts from (seed 0, before any step)."""
+    """The weights every variant starts from (seed 0, before any step; built once, read only)."""
     from rsc_dist.models.build import build_model
 
     torch.manual_seed(0)
