@@ -6,8 +6,8 @@ toy_methods.py included) through the same checks, so a new method is covered by 
    the final weights and the method's state agree to a relative L2 of 1e-4.
 2. ZeRO-2 == DDP on 2 ranks, for every method that runs under ZeRO; a method that cannot
    (its update pattern cannot be stepped by DeepSpeed) stops with one line naming it.
-   The same for the weight averages two methods' runs carry (ERM: EMA, CORAL: SWAD) and the
-   BatchNorm statistics recomputed for ERM's average over the global batch.
+   The same for the weight averages two methods' runs carry (ERM: EMA, CORAL: SWAD; also
+   under ZeRO-3) and the BatchNorm statistics recomputed for ERM's average over the global batch.
 3. End to end through ``rsc_dist.train`` on shards: the uninterrupted 1-process run (the
    method's smoke run: results.json), the same run stopped at step 2 on 2 ranks and resumed on
    1 (elastic; the uninterrupted weights and evaluations up to float rounding), and stopped at
@@ -44,7 +44,9 @@ def step_level(tmp_path_factory):
     # A generous timeout: a loaded 2-core machine runs these launches several times slower.
     run_on_ranks(train_step_level, 1, str(out), VARIANTS + [PER_RANK], ("ddp",), env_init=True, timeout=1500)
     engines = ("ddp", "zero2") if _has_deepspeed() else ("ddp",)
-    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, env_init=True, timeout=1500)
+    averaging_engines = ("zero3",) if _has_deepspeed() else ()  # ZeRO-3's own partitions, for the averages
+    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, averaging_engines, env_init=True,
+                 timeout=1500)
     return {world: torch.load(out / f"world{world}_rank0.pt") for world in (1, 2)}
 
 
@@ -91,16 +93,16 @@ def test_zero2_reaches_the_weights_of_ddp_or_refuses(step_level, name, extra):
 
 
 @pytest.mark.parametrize("name", sorted(AVERAGED))
-def test_the_weight_average_is_the_same_on_two_ranks_and_under_zero2(step_level, name):
-    """Each rank averages its own share of the weights (ZeRO: its fp32 master partition, no
-    gather per step); the whole average equals one process's."""
+def test_the_weight_average_is_the_same_on_two_ranks_and_under_zero(step_level, name):
+    """Each rank averages its own share of the weights (ZeRO-2 and ZeRO-3: its fp32 master
+    partition, no gather per step); the whole average equals one process's."""
     one = step_level[1]["ddp", name, ()]
     assert one["averaged"].keys() <= one["weights"].keys()
     # An average, and not of the start: it differs from the final weights and from the initial ones.
     final, start = one["weights"], initial_weights()
     assert relative_l2(one["averaged"], {k: final[k] for k in one["averaged"]}) > 10 * MAX_RELATIVE_L2
     assert relative_l2(one["averaged"], {k: start[k] for k in one["averaged"]}) > 10 * MAX_RELATIVE_L2
-    engines = ("ddp", "zero2") if _has_deepspeed() else ("ddp",)
+    engines = ("ddp", "zero2", "zero3") if _has_deepspeed() else ("ddp",)
     for engine in engines:
         assert relative_l2(step_level[2][engine, name, ()]["averaged"], one["averaged"]) <= MAX_RELATIVE_L2, engine
 

@@ -63,9 +63,11 @@ def rank_share(batch: dict, rank: int, world_size: int) -> dict:
     return share
 
 
-def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, engines: tuple) -> None:
-    """Train every (name, extra overrides) variant under every engine ("ddp", "zero2"); rank 0
-    saves each run's final state dict, or the refusal's message."""
+def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, engines: tuple,
+                     averaging_engines: tuple = ()) -> None:
+    """Train every (name, extra overrides) variant under every engine ("ddp", "zero2"), and the
+    variants that carry an average under ``averaging_engines`` too ("zero3"); rank 0 saves each
+    run's final state dict, or the refusal's message."""
     from rsc_dist.config import load_config
     from rsc_dist.core.errors import ConfigError
     from rsc_dist.trainer import build
@@ -77,8 +79,10 @@ def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, e
                            domains=tuple("abcd"[:DOMAINS]), local_forward_batch=local,
                            global_forward_batch=PER_DOMAIN * SOURCES)
     results = {}
-    for engine in engines:
+    for engine in engines + averaging_engines:
         for name, extra in variants:
+            if engine in averaging_engines and (extra or name not in AVERAGED):
+                continue
             os.environ.clear()
             os.environ.update(base_env)
             if engine != "ddp":
