@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    md, csv_path = write_outputs(tables, args.out or args.runs_dir, len(runs), args.runs_dir)
+    # Runs, not rows: an averaged model (train.averaging) is a row of its run.
+    md, csv_path = write_outputs(tables, args.out or args.runs_dir, len(results_files(args.runs_dir)), args.runs_dir)
     print(md.read_text())
     print(f"wrote {md} and {csv_path}", file=sys.stderr)
     if args.wandb:
