@@ -123,15 +123,16 @@ class Fragments:
         if missing:
             raise ValueError(f"{what} lack {len(missing)} parameter(s) of this model (e.g. {missing[0]})")
         out = []
-        for (name, p), place in zip(self.params, self.places):
+        # Each share goes where its live weights are (ZeRO's optimizer offload keeps them on the CPU).
+        for (name, p), place, live in zip(self.params, self.places, self.live()):
             value = whole[name]
             if tuple(value.shape) != place.shape:
                 raise ValueError(f"{what}: {name} has shape {tuple(value.shape)}, this model {place.shape}")
             if self.zero_stage is None:
-                out.append(value.to(p.device, torch.float32).clone(memory_format=torch.contiguous_format)
+                out.append(value.to(live.device, torch.float32).clone(memory_format=torch.contiguous_format)
                            .to(memory_format=_format_of(p)))
             else:
-                out.append(value.reshape(-1)[place.start: place.start + place.numel].to(self._device(), torch.float32)
+                out.append(value.reshape(-1)[place.start: place.start + place.numel].to(live.device, torch.float32)
                            .clone())
         return out
 
