@@ -199,8 +199,8 @@ def format_table(results: list[dict], device_name: str) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a training-step benchmark (this one and rsc_dist.bench_averaging)."""
     parser.add_argument("--arch", default="resnet18",
                         help="comma-separated model.arch values: resnet18,resnet50,alexnet,timm/vit_small_patch16_224")
     parser.add_argument("--resolution", type=int, default=64)
@@ -211,10 +211,15 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    step_arguments(parser)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = set(args.variants) - set(VARIANTS)
@@ -246,20 +251,24 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
+def run_benchmark(args, bench, table, what: str = "") -> list[dict]:
+    """``bench(args, arch, device)`` for every --arch, the ``table`` printed, --json written."""
     device = resolve_device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"cpu ({torch.get_num_threads()} threads)"
     )
-    print(f"benchmarking {args.arch} at {args.resolution}px, batch {args.batch} on {device_name}; "
+    print(f"benchmarking {what}{args.arch} at {args.resolution}px, batch {args.batch} on {device_name}; "
           f"{args.rounds} rounds x {args.steps} steps per variant", flush=True)
-    results = [bench_arch(args, arch, device) for arch in args.arch.split(",")]
-    print(format_table(results, device_name))
+    results = [bench(args, arch, device) for arch in args.arch.split(",")]
+    print(table(results, device_name))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device_name, "torch": torch.__version__, "results": results}, handle, indent=2)
     return results
+
+
+def main(argv=None) -> list[dict]:
+    return run_benchmark(parse_args(argv), bench_arch, format_table)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from typing import Any, Callable, Literal
 import yaml
 
 from rsc_dist import methods
+from rsc_dist.averaging import settings as averaging_settings
+from rsc_dist.averaging.settings import AveragingConfig
 from rsc_dist.core import protocols
 from rsc_dist.core.errors import ConfigError
 from rsc_dist.core.fields import section, setting
@@ -49,6 +51,7 @@ class CommonConfig:
     optim: OptimConfig = section(OptimConfig)
     schedule: ScheduleConfig = section(ScheduleConfig)
     train: TrainConfig = section(TrainConfig)
+    averaging: AveragingConfig = section(AveragingConfig)
     wandb: WandbConfig = section(WandbConfig)
     preset: str = setting("", "the preset this config came from (set by load_config)")
 
@@ -104,14 +107,17 @@ EARLIER_DEFAULTS = {"train.selection": "source_val_pooled", **ADDED_SETTINGS}
 
 def trajectory_settings(config: "Config") -> dict:
     """Flat {dotted key: value} of the settings that define the run's trajectory: only the
-    active method's section among the methods' (an ERM run does not depend on rsc.*)."""
+    active method's section among the methods' (an ERM run does not depend on rsc.*), and of
+    the averaging settings only those of train.averaging's kind (none without averaging: the
+    averaged model lives in the run folder, so a run with another average is another run)."""
     return trajectory_items(flatten(to_dict(config)), config.algorithm)
 
 
 def trajectory_items(flat: dict, algorithm: str) -> dict:
     """``trajectory_settings`` of a config given as flat {dotted key: value} (a recorded one, from
     results.json, may come from an older version: sections of unknown methods are dropped too)."""
-    skipped = NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != algorithm)
+    skipped = (NOT_TRAJECTORY + tuple(name for name in methods.sections() if name != algorithm)
+               + averaging_settings.inactive_keys(flat.get("train.averaging", "none")))
     return {key: value for key, value in flat.items()
             if not any(key == skip or key.startswith(skip + ".") for skip in skipped)
             and not (key in ADDED_SETTINGS and value == ADDED_SETTINGS[key])}
@@ -433,6 +439,7 @@ def validate(config: Config) -> None:
     if config.model.dropout and not (config.model.arch in BACKBONES and BACKBONES[config.model.arch].pooled_linear_head):
         raise ConfigError(f"model.dropout (DomainBed's ResNet dropout, on the pooled features) needs a backbone whose "
                           f"head is global average pooling and one linear layer; {config.model.arch}'s is not")
+    averaging_settings.check(config.train.averaging, config.averaging)
     protocols.check_settings(config.run.protocol, flatten(to_dict(config)))
 
 

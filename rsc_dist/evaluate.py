@@ -4,13 +4,16 @@
     python -m rsc_dist.evaluate RUN/checkpoints/checkpoint_00000120 --json eval.json
     python -m rsc_dist.evaluate RUN/checkpoints/best --data.root /other/copy/of/the/shards
     python -m rsc_dist.evaluate RUN/checkpoints/best --domains photo sketch   # whole domains
+    python -m rsc_dist.evaluate RUN/checkpoints/best_averaged      # the averaged model (train.averaging)
     accelerate launch --num_processes 2 rsc_dist/evaluate.py RUN/checkpoints/best
 
-CHECKPOINT is a best/ folder (its config.yaml inside) or a checkpoint_STEP folder (the run's
+CHECKPOINT is a best/ or best_averaged/ folder (its config.yaml inside; a soup's best/ too) or
+a checkpoint_STEP folder (the run's
 config is RUN/config.yaml, two levels up); ``--section.key=value`` overrides that config.
 Without --domains: the sources' validation split and each target's whole domain (with
 data.holdout_fraction: each target's in-split, and its out-split as a row of its own), as in the
-run's results.json (on the run's best/ folder this reproduces results.json's "best" numbers).
+run's results.json (on the run's best/ folder this reproduces results.json's "best" numbers, on
+best_averaged/ those of "averaged.best").
 With --domains: every sample of each named domain. The Accelerator and the network come from
 rsc_dist.build, as in training: the same device checks (more ranks than GPUs, fp16 without a GPU,
 ...) and every collective bounded by the same timeout. Exit codes: 0 done, 2 bad checkpoint,
@@ -47,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         description="Evaluate a checkpoint (a run's checkpoints/best or checkpoints/checkpoint_STEP "
                     "folder) on the run's domains. Config fields can be overridden with "
                     "--section.key=value, e.g. --data.root /other/shards.")
-    parser.add_argument("checkpoint", help="a best/ or checkpoint_STEP/ folder with model.safetensors")
+    parser.add_argument("checkpoint", help="a best/, best_averaged/ or checkpoint_STEP/ folder with "
+                                           "model.safetensors")
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results here")
     parser.add_argument("--domains", nargs="+", metavar="D",
                         help="evaluate these domains, all of their samples (default: the run's "
@@ -59,8 +63,8 @@ def locate(checkpoint: Path) -> tuple[Path, Path]:
     """(weights file, config file) of a best/ or checkpoint_STEP folder."""
     checkpoint = Path(checkpoint).expanduser()
     if not checkpoint.is_dir():
-        previous = checkpoint.parent / checkpoints.OLD_BEST_DIR  # save_best stopped between renames
-        if checkpoint.name == checkpoints.BEST_DIR and previous.is_dir():
+        previous = checkpoint.parent / f".old_{checkpoint.name}"  # save_best stopped between renames
+        if checkpoint.name in (checkpoints.BEST_DIR, checkpoints.BEST_AVERAGED_DIR) and previous.is_dir():
             checkpoint = previous
         else:
             raise EvaluateError(f"{checkpoint}: no such checkpoint folder")
@@ -147,7 +151,7 @@ def document(counts: dict, plan, checkpoint: Path, whole_domains: bool) -> dict:
     summary = evaluation.summarize_evaluation(counts, plan.domains, -1, plan.sources, plan.targets)
     per_domain = {}
     held = plan.holdout is not None and not whole_domains
-    for role, (top1, top5, total) in counts.items():
+    for role, (top1, top5, total, _loss) in counts.items():
         for i, domain in enumerate(plan.domains):
             if total[i] > 0:
                 key = domain

@@ -53,7 +53,8 @@ def test_results_json_is_described_once_and_the_docs_point_there():
 def test_layout_problems_finds_missing_extra_and_mistyped_keys():
     record = {"step": 3, "val_acc": 0.5, "val_acc_mean": None, "val_per_domain": {"a": 0.5},
               "val_n": {"a": 4}, "target_acc": {"t": 0.2}, "target_top5": {"t": 0.9}, "target_n": {"t": 5},
-              "target_out_acc": {}, "target_out_n": {}}
+              "target_out_acc": {}, "target_out_n": {},
+              "val_loss": 0.7, "val_loss_mean": 0.7, "val_loss_per_domain": {"a": 0.7}}
     assert contracts.layout_problems(record, contracts.EVALUATION_RECORD) == []
     bad = {**record, "val_n": {"a": 4.5}, "extra": 1}
     del bad["step"]

@@ -8,6 +8,8 @@ toy_methods.py included) through the same checks, so a new method is covered by 
    ConvNeXt, a token ViT under CORAL's pooled features).
 2. ZeRO-2 == DDP on 2 ranks, for every method that runs under ZeRO; a method that cannot
    (its update pattern cannot be stepped by DeepSpeed) stops with one line naming it.
+   The same for the weight averages two methods' runs carry (ERM: EMA, CORAL: SWAD; also
+   under ZeRO-3) and the BatchNorm statistics recomputed for ERM's average over the global batch.
 3. End to end through ``rsc_dist.train`` on shards: the uninterrupted 1-process run (the
    method's smoke run: results.json), the same run stopped at step 2 on 2 ranks and resumed on
    1 (elastic; the uninterrupted weights and evaluations up to float rounding), and stopped at
@@ -24,8 +26,8 @@ from safetensors.torch import load_file
 
 from rsc_dist import methods, train
 from support.dist_utils import free_port, run_on_ranks
-from support.method_suite import initial_weights, method_overrides, run_trainer_jobs, train_step_level
-from support.trainer_fixtures import tiny_config
+from support.method_suite import (AVERAGED, end_to_end_config, initial_weights, method_overrides, relative_l2,
+                                  run_trainer_jobs, train_step_level)
 
 # The first test of each part waits for a session fixture that trains every registered method
 # (its launches are bounded on their own, 1500 s each); pytest-timeout's 600 s per test would
@@ -51,14 +53,6 @@ PER_RANK = ("rsc", ("--rsc.global_selection=false",))
 MAX_RELATIVE_L2 = 1e-4
 
 
-def relative_l2(got: dict, expected: dict, prefix: str = "") -> float:
-    """||got - expected|| / ||expected|| over the floating-point tensors whose names start with ``prefix``."""
-    keys = [k for k, v in expected.items() if v.is_floating_point() and k.startswith(prefix)]
-    difference = torch.cat([(got[k].double() - expected[k].double()).flatten() for k in keys])
-    scale = torch.cat([expected[k].double().flatten() for k in keys])
-    return float(difference.norm() / scale.norm())
-
-
 @pytest.fixture(scope="session")
 def step_level(tmp_path_factory):
     out = tmp_path_factory.mktemp("method_suite_steps")
@@ -66,7 +60,9 @@ def step_level(tmp_path_factory):
     run_on_ranks(train_step_level, 1, str(out), VARIANTS + [PER_RANK], ("ddp",), env_init=True, timeout=1500)
     engines = ("ddp", "zero2") if _has_deepspeed() else ("ddp",)
     more = (("ddp", ZERO3), ("zero3", ZERO3)) if _has_deepspeed() else ()
-    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, more, env_init=True, timeout=1500)
+    averaging_engines = ("zero3",) if _has_deepspeed() else ()  # ZeRO-3's own partitions, for the averages
+    run_on_ranks(train_step_level, 2, str(out), VARIANTS + [PER_RANK], engines, more, averaging_engines,
+                 env_init=True, timeout=1500)
     return {world: torch.load(out / f"world{world}_rank0.pt") for world in (1, 2)}
 
 
@@ -123,6 +119,29 @@ def test_zero3_reaches_the_weights_of_ddp_on_a_timm_vit(step_level):
     assert relative_l2(zero3["weights"], ddp) <= MAX_RELATIVE_L2
 
 
+@pytest.mark.parametrize("name", sorted(AVERAGED))
+def test_the_weight_average_is_the_same_on_two_ranks_and_under_zero(step_level, name):
+    """Each rank averages its own share of the weights (ZeRO-2 and ZeRO-3: its fp32 master
+    partition, no gather per step); the whole average equals one process's."""
+    one = step_level[1]["ddp", name, ()]
+    assert one["averaged"].keys() <= one["weights"].keys()
+    # An average, and not of the start: it differs from the final weights and from the initial ones.
+    final, start = one["weights"], initial_weights()
+    assert relative_l2(one["averaged"], {k: final[k] for k in one["averaged"]}) > 10 * MAX_RELATIVE_L2
+    assert relative_l2(one["averaged"], {k: start[k] for k in one["averaged"]}) > 10 * MAX_RELATIVE_L2
+    engines = ("ddp", "zero2", "zero3") if _has_deepspeed() else ("ddp",)
+    for engine in engines:
+        assert relative_l2(step_level[2][engine, name, ()]["averaged"], one["averaged"]) <= MAX_RELATIVE_L2, engine
+
+
+def test_batchnorm_of_an_average_is_recomputed_over_the_global_batch(step_level):
+    one, two = step_level[1]["ddp", "erm", ()]["bn"], step_level[2]["ddp", "erm", ()]["bn"]
+    assert len(one) == 40  # ResNet-18's 20 BatchNorm layers, mean and variance
+    assert relative_l2(two, one) <= MAX_RELATIVE_L2
+    start = initial_weights()
+    assert not torch.allclose(one["0.running_var"], start["features.1.running_var"])  # recomputed
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 CUT = 2
@@ -141,11 +160,7 @@ def _history(run_dir) -> list:
 @pytest.fixture(scope="session")
 def end_to_end(tmp_path_factory, tiny_shards):
     root = tmp_path_factory.mktemp("method_suite_runs")
-    config = tiny_config(root, tiny_shards, data={"image_size": 32, "sampling": "balanced", "global_batch_size": 12,
-                                                   "batch_size": 999, "workers": 0},
-                         model={"freeze_bn": True}, optim={"lr": 0.02},
-                         train={"max_steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2,
-                                "tracker": "none", "agree_every_steps": 1})
+    config = end_to_end_config(root, tiny_shards, max_steps=4, eval_every_steps=2, checkpoint_every_steps=2)
     runs = {}
     for key, (name, extra) in END_TO_END.items():
         common = ["--config", str(config), "--algorithm", name, *extra]

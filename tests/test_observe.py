@@ -54,7 +54,8 @@ def evaluation(step, val, sketch, top5=0.9, photo=None):
             "val_acc_mean": (val + (photo or val)) / 2, "val_per_domain": per_domain,
             "val_n": {"cartoon": 30, "photo": 10},
             "target_acc": {"sketch": sketch}, "target_top5": {"sketch": top5}, "target_n": {"sketch": 24},
-            "target_out_acc": {}, "target_out_n": {}}
+            "target_out_acc": {}, "target_out_n": {},
+            "val_loss": 1.0 - val, "val_loss_mean": 1.0 - val, "val_loss_per_domain": {d: 1.0 - v for d, v in per_domain.items()}}
 
 
 def images_and_mask():

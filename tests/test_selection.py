@@ -77,10 +77,13 @@ def test_summarized_records_list_every_source_and_target_with_its_count():
     import torch
 
     domains = ("big", "small", "t")
-    counts = {"val": torch.tensor([[45.0, 0, 0], [80, 0, 0], [90, 0, 0]], dtype=torch.float64),
-              "target": torch.tensor([[0, 0, 10.0], [0, 0, 40], [0, 0, 50]], dtype=torch.float64)}
+    counts = {"val": torch.tensor([[45.0, 0, 0], [80, 0, 0], [90, 0, 0], [180, 0, 0]], dtype=torch.float64),
+              "target": torch.tensor([[0, 0, 10.0], [0, 0, 40], [0, 0, 50], [0, 0, 75]], dtype=torch.float64)}
     summary = summarize_evaluation(counts, domains, 7, ("big", "small"), ("t",))
     assert summary["val_n"] == {"big": 90, "small": 0} and summary["target_n"] == {"t": 50}
+    # summed cross-entropy / samples; the mean over sources needs every source (as val_acc_mean)
+    assert summary["val_loss"] == pytest.approx(2.0) and summary["val_loss_per_domain"] == {"big": 2.0}
+    assert summary["val_loss_mean"] is None
     assert summary["val_acc"] == pytest.approx(0.5) and summary["val_acc_mean"] is None
     assert summary["target_acc"] == {"t": pytest.approx(0.2)} and summary["target_top5"] == {"t": pytest.approx(0.8)}
     from rsc_dist.core import contracts

@@ -44,9 +44,12 @@ CONFIG_FILE = "config.yaml"  # the resolved config (also inside RUN/checkpoints/
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"  # RUN/CHECKPOINTS_DIR/BEST_DIR: the weights train.selection chose (rsc_dist.evaluate reads it)
 BEST_RELATIVE = f"{CHECKPOINTS_DIR}/{BEST_DIR}"  # what results.json records as "best_checkpoint"
+BEST_AVERAGED_DIR = "best_averaged"  # the averaged model's chosen weights (train.averaging)
+BEST_AVERAGED_RELATIVE = f"{CHECKPOINTS_DIR}/{BEST_AVERAGED_DIR}"  # results.json's averaged.best_checkpoint
 
 # Types: int, float, str, dict, list, "null" (JSON null), "{str: float}" / "{str: int}" (a map from
-# domain names), "list[str]", "evaluation" (an EVALUATION_RECORD), "list[evaluation]"; "a|b" = either.
+# domain names), "list[str]", "evaluation" (an EVALUATION_RECORD), "list[evaluation]", "averaged"
+# (an AVERAGED_RECORD); "a|b" = either.
 EVALUATION_RECORD = {
     "step": ("int", "training steps done when evaluated"),
     "val_acc": ("float|null", "pooled source validation: correct / total over all source val samples"),
@@ -60,6 +63,27 @@ EVALUATION_RECORD = {
     "target_out_acc": ("{str: float}", "(v4) top-1 on each target's out-split (data.holdout_fraction; what "
                                        "DomainBed's oracle selects by); {} without a holdout"),
     "target_out_n": ("{str: int}", "(v4) samples of each target's out-split; {} without a holdout"),
+    "val_loss": ("float|null", "(v4) pooled source validation cross-entropy: summed over all source val "
+                               "samples / their count"),
+    "val_loss_mean": ("float|null", "(v4) mean over source domains of their mean val cross-entropy (what "
+                                    "SWAD's loss-valley rule reads); null when a source has no val sample"),
+    "val_loss_per_domain": ("{str: float}", "(v4) mean val cross-entropy of each source domain with val samples"),
+}
+
+# The averaged model of a run (train.averaging; rsc_dist/averaging): results.json's "averaged".
+AVERAGED_RECORD = {
+    "kind": ("str", "(v4) ema | swa | swad"),
+    "label": ("str", "(v4) how tables name its rows after the method's name (\"ERM + SWAD\")"),
+    "best": ("evaluation|null", "(v4) the averaged model's evaluation that train.selection chose (swad: "
+                                "its one evaluation, of the final average); null when there is none"),
+    "last": ("evaluation|null", "(v4) its last evaluation"),
+    "history": ("list[evaluation]", "(v4) every evaluation of the averaged model (ema, swa: at the run's "
+                                    "evaluations once averaging has started; swad: one)"),
+    "best_checkpoint": ("str|null", "(v4) RUN-relative folder with best's averaged weights "
+                                    "(checkpoints/best_averaged), or null"),
+    "window": ("dict", "(v4) what was averaged: steps averaged and, per kind, decay (ema), first step "
+                       "(swa, swad), last step, segments and threshold (swad)"),
+    "note": ("str|null", "(v4) why there is no averaged model (swad: no loss valley was found)"),
 }
 
 RESULTS_LAYOUT = {
@@ -85,6 +109,14 @@ RESULTS_LAYOUT = {
     "throughput_img_s": ("float", "training images per second, all ranks"),
     "history": ("list[evaluation]", "every evaluation, in order"),
     "forced_resumes": ("list", "what each --resume force continued despite: {step, changes}"),
+    "init_fingerprint": ("str|null", "(v4) hash of the weights the network started from (backbone and head, "
+                                     "before the first step): rsc_dist.soup averages only runs whose hashes agree"),
+    "averaged": ("averaged|null", "(v4) the averaged model of train.averaging (AVERAGED_RECORD); null without"),
+    "variant": ("str|null", "(v4) what the document reports when it is not a run's own trained model: "
+                            "\"uniform soup of N runs\", \"greedy soup of K of N runs\" (rsc_dist.soup); "
+                            "tables label its rows METHOD + VARIANT"),
+    "soup": ("dict|null", "(v4) how a soup was made (rsc_dist.soup): kind, rule, ingredients with their "
+                          "scores and whether each was kept; null for a trained run"),
 }
 
 
@@ -129,6 +161,8 @@ def _one_type_problems(value, kind: str, where: str) -> list[str]:
         return [p for k, v in value.items() for p in _one_type_problems(v, inner, f"{where}.{k}")]
     if kind == "evaluation":
         return layout_problems(value, EVALUATION_RECORD, f"{where}.")
+    if kind == "averaged":
+        return layout_problems(value, AVERAGED_RECORD, f"{where}.")
     if kind == "list[evaluation]":
         if not isinstance(value, list):
             return [f"{where}: expected a list, got {value!r:.80}"]

@@ -29,6 +29,7 @@ class Network(nn.Module):
         self.method = method
         self.freeze_bn = freeze_bn
         self.dropout = FeatureDropout(dropout)  # no parameters: the state dict is the same with or without
+        self.loaded_from: str | None = None  # which of a run's weights it started from (models.build)
         self.train()  # a module starts in training mode; with freeze_bn its BatchNorm layers do not
 
     def featurize(self, batch) -> Tensor:

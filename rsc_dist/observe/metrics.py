@@ -9,9 +9,10 @@ domain-independent ``target/acc`` / ``target/top5`` (mean over the target domain
 ``best/val_acc``, ``best/target_acc`` (the target accuracy at the evaluation train.selection
 chose so far; ``best/selection`` in the summary names the rule), ``best/selection_score`` (the
 chosen evaluation's score by that rule, source validation: what a sweep compares runs by);
-``rsc/masks`` images. At the
-end: ``results/per_domain`` (table), ``results.json`` (run file) and, with
-``wandb.log_model=best``, the best model as an artifact.
+``rsc/masks`` images. The averaged model of ``train.averaging`` logs the same evaluation keys
+under ``averaged/`` (``averaged/target/acc``, ``averaged/best/target_acc``, ...). At the end:
+``results/per_domain`` (table; the averaged model's rows have its label in their role),
+``results.json`` (run file) and, with ``wandb.log_model=best``, the best model as an artifact.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ STEP_KEY = "trainer/step"
 EPOCH_KEY = "trainer/epoch"
 TABLE_KEY = "results/per_domain"
 SELECTION_SCORE_KEY = "best/selection_score"  # a W&B sweep's metric (rsc_dist.sweep.launch_wandb)
+AVERAGED_PREFIX = "averaged/"  # the averaged model's keys (train.averaging)
 TABLE_COLUMNS = ["domain", "role", "n", "best_top1", "best_top5", "last_top1", "last_top5",
                  "best_step", "last_step"]
 
@@ -41,6 +43,7 @@ METRIC_SUMMARIES = (
     ("train/*", "last"),
     ("perf/*", "last"),
     ("rsc/*", None),
+    ("averaged/*", "last"),
 )
 
 
@@ -119,6 +122,10 @@ def per_domain_rows(results: dict) -> list[list]:
         total = sum(target_n.get(d, 0) for d in targets) if all(d in target_n for d in targets) else None
         rows.append(["mean over targets", "target (mean)", total, avg(best, "target_acc"),
                      avg(best, "target_top5"), avg(last, "target_acc"), avg(last, "target_top5"), *steps])
+    averaged = results.get("averaged") or {}
+    if averaged.get("best"):  # the averaged model's rows, its label in the role
+        own = {**results, "best": averaged["best"], "last": averaged.get("last"), "averaged": None}
+        rows += [[domain, f"{role}, {averaged['label']}", *rest] for domain, role, *rest in per_domain_rows(own)]
     return rows
 
 
@@ -152,6 +159,10 @@ def summary_values(results: dict) -> dict:
             values[f"{key}/step"] = block["step"]
     if results.get("selection"):
         values["best/selection"] = results["selection"]  # which rule chose the best/* values
+    averaged = results.get("averaged") or {}
+    if averaged.get("best"):
+        own = summary_values({"best": averaged["best"], "last": averaged.get("last")})
+        values.update({f"{AVERAGED_PREFIX}{key}": value for key, value in own.items()})
     for key in ("steps", "throughput_img_s", "fingerprint"):
         if results.get(key) is not None:
             values[f"run/{key}"] = results[key]

@@ -10,9 +10,10 @@ from rsc_dist.observe.identity import dataset_name
 from rsc_dist.observe.meter import Meter
 
 
-def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | None = None) -> dict:
+def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | None = None, *,
+                     averaged: dict | None = None, init_fingerprint: str | None = None) -> dict:
     """RUN/results.json (layout: rsc_dist/core/contracts.py, RESULTS_LAYOUT); run_dir decides
-    best_checkpoint."""
+    best_checkpoint; ``averaged``: the averaged model's block (rsc_dist.trainer.averaged)."""
     best_checkpoint = None
     if run_dir is not None and (Path(run_dir) / BEST_RELATIVE).is_dir():
         best_checkpoint = BEST_RELATIVE
@@ -38,20 +39,36 @@ def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | 
         "throughput_img_s": float(meter.throughput),
         "history": state.history,
         "forced_resumes": state.forced_resumes,
+        "init_fingerprint": init_fingerprint,
+        "averaged": averaged,
+        "variant": None,
+        "soup": None,
     }
 
 
-def format_accuracy_table(plan, state) -> str:
+def format_accuracy_table(plan, state, averaged: dict | None = None) -> str:
+    """The console table: the trained model's best and last evaluations, then the averaged
+    model's (train.averaging) when there is one."""
     rule = plan.config.train.selection
-    rows = [f"| domain | role | accuracy (best by {rule}: step {state.best.get('step')}) "
-            f"| accuracy (last step {state.last.get('step')}) |", "|---|---|---|---|"]
+    text = _table(plan, state.best, state.last, f"best by {rule}")
+    if averaged:
+        if averaged.get("best"):
+            text += f"\n\n{averaged['label']} (averaged weights):\n" + _table(
+                plan, averaged["best"], averaged.get("last") or {}, f"best by {rule}")
+        elif averaged.get("note"):
+            text += f"\n\n{averaged['label']}: {averaged['note']}"
+    return text
+
+
+def _table(plan, best: dict, last: dict, chosen: str) -> str:
+    rows = [f"| domain | role | accuracy ({chosen}: step {best.get('step')}) "
+            f"| accuracy (last step {last.get('step')}) |", "|---|---|---|---|"]
     for domain in plan.sources:
-        best = state.best.get("val_per_domain", {}).get(domain)
-        last = state.last.get("val_per_domain", {}).get(domain)
-        rows.append(f"| {domain} | source (val) | {_pct(best)} | {_pct(last)} |")
+        rows.append(f"| {domain} | source (val) | {_pct(best.get('val_per_domain', {}).get(domain))} "
+                    f"| {_pct(last.get('val_per_domain', {}).get(domain))} |")
     for domain in plan.targets:
-        rows.append(f"| {domain} | target | {_pct(state.best.get('target_acc', {}).get(domain))} "
-                    f"| {_pct(state.last.get('target_acc', {}).get(domain))} |")
+        rows.append(f"| {domain} | target | {_pct(best.get('target_acc', {}).get(domain))} "
+                    f"| {_pct(last.get('target_acc', {}).get(domain))} |")
     return "\n".join(rows)
 
 

@@ -24,6 +24,7 @@ from rsc_dist.observe.identity import (
 )
 from rsc_dist.observe.masks import mask_caption, mask_overlay_grid
 from rsc_dist.observe.metrics import (
+    AVERAGED_PREFIX,
     EPOCH_KEY,
     SELECTION_SCORE_KEY,
     STEP_KEY,
@@ -91,6 +92,15 @@ class Tracking:
         shown = {k: v for k, v in values.items() if k != "best/step"}
         line = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
         self.accelerator.print(f"step {step}: {line} (best by {self.selection})")
+
+    def log_averaged_evaluation(self, evaluation: dict, step: int, best: dict | None, label: str) -> None:
+        """An evaluation of the averaged model (train.averaging): the same keys as the trained
+        model's under ``averaged/`` (``averaged/target/acc``, ``averaged/best/target_acc``, ...)."""
+        values = {f"{AVERAGED_PREFIX}{k}": v for k, v in evaluation_metrics(evaluation, best).items()}
+        self.log(values, step)
+        shown = {k.removeprefix(AVERAGED_PREFIX): v for k, v in values.items() if not k.endswith("best/step")}
+        line = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+        self.accelerator.print(f"step {step}: {label} (averaged weights): {line}")
 
     @property
     def selection(self) -> str:

@@ -131,7 +131,9 @@ def _per_run(args, kinds: list[str]):
     built = tables.build_tables(runs, tables.METRICS if metric == "both" else (metric,), paper=args.paper,
                                 top5=args.top5, error=args.error or "std")
     rendered = [t.rendered() for t in built]
-    heading = f"Results of {len(runs)} run(s) under {', '.join(map(str, args.runs_dirs))}"
+    # Runs, not rows: an averaged model (train.averaging) is a row of its run.
+    count = sum(len(tables.results_files(folder)) for folder in args.runs_dirs)
+    heading = f"Results of {count} run(s) under {', '.join(map(str, args.runs_dirs))}"
     return rendered, write_outputs(rendered, args.out or args.runs_dirs[0], heading), heading
 
 

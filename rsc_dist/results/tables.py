@@ -26,6 +26,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +106,11 @@ class Run:
     selection: str = OLD_SELECTION  # the rule that chose acc["best"]
     protocol: str = UNRECORDED_PROTOCOL  # run.protocol (schema 4)
     global_batch: int | None = None  # samples per step over all processes (schema 4)
+    variant: str = ""  # not the run's own trained model: "SWAD", "uniform soup of 5 runs" (its row: METHOD + VARIANT)
 
 
-def load_run(path: Path, rule: str | None = None) -> Run:
-    """Parse and check one results.json (layout: rsc_dist/core/contracts.py). ``rule``: choose "best"
-    from the history with this selection rule instead of taking the run's own choice."""
+def read_document(path: Path) -> dict:
+    """One results.json as a dict (ResultsError naming the file when it is not one)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -118,6 +119,17 @@ def load_run(path: Path, rule: str | None = None) -> Run:
         raise ResultsError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ResultsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_run(path: Path, rule: str | None = None) -> Run:
+    """Parse and check one results.json (layout: rsc_dist/core/contracts.py). ``rule``: choose "best"
+    from the history with this selection rule instead of taking the run's own choice."""
+    return parse_run(path, read_document(path), rule)
+
+
+def parse_run(path: Path, data: dict, rule: str | None = None) -> Run:
+    """``load_run`` on a document already read (``path`` names it in messages and labels)."""
 
     def need(key, kind, where=data, label=None):
         label = label or key
@@ -175,9 +187,13 @@ def load_run(path: Path, rule: str | None = None) -> Run:
                     raise ResultsError(f"{path}: {label!r} must be a fraction in [0, 1]; got {value!r}")
             acc[metric + suffix] = {t: float(values[t]) for t in targets}
     global_batch = data.get("global_batch")
+    variant = data.get("variant") or ""
+    if not isinstance(variant, str):
+        raise ResultsError(f"{path}: 'variant' must be a string; got {variant!r}")
     return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule,
                str(data.get("protocol") or UNRECORDED_PROTOCOL),
-               global_batch if isinstance(global_batch, int) and not isinstance(global_batch, bool) else None)
+               global_batch if isinstance(global_batch, int) and not isinstance(global_batch, bool) else None,
+               variant)
 
 
 def results_files(root: Path) -> list[Path]:
@@ -193,11 +209,43 @@ def results_files(root: Path) -> list[Path]:
     return found
 
 
+# The rows of an averaged model: a run trained with train.averaging is read as two runs, its
+# own trained model ("ERM") and its averaged model ("ERM + SWAD"), each with its best, last and
+# history, so every table, CSV row and --selection rule treats the average like any run. A run
+# whose average has no evaluation (SWAD found no loss valley) gives no averaged row; the reason,
+# from results.json's averaged.note, is printed on stderr so that a missing seed in the averaged
+# row is never silent.
+def averaged_document(data: dict) -> dict | None:
+    """The run's document with its averaged model's evaluations in place of the trained
+    model's (None: no averaged model with an evaluation)."""
+    block = data.get("averaged")
+    if not isinstance(block, dict) or not block.get("history"):
+        return None
+    return {**data, "best": block.get("best"), "last": block.get("last") or block["history"][-1],
+            "history": block["history"], "averaged": None, "variant": block.get("label") or block.get("kind")}
+
+
+def load_runs(path: Path, rule: str | None = None) -> list[Run]:
+    """The run of one results.json, and its averaged model's run when it has one."""
+    data = read_document(path)
+    runs = [parse_run(path, data, rule)]
+    block = data.get("averaged")
+    if block is not None and not isinstance(block, dict):
+        raise ResultsError(f"{path}: 'averaged' must be an object or null; got {block!r:.80}")
+    averaged = averaged_document(data)
+    if averaged is not None:
+        runs.append(parse_run(Path(f"{path} (averaged: {averaged['variant']})"), averaged, rule))
+    elif block:
+        print(f"{path}: no {block.get('label', 'averaged')} row: {block.get('note') or 'no evaluation'}",
+              file=sys.stderr)
+    return runs
+
+
 def find_runs(root: Path, rule: str | None = None) -> list[Run]:
     paths = results_files(root)
     if not paths:
         raise ResultsError(f"no results.json under {root}")
-    return [load_run(p, rule) for p in paths]
+    return [run for p in paths for run in load_runs(p, rule)]  # a run's averaged model is a row of its own
 
 
 def row_settings(run: Run) -> dict:
@@ -227,12 +275,13 @@ def method_labels(runs: list[Run]) -> dict[Path, str]:
     for r in runs:
         parts = []
         for key in varying:
-            if key not in settings[r.path]:  # another method's setting
-                continue
+            if key not in settings[r.path] or key == "train.averaging" and r.variant:
+                continue  # another method's setting; an averaged row's variant names its averaging
             value = settings[r.path][key]
             short = key.split(".", 1)[-1] if key in ("model.arch", "rsc.mode") else key
             parts.append(f"{short}={_label_value(value)}")
-        labels[r.path] = r.algorithm.upper() + (f" ({', '.join(parts)})" if parts else "")
+        variant = f" + {r.variant}" if r.variant else ""
+        labels[r.path] = r.algorithm.upper() + variant + (f" ({', '.join(parts)})" if parts else "")
     return labels
 
 

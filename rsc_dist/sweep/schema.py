@@ -17,6 +17,9 @@ What a key means for the runs is rsc_dist/sweep/spec.py's business (and docs: RE
       optim.lr: {log_uniform: [1.0e-3, 1.0e-1]}     # a distribution: random search
     method_space:                  # one method only; replaces the entries above
       rsc: {rsc.p_batch: {choice: [0.25, 0.33]}}
+    shared_init: runs/lp/erm/sketch/seed0-XXXX   # every run starts from this run's weights
+                                   # (model.pretrained; DiWA's shared start, so that
+                                   # python -m rsc_dist.soup can average the runs)
     n_trials: 8                    # random draws (paired: per grid point; domainbed: hparams seeds)
     search_seed: 0                 # seeds the draws
     holdout_fraction: 0.2          # domainbed: data.holdout_fraction of every run
@@ -62,4 +65,7 @@ class SweepFile:
     search_seed: int = setting(0, "seeds the random draws")
     holdout_fraction: float | None = setting(
         None, "domainbed: the validation fraction of every domain, drawn per trial seed (0.2)", check="fraction")
+    shared_init: str | None = setting(
+        None, "a run folder or checkpoint every run starts from (model.pretrained; relative paths: beside "
+              "the sweep file, then the working directory), so that python -m rsc_dist.soup can average the runs")
     slurm: SlurmSection = section(SlurmSection)

@@ -200,6 +200,8 @@ def _expand(path: Path, spec: SweepFile, given: set[str], extra_overrides: dict)
     for key in extra_overrides:
         _check_field(key, "--set", known, reserved)
     fixed.update(extra_overrides)
+    if spec.shared_init is not None:
+        fixed["model.pretrained"] = _shared_init(path, spec, fixed)
     for key in spec.space:
         _check_field(key, f"{where}: space", known, reserved)
     for method, entries in spec.method_space.items():
@@ -376,6 +378,33 @@ def _run(context: _Context, runs: list, method: str, test_set: tuple[str, ...], 
         _resolve(context.preset, overrides, f"{context.where}: run {run_name}")
     return RunSpec(len(runs), run_name, Path(method) / label / f"t{trial:0{width}d}-s{seed}", method, test_set, seed,
                    trial, hparams, tuple(overrides), context.preset, run_seed)
+
+
+def _shared_init(path: Path, spec: SweepFile, fixed: dict) -> str:
+    """shared_init: one run or checkpoint every trial starts from, as an absolute path (relative
+    paths are read from the sweep file's folder, then from here)."""
+    from rsc_dist.core.errors import ConfigError
+    from rsc_dist.models.weights import run_weights_location
+
+    value = spec.shared_init
+    where = f"{path}: shared_init"
+    if not isinstance(value, str) or not value:
+        raise SweepError(f"{where} must be the path of a run folder or checkpoint; got {value!r}")
+    if "model.pretrained" in fixed:
+        raise SweepError(f"{where} sets model.pretrained for every run; remove model.pretrained from overrides/--set")
+    for name, entries in [("space", spec.space), *((f"method_space.{m}", e or {}) for m, e in
+                                                   spec.method_space.items())]:
+        if isinstance(entries, dict) and "model.pretrained" in entries:
+            raise SweepError(f"{where}: {name} also searches model.pretrained; a shared start is one checkpoint")
+    beside = path.parent / value
+    chosen = (beside if beside.exists() else Path(value).expanduser()).resolve()
+    try:
+        found = run_weights_location(chosen) if chosen.is_dir() else (chosen if chosen.is_file() else None)
+    except ConfigError as exc:
+        raise SweepError(f"{where}: {str(exc).removeprefix(f'model.pretrained={chosen}: ')}") from None
+    if found is None:
+        raise SweepError(f"{where}: {value} does not exist (looked beside the sweep file and from {Path.cwd()})")
+    return str(chosen)
 
 
 def _trials(entries: dict, n_trials: int | None, seed: int, where: str) -> tuple[list[dict], dict, bool]:

@@ -14,8 +14,11 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from rsc_dist import methods
+from rsc_dist.averaging.averager import Averager
+from rsc_dist.averaging.fragments import Fragments
 from rsc_dist.config import Config, ConfigError
 from rsc_dist.models.build import build_model
+from rsc_dist.models.weights import weights_fingerprint
 from rsc_dist.observe.identity import tracker_name
 from rsc_dist.trainer import optim
 from rsc_dist.trainer.plan import DataPlan
@@ -172,12 +175,23 @@ def training_objects(config: Config, plan: DataPlan, accelerator: Accelerator) -
     network, method = build_training_model(config, plan.manifest.num_classes, accelerator,
                                            capacity=plan.local_forward_batch, num_domains=len(plan.domains),
                                            source_domains=plan.source_indices)
+    initial = weights_fingerprint({k: v for k, v in network.state_dict().items() if not k.startswith(METHOD_PREFIX)})
     optimizer = optim.build_optimizer(config.optim, method.parameter_groups(network))
     total_optimizer_steps = math.ceil(plan.total_steps / config.train.grad_accum)
     scheduler = optim.build_scheduler(config.schedule, optimizer, total_optimizer_steps)
     configure_deepspeed(accelerator, config, plan)
     model, optimizer = accelerator.prepare(network, optimizer)
-    return Trainables(model, network, optimizer, scheduler, method)
+    return Trainables(model, network, optimizer, scheduler, method, averaging=build_averager(config, accelerator, model),
+                      init_fingerprint=initial)
+
+
+def build_averager(config: Config, accelerator: Accelerator, model) -> Averager | None:
+    """The run's weight average (train.averaging) over the prepared ``model``'s trainable
+    weights, each rank over its own share of them (None without averaging)."""
+    if config.train.averaging == "none":
+        return None
+    fragments = Fragments(accelerator, model, zero_stage(accelerator))
+    return Averager(config.train.averaging, config.averaging, fragments, config.train.selection)
 
 
 def configure_deepspeed(accelerator: Accelerator, config: Config, plan: DataPlan) -> None:

@@ -8,6 +8,7 @@ Layout of a run folder RUN:
                                            is always complete
     RUN/checkpoints/best/                  model.safetensors (unwrapped weights), evaluation.json,
                                            config.yaml; replaced by rename, never rotated away
+    RUN/checkpoints/best_averaged/         the same for the averaged model (train.averaging)
 A checkpoint holds Accelerate's save_state files: model.safetensors and optimizer.bin, or under
 DeepSpeed the folder pytorch_model/ (model states and one ZeRO optimizer shard per rank; on
 another number of ranks the shards are re-partitioned while loading, rsc_dist.zero_elastic);
@@ -36,7 +37,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from rsc_dist.core.contracts import BEST_DIR, BEST_RELATIVE, CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
+from rsc_dist.core.contracts import (BEST_AVERAGED_DIR, BEST_AVERAGED_RELATIVE, BEST_DIR, BEST_RELATIVE,
+                                     CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER)
 from rsc_dist.core.errors import UsageError
 from rsc_dist.trainer import zero_elastic
 
@@ -432,22 +434,25 @@ def mark_preempted(accelerator, run_dir: Path, step: int, reason: str) -> None:
 # The best model
 
 
-def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: dict) -> str:
-    """Write RUN/checkpoints/best/ (weights, the evaluation that chose them, the resolved config).
+def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: dict, *,
+              folder: str = BEST_DIR, state_dict: dict | None = None) -> str:
+    """Write RUN/checkpoints/FOLDER/ (weights, the evaluation that chose them, the resolved
+    config): the prepared ``model``'s weights, or ``state_dict`` when given (whole tensors).
 
     Call on every rank (``get_state_dict`` is a collective under DeepSpeed ZeRO-3); only the
     main process writes. The folder is written as a temporary sibling and swapped in by rename,
-    so best/ is always one complete model. Returns "checkpoints/best" (relative to RUN).
+    so it always holds one complete model. Returns "checkpoints/FOLDER" (relative to RUN).
     """
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CHECKPOINTS_DIR
-    final, temporary, previous = root / BEST_DIR, root / NEW_BEST_DIR, root / OLD_BEST_DIR
-    state_dict = accelerator.get_state_dict(model)
+    final, temporary, previous = root / folder, root / f".tmp_{folder}", root / f".old_{folder}"
+    if state_dict is None:
+        state_dict = accelerator.get_state_dict(model)
     failure = None
     if accelerator.is_main_process:
         try:
-            _recover_best(root)
+            _recover_best(root, folder)
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir()
@@ -465,16 +470,16 @@ def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: 
         except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError; re-raised below
             failure = _save_error(exc, f"the best model (step {evaluation.get('step', '?')})", final)
             shutil.rmtree(temporary, ignore_errors=True)
-            _recover_best(root)
+            _recover_best(root, folder)
     del state_dict
     if not _all_ranks_ok(accelerator, failure is None):
         raise failure or _save_error(None, "the best model", final)
-    return BEST_RELATIVE
+    return f"{CHECKPOINTS_DIR}/{folder}"
 
 
-def _recover_best(root: Path) -> None:
-    """Put back best/ when a crash came between save_best's two renames."""
-    previous, final = root / OLD_BEST_DIR, root / BEST_DIR
+def _recover_best(root: Path, folder: str = BEST_DIR) -> None:
+    """Put back FOLDER (best/) when a crash came between save_best's two renames."""
+    previous, final = root / f".old_{folder}", root / folder
     if previous.is_dir() and not final.exists():
         previous.rename(final)
 

@@ -1,11 +1,13 @@
-"""Evaluation: per-domain top-1/top-5 counts, every sample counted once across ranks, and the
-evaluation record made from them."""
+"""Evaluation: per-domain top-1/top-5 counts and summed cross-entropy, every sample counted once
+across ranks, and the evaluation record made from them."""
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 
 import torch
+import torch.nn.functional as F
 
 from rsc_dist.config import Config
 from rsc_dist.core import selection
@@ -13,9 +15,13 @@ from rsc_dist.data.streams import normalize_on_device
 from rsc_dist.trainer.stopping import start_loader
 
 
+COUNT_ROWS = ("top1", "top5", "n", "loss_sum")
+
+
 @torch.no_grad()
 def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int) -> dict:
-    """Per-domain top-1/top-5 correct and total counts, summed over ranks.
+    """Per-domain counts summed over ranks: rows COUNT_ROWS (top-1 and top-5 correct, samples,
+    summed cross-entropy), one column per domain.
 
     ``loaders`` maps a role ("val" or "target") to a loader of that role's samples. The
     unwrapped module is used: evaluation runs no backward, so DDP's hooks are not involved.
@@ -29,7 +35,7 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
     was_training = module.training
     module.eval()
     device = accelerator.device
-    counts = {role: torch.zeros(3, num_domains, device=device, dtype=torch.float64) for role in loaders}
+    counts = {role: torch.zeros(len(COUNT_ROWS), num_domains, device=device, dtype=torch.float64) for role in loaders}
     for role, loader in loaders.items():
         for batch in start_loader(loader):
             images = normalize_on_device(batch["image"].to(device, non_blocking=True),
@@ -45,6 +51,10 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
             counts[role][0].index_add_(0, domains, hit1)
             counts[role][1].index_add_(0, domains, hit5)
             counts[role][2].index_add_(0, domains, torch.ones_like(hit1))
+            # Summed, not averaged per batch: a domain's mean loss is then its sum over all
+            # ranks' samples divided by their count, the same on any number of ranks.
+            loss = F.cross_entropy(logits.float(), labels, reduction="none").double()
+            counts[role][3].index_add_(0, domains, loss)
     module.train(was_training)
     return {role: accelerator.reduce(c, reduction="sum").cpu() for role, c in counts.items()}
 
@@ -73,6 +83,7 @@ def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int, sour
     counts. ``sources``/``targets`` list every domain of the role, so one without samples shows
     as n = 0; without them, the domains that had samples."""
     result = {"step": step, "val_acc": None, "val_acc_mean": None, "val_per_domain": {}, "val_n": {},
+              "val_loss": None, "val_loss_mean": None, "val_loss_per_domain": {},
               "target_acc": {}, "target_top5": {}, "target_n": {}, "target_out_acc": {}, "target_out_n": {}}
 
     def per_domain(role: str, listed: tuple[str, ...]):
@@ -84,24 +95,36 @@ def summarize_evaluation(counts: dict, domains: tuple[str, ...], step: int, sour
             yield domain, i, total[i]
 
     if "val" in counts:
-        top1, _, total = counts["val"]
+        top1, _, total, loss_sum = counts["val"]
         for domain, i, n in per_domain("val", sources):
             if n > 0:
                 result["val_per_domain"][domain] = float(top1[i] / n)
+                result["val_loss_per_domain"][domain] = float(loss_sum[i] / n)
         if total.sum() > 0:
             result["val_acc"] = float(top1.sum() / total.sum())
+            result["val_loss"] = float(loss_sum.sum() / total.sum())
     elif sources:
         result["val_n"] = {domain: 0 for domain in sources}
     result["val_acc_mean"] = selection.source_val_mean(result)
+    result["val_loss_mean"] = source_val_loss_mean(result)
     if "target" in counts:
-        top1, top5, _ = counts["target"]
+        top1, top5 = counts["target"][0], counts["target"][1]
         for domain, i, n in per_domain("target", targets):
             if n > 0:
                 result["target_acc"][domain] = float(top1[i] / n)
                 result["target_top5"][domain] = float(top5[i] / n)
     if "target_out" in counts:  # a holdout's target out-splits (DomainBed's oracle reads them)
-        top1, _, _ = counts["target_out"]
+        top1 = counts["target_out"][0]
         for domain, i, n in per_domain("target_out", targets):
             if n > 0:
                 result["target_out_acc"][domain] = float(top1[i] / n)
     return result
+
+
+def source_val_loss_mean(evaluation: dict) -> float | None:
+    """The mean over source domains of each one's mean validation cross-entropy (what SWAD's
+    loss-valley rule reads: the authors' ``tr_outloss``); None when a source has no val sample."""
+    per_domain, counts = evaluation.get("val_loss_per_domain") or {}, evaluation.get("val_n") or {}
+    if not counts or any(n <= 0 or d not in per_domain for d, n in counts.items()):
+        return None
+    return statistics.fmean(per_domain[d] for d in counts)

@@ -18,7 +18,7 @@ from rsc_dist.core.contracts import CHECKPOINTS_DIR, EXIT_NONFINITE, EXIT_OK, EX
 from rsc_dist.data.streams import DevicePrefetch, make_loader
 from rsc_dist.observe.meter import Meter
 from rsc_dist.observe.tracking import Tracking
-from rsc_dist.trainer import build, checkpoints
+from rsc_dist.trainer import averaged, build, checkpoints
 from rsc_dist.trainer.evaluation import evaluate, summarize_evaluation
 from rsc_dist.trainer.plan import DataPlan
 from rsc_dist.trainer.state import TrainState
@@ -51,7 +51,7 @@ def train(run: Run) -> tuple[int, Meter]:
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=f"{config.algorithm} {'+'.join(plan.targets)}", dynamic_ncols=True)
     exit_code = EXIT_OK
-    while state.step < plan.total_steps and exit_code == EXIT_OK:
+    while state.step < plan.total_steps and exit_code == EXIT_OK and not averaged.stops_early(run):
         epoch, in_epoch = divmod(state.step, plan.steps_per_epoch)
         stream.set_position(epoch, in_epoch)
         loader = make_loader(stream, config.data.workers, pin)
@@ -77,7 +77,7 @@ def train(run: Run) -> tuple[int, Meter]:
                                        key=config.algorithm)
             exit_code = _between_steps(run, meter, eval_loaders)
             end_of_epoch = state.step % plan.steps_per_epoch == 0
-            if exit_code != EXIT_OK or state.step >= plan.total_steps or end_of_epoch:
+            if exit_code != EXIT_OK or state.step >= plan.total_steps or end_of_epoch or averaged.stops_early(run):
                 break
             meter.start_wait()
         del loader
@@ -109,6 +109,7 @@ def _between_steps(run: Run, meter: Meter, eval_loaders: dict) -> int:
         accelerator.print(f"non-finite loss before step {state.step}: stopping; the last good "
                           f"checkpoint in {run.run_dir / CHECKPOINTS_DIR} is kept")
         return EXIT_NONFINITE
+    stops_here = False
     if evaluate_now:
         evaluated = build.evaluation_model(config, plan.manifest.num_classes, accelerator, run.trainables.model)
         counts = evaluate(accelerator, evaluated, eval_loaders, config, len(plan.domains))
@@ -117,7 +118,10 @@ def _between_steps(run: Run, meter: Meter, eval_loaders: dict) -> int:
         if state.record_evaluation(evaluation, config.train.selection):  # the new best; every rank
             checkpoints.save_best(accelerator, run.trainables.model, run.run_dir, evaluation, to_dict(config))
         run.tracking.log_evaluation(evaluation, state.step, best=state.best)
-    if checkpoint_now or signalled:
+        # The weight average: its evaluation (EMA, SWA) or SWAD's segment, and SWAD's early stop.
+        stops_here = averaged.at_evaluation(run, evaluation, eval_loaders)
+    last_step = last_step or stops_here
+    if checkpoint_now or signalled or stops_here:
         checkpoints.save_checkpoint(accelerator, run.run_dir, state.step, config.train.keep_checkpoints)
     meter.exclude(time.perf_counter() - pause_start)
     # A stop that arrives with the last step done has nothing left to save for: the run ends as

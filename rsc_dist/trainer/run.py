@@ -18,7 +18,7 @@ from rsc_dist.core.contracts import CONFIG_FILE, EXIT_OK, PREEMPTED_MARKER, RESU
 from rsc_dist.core.errors import ConfigError
 from rsc_dist.observe.report import format_accuracy_table, results_document
 from rsc_dist.observe.tracking import start_tracking
-from rsc_dist.trainer import build, checkpoints, loop
+from rsc_dist.trainer import averaged, build, checkpoints, loop
 from rsc_dist.trainer.plan import DataPlan, data_root
 from rsc_dist.trainer.state import TrainState
 from rsc_dist.trainer.stopping import StopFlags
@@ -44,10 +44,13 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
     protocols.check_world_size(config.run.protocol, flatten(to_dict(config)), accelerator.num_processes)
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
     check_selection_data(config, plan)
+    averaged.check_averaging_data(config, plan)
 
     trainables = build.training_objects(config, plan, accelerator)
     state = TrainState(data_order=plan.data_order(), settings=trajectory_settings(config))
-    accelerator.register_for_checkpointing(trainables.scheduler, state)
+    # The weight average's state (whole tensors, its rule and records) is the third custom state.
+    accelerator.register_for_checkpointing(trainables.scheduler, state,
+                                           *([trainables.averaging] if trainables.averaging is not None else []))
     resume_from(accelerator, state, run_dir, resume)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,12 +65,18 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
         f"run folder {run_dir}\n{accelerator.num_processes} process(es){threads} on {accelerator.device}, "
         f"sources {list(plan.sources)}, targets {list(plan.targets)}; {plan.steps_per_epoch} steps/epoch, "
         f"{plan.total_steps} steps, global batch {plan.global_batch} samples "
-        f"({plan.global_forward_batch} images per step)")
+        f"({plan.global_forward_batch} images per step)"
+        + (f"; {trainables.network.loaded_from}" if trainables.network.loaded_from else "")
+        + (f"; averaging {config.train.averaging}" if trainables.averaging is not None else ""))
     first_step = state.step
-    exit_code, meter = loop.train(loop.Run(config, plan, run_dir, accelerator, trainables, state, stop, tracking))
+    the_run = loop.Run(config, plan, run_dir, accelerator, trainables, state, stop, tracking)
+    exit_code, meter = loop.train(the_run)
     if exit_code == EXIT_OK:
-        report(accelerator, config, plan, state, meter, tracking, run_dir,
-               resumed_finished=state.step == first_step)
+        resumed_finished = state.step == first_step
+        if not (resumed_finished and (run_dir / RESULTS_FILE).exists()):
+            averaged.finish(the_run, plan.eval_loaders(accelerator.process_index, accelerator.device.type == "cuda"))
+        report(accelerator, config, plan, state, meter, tracking, run_dir, resumed_finished=resumed_finished,
+               trainables=trainables)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code
@@ -140,15 +149,20 @@ def resume_differences(state: TrainState, expected: dict) -> list[str]:
     return changes
 
 
-def report(accelerator, config, plan, state, meter, tracking, run_dir: Path, resumed_finished: bool) -> None:
+def report(accelerator, config, plan, state, meter, tracking, run_dir: Path, resumed_finished: bool,
+           trainables=None) -> None:
     """results.json (kept as it is when a finished run is rerun), the tracker's end-of-run
-    records, and the accuracy table."""
+    records, and the accuracy table (with the averaged model's, under train.averaging)."""
     results_path = run_dir / RESULTS_FILE
+    averaging = trainables.averaging if trainables is not None else None
+    block = averaged.results_block(averaging, run_dir)
     if resumed_finished and results_path.exists():
         accelerator.print(f"{run_dir} was already complete at step {state.step}; {RESULTS_FILE} kept")
+        block = json.loads(results_path.read_text()).get("averaged")  # SWAD's final evaluation is there
     else:
-        results = results_document(config, plan, state, meter, run_dir)
+        results = results_document(config, plan, state, meter, run_dir, averaged=block,
+                                   init_fingerprint=trainables.init_fingerprint if trainables is not None else None)
         if accelerator.is_main_process:
             results_path.write_text(json.dumps(results, indent=2))
         tracking.finish_run(results, run_dir)
-    accelerator.print(format_accuracy_table(plan, state))
+    accelerator.print(format_accuracy_table(plan, state, block))

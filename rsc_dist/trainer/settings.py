@@ -61,3 +61,7 @@ class TrainConfig:
         "source_val_pooled", "which evaluation is best (checkpoints/best/): source_val_pooled = correct/total "
         "over all source val samples (released code); source_val_mean = mean of the per-source val "
         "accuracies (DomainBed's training-domain validation); last = the last evaluation")
+    averaging: Literal["none", "ema", "swa", "swad"] = setting(
+        "none", "a weight average evaluated beside the trained model (parameters: averaging.*): ema = "
+        "exponential moving average (timm); swa = uniform from averaging.swa_start_step; swad = dense "
+        "average over the loss valley of the source validation loss (Cha et al. 2021)")

@@ -91,13 +91,16 @@ class Runner:
 @dataclass
 class Trainables:
     """A run's prepared model (DDP or DeepSpeed), the network inside it, its optimizer, schedule
-    and method (rsc_dist.trainer.build.training_objects)."""
+    and method (rsc_dist.trainer.build.training_objects), its weight average (train.averaging)
+    and the fingerprint of the weights it started from."""
 
     model: torch.nn.Module
     network: torch.nn.Module
     optimizer: object
     scheduler: object
     method: Method
+    averaging: object = None  # rsc_dist.averaging.averager.Averager, or None
+    init_fingerprint: str | None = None
 
 
 def train_on_batch(accelerator, trained: Trainables, config: Config, batch: dict, step: int,
@@ -107,13 +110,13 @@ def train_on_batch(accelerator, trained: Trainables, config: Config, batch: dict
     inputs = prepare_batch(config, batch, accelerator.device).replace(step=step)
     draws = trained.method.draws(step, steps_per_epoch, inputs.sample_ids)
     out = train_step(accelerator, trained.model, trained.optimizer, trained.scheduler, trained.method,
-                     trained.network, inputs, draws, step)
+                     trained.network, inputs, draws, step, averaging=trained.averaging)
     return out, inputs
 
 
 def train_step(accelerator, model, optimizer, scheduler, method, network, batch: StepBatch, draws: dict,
-               step: int) -> dict:
-    """The method's step, then the schedule's (once per optimizer step).
+               step: int, averaging=None) -> dict:
+    """The method's step, then the schedule's and the weight average's (once per optimizer step).
 
     Returns device tensors only (no host sync): loss, correct count, the method's metrics, and
     its feature mask when it has one (for the mask image grids).
@@ -123,6 +126,8 @@ def train_step(accelerator, model, optimizer, scheduler, method, network, batch:
         out = method.train_step(runner, batch, draws)
         if accelerator.sync_gradients:
             scheduler.step()
+            if averaging is not None:
+                averaging.after_optimizer_step(step + 1)
     if out.logits is not None:
         correct = (out.logits.detach().argmax(1) == batch.labels).sum()
     else:

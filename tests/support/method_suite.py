@@ -6,10 +6,16 @@ stream lays them out (balanced sampling: each source domain's share in turn, eve
 place in the global batch in ``order``), on 1 process, on 2 DDP ranks and on 2 ZeRO-2 ranks.
 End to end: every method through ``rsc_dist.train.main`` on real shards, several runs in one
 process group.
+
+Weight averaging never changes the trained weights, so two methods' runs also carry one (ERM
+an EMA, CORAL a SWAD fed the validation losses SWAD_LOSSES), and their averaged weights, and
+the BatchNorm statistics recomputed for ERM's average over the global batch, are compared
+between world sizes and engines like the weights.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,6 +50,12 @@ def method_overrides(name: str) -> list[str]:
     return list(METHOD_OVERRIDES.get(name, ()))
 
 
+AVERAGED = {"erm": ("--train.averaging=ema", "--averaging.ema_decay=0.5"),
+            "coral": ("--train.averaging=swad", "--averaging.swad_n_converge=2", "--averaging.swad_n_tolerance=2")}
+SWAD_LOSSES = {2: 1.0, 4: 0.5, 6: 0.9}  # after step: the loss an evaluation would have given SWAD
+BN_BATCHES = (100, 101, 102)  # the global batches ERM's average recomputes its BatchNorm statistics on
+
+
 def suite_overrides(name: str) -> list[str]:
     """The config every method runs with here: balanced sampling, frozen BatchNorm, fp32."""
     return [f"--algorithm={name}", "--data.sampling=balanced", "--model.freeze_bn=true", "--optim.lr=0.05",
@@ -73,10 +85,11 @@ def rank_share(batch: dict, rank: int, world_size: int) -> dict:
 
 
 def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, engines: tuple,
-                     more: tuple = ()) -> None:
+                     more: tuple = (), averaging_engines: tuple = ()) -> None:
     """Train every (name, extra overrides) variant under every engine ("ddp", "zero2", "zero3"),
-    and the (engine, variant) pairs of ``more``; rank 0 saves each run's final state dict, or the
-    refusal's message."""
+    the (engine, variant) pairs of ``more``, and the variants that carry an average under
+    ``averaging_engines`` too ("zero3"); rank 0 saves each run's final state dict (and average),
+    or the refusal's message."""
     from rsc_dist.config import load_config
     from rsc_dist.core.errors import ConfigError
     from rsc_dist.trainer import build
@@ -89,13 +102,16 @@ def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, e
                            local_forward_batch=local,
                            global_forward_batch=PER_DOMAIN * SOURCES)
     results = {}
-    for engine, (name, extra) in [(engine, variant) for engine in engines for variant in variants] + list(more):
+    runs = [(engine, variant) for engine in engines for variant in variants] + list(more)
+    runs += [(engine, (name, ())) for engine in averaging_engines for name in AVERAGED if (name, ()) in variants]
+    for engine, (name, extra) in runs:
         os.environ.clear()
         os.environ.update(base_env)
         if engine != "ddp":
             os.environ.update(deepspeed_launch_env(REPO / "launch" / "accelerate" / f"deepspeed_{engine}.yaml"))
         fresh_accelerate_state()
-        config = load_config("demo", suite_overrides(name) + list(extra))
+        averaging = AVERAGED.get(name, ()) if not extra else ()
+        config = load_config("demo", suite_overrides(name) + list(extra) + list(averaging))
         accelerator = build.make_accelerator(config, Path(out_dir) / "unused")
         if engine == "zero3":
             # Partition every parameter: by default DeepSpeed keeps those under 1e5 elements
@@ -111,11 +127,46 @@ def train_step_level(rank: int, world_size: int, out_dir: str, variants: list, e
         for step in range(STEPS):
             batch = rank_share(global_batch(step, variant_image_size(extra)), rank, world_size)
             train_on_batch(accelerator, trained, config, batch, step, steps_per_epoch=100)
+            if trained.averaging is not None and step + 1 in SWAD_LOSSES:
+                trained.averaging.at_evaluation(step + 1, {"val_loss_mean": SWAD_LOSSES[step + 1]})
         weights = accelerator.get_state_dict(trained.model)
         results[engine, name, tuple(extra)] = {
             "weights": {k: v.detach().clone() for k, v in weights.items()} if rank == 0 else None}
+        if trained.averaging is not None:
+            results[engine, name, tuple(extra)].update(averaged_results(accelerator, trained, config, rank,
+                                                                        world_size))
         del trained, accelerator
     torch.save(results, Path(out_dir, f"world{world_size}_rank{rank}.pt"))
+
+
+def averaged_results(accelerator, trained, config, rank: int, world_size: int) -> dict:
+    """The averaged weights (whole: a collective under ZeRO) and, for the EMA, the BatchNorm
+    statistics of its network recomputed over BN_BATCHES on every rank."""
+    from rsc_dist.averaging.batchnorm import batchnorm_layers, recompute_batchnorm
+    from rsc_dist.trainer.averaged import averaged_network
+    from rsc_dist.trainer.step import prepare_batch
+
+    averager = trained.averaging
+    averager.finish()
+    averaged = {k: v.detach().clone() for k, v in averager.whole_average().items()}
+    out = {"averaged": averaged if rank == 0 else None}
+    if averager.kind == "ema":
+        network = averaged_network(config, CLASSES, accelerator, trained.model, averaged)
+        batches = [prepare_batch(config, rank_share(global_batch(b), rank, world_size), accelerator.device).images
+                   for b in BN_BATCHES]
+        group = torch.distributed.group.WORLD if world_size > 1 else None
+        assert recompute_batchnorm(network, batches, group) == len(BN_BATCHES)
+        out["bn"] = {f"{i}.{key}": getattr(layer, key).clone() for i, layer in enumerate(batchnorm_layers(network))
+                     for key in ("running_mean", "running_var")}
+    return out
+
+
+def relative_l2(got: dict, expected: dict, prefix: str = "") -> float:
+    """||got - expected|| / ||expected|| over the floating-point tensors whose names start with ``prefix``."""
+    keys = [k for k, v in expected.items() if v.is_floating_point() and k.startswith(prefix)]
+    difference = torch.cat([(got[k].double() - expected[k].double()).flatten() for k in keys])
+    scale = torch.cat([expected[k].double().flatten() for k in keys])
+    return float(difference.norm() / scale.norm())
 
 
 def _overrides(extra) -> dict:
@@ -128,9 +179,10 @@ def variant_image_size(extra) -> int:
     return int(_overrides(extra).get("data.image_size", SIZE))
 
 
-def initial_weights(extra=()) -> dict:
+@functools.lru_cache(maxsize=None)
+def initial_weights(extra: tuple = ()) -> dict:
     """The weights a variant starts from (seed 0, before any step): ResNet-18, or the backbone
-    its overrides name (--model.arch, --data.image_size)."""
+    its overrides name (--model.arch, --data.image_size); built once per variant, read only."""
     from rsc_dist.models.build import build_model
 
     torch.manual_seed(0)
@@ -138,12 +190,29 @@ def initial_weights(extra=()) -> dict:
                        image_size=variant_image_size(extra)).state_dict()
 
 
-def run_trainer_jobs(rank: int, world_size: int, jobs: list, ports: list) -> None:
+def end_to_end_config(root: Path, shards: Path, **train) -> Path:
+    """The end-to-end runs' preset: tiny shards at 32 px, balanced global batch 12, frozen
+    BatchNorm, no tracker; ``train``: train.* settings on top."""
+    from support.trainer_fixtures import tiny_config
+
+    return tiny_config(root, shards, data={"image_size": 32, "sampling": "balanced", "global_batch_size": 12,
+                                           "batch_size": 999, "workers": 0},
+                       model={"freeze_bn": True}, optim={"lr": 0.02},
+                       train={"tracker": "none", "agree_every_steps": 1, **train})
+
+
+def run_trainer_jobs(rank: int, world_size: int, jobs: list, ports: list, configs: list | None = None) -> None:
     """``rsc_dist.train.main(args)`` for each job in turn on these ranks (each job a new process
-    group on its own port: the trainer ends its group when a run ends)."""
+    group on its own port: the trainer ends its group when a run ends). ``configs``: per job,
+    None (DDP) or an accelerate DeepSpeed config file whose environment the job runs in."""
     from rsc_dist import train
 
-    for args, port in zip(jobs, ports):
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    for args, port, config_file in zip(jobs, ports, configs or [None] * len(jobs)):
+        os.environ.clear()
+        os.environ.update(base_env)
+        if config_file is not None:
+            os.environ.update(deepspeed_launch_env(Path(config_file)))
         os.environ["MASTER_PORT"] = str(port)
         fresh_accelerate_state()
         train.main(list(args))
