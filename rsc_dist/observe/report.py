@@ -11,9 +11,10 @@ from rsc_dist.observe.meter import Meter
 from rsc_dist.trainer.checkpoints import BEST_RELATIVE
 
 
-def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | None = None) -> dict:
+def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | None = None, *,
+                     provenance: dict) -> dict:
     """RUN/results.json (layout: rsc_dist/core/contracts.py, RESULTS_LAYOUT); run_dir decides
-    best_checkpoint."""
+    best_checkpoint; ``provenance``: rsc_dist.observe.provenance.provenance_record."""
     best_checkpoint = None
     if run_dir is not None and (Path(run_dir) / BEST_RELATIVE).is_dir():
         best_checkpoint = BEST_RELATIVE
@@ -35,6 +36,7 @@ def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | 
         "throughput_img_s": float(meter.throughput),
         "history": state.history,
         "forced_resumes": state.forced_resumes,
+        "provenance": provenance,
     }
 
 

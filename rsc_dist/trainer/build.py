@@ -15,6 +15,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from rsc_dist import methods
 from rsc_dist.config import Config, ConfigError
+from rsc_dist.core.cpus import cpu_cores, threads_per_process
 from rsc_dist.data.plan import DataPlan
 from rsc_dist.models.build import build_model
 from rsc_dist.observe.identity import tracker_name
@@ -70,7 +71,25 @@ def make_accelerator(config: Config, run_dir: Path | None) -> Accelerator:
     if accelerator.num_processes != expected:
         raise ConfigError(f"the launcher started {expected} ranks (WORLD_SIZE) but they formed a group of "
                           f"{accelerator.num_processes}; nothing was run: start with accelerate launch or torchrun")
+    if accelerator.device.type == "cpu":
+        # After the Accelerator, which may set its own count (MULTI_CPU without OMP_NUM_THREADS).
+        torch.set_num_threads(cpu_threads(config)[0])
     return accelerator
+
+
+def cpu_threads(config: Config, env=os.environ) -> tuple[int, str]:
+    """(intra-op threads of this rank on a CPU device, why that many).
+
+    train.cpu_threads when set; otherwise the cores this process may use divided by the ranks on
+    its node (LOCAL_WORLD_SIZE, which torchrun and rsc_dist.trainer.cpu_launch set; 1 when
+    absent), the rule the sweep's local launcher divides cores by. OMP_NUM_THREADS cannot be
+    read as the user's choice: accelerate launch sets it to 1 unless its own CPU mode is on.
+    """
+    if config.train.cpu_threads:
+        return config.train.cpu_threads, "train.cpu_threads"
+    local_ranks = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    cores = cpu_cores()
+    return threads_per_process(cores, local_ranks), f"{cores} core(s) / {local_ranks} rank(s) on this node"
 
 
 def use_this_environments_ninja(env=os.environ) -> None:

@@ -39,6 +39,7 @@ import yaml
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER
 from rsc_dist.core.errors import UsageError
 from rsc_dist.trainer import zero_elastic
+from rsc_dist.trainer.unwrap import whole_state_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
 BEST_DIR = "best"
@@ -445,7 +446,7 @@ def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: 
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     final, temporary, previous = root / BEST_DIR, root / NEW_BEST_DIR, root / OLD_BEST_DIR
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = whole_state_dict(accelerator, model)
     failure = None
     if accelerator.is_main_process:
         try:

@@ -17,6 +17,8 @@ from rsc_dist.core import selection
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.core.errors import ConfigError
 from rsc_dist.data.plan import DataPlan, data_root
+from rsc_dist.data.streams import start_worker_server
+from rsc_dist.observe import provenance
 from rsc_dist.observe.report import format_accuracy_table, results_document
 from rsc_dist.observe.tracking import start_tracking
 from rsc_dist.trainer import build, checkpoints, loop
@@ -43,20 +45,26 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
     set_seed(config.run.seed)
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
     check_selection_data(config, plan)
+    if config.data.workers > 0:
+        start_worker_server()  # its imports overlap the model's construction
 
     trainables = build.training_objects(config, plan, accelerator)
     state = TrainState(data_order=plan.data_order(), settings=trajectory_settings(config))
     accelerator.register_for_checkpointing(trainables.scheduler, state)
     resume_from(accelerator, state, run_dir, resume)
+    ranks = provenance.gather_rank_facts(accelerator)
+    state.segments.append(provenance.new_segment(state.step, ranks))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run continues a preempted one
 
-    tracking = start_tracking(accelerator, config, run_dir, plan)
+    threads_rule = build.cpu_threads(config)[1] if accelerator.device.type == "cpu" else "torch's default (GPU run)"
+    tracking = start_tracking(accelerator, config, run_dir, plan,
+                              provenance=provenance.provenance_record(ranks, state.segments, threads_rule))
     # On the CPU the intra-op thread count changes how kernels split their float sums, so runs
-    # with other counts (plain python: all cores; accelerate launch: OMP_NUM_THREADS=1) part ways.
-    threads = f" x {torch.get_num_threads()} thread(s)" if accelerator.device.type == "cpu" else ""
+    # with other counts part ways: the start line says how many and why (build.cpu_threads).
+    threads = f" x {torch.get_num_threads()} thread(s) ({threads_rule})" if accelerator.device.type == "cpu" else ""
     accelerator.print(
         f"run folder {run_dir}\n{accelerator.num_processes} process(es){threads} on {accelerator.device}, "
         f"sources {list(plan.sources)}, targets {list(plan.targets)}; {plan.steps_per_epoch} steps/epoch, "
@@ -65,8 +73,10 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
     first_step = state.step
     exit_code, meter = loop.train(loop.Run(config, plan, run_dir, accelerator, trainables, state, stop, tracking))
     if exit_code == EXIT_OK:
+        state.reach(state.step)
         report(accelerator, config, plan, state, meter, tracking, run_dir,
-               resumed_finished=state.step == first_step)
+               resumed_finished=state.step == first_step,
+               provenance=provenance.provenance_record(ranks, state.segments, threads_rule, provenance.now()))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code
@@ -136,14 +146,15 @@ def resume_differences(state: TrainState, expected: dict) -> list[str]:
     return changes
 
 
-def report(accelerator, config, plan, state, meter, tracking, run_dir: Path, resumed_finished: bool) -> None:
+def report(accelerator, config, plan, state, meter, tracking, run_dir: Path, resumed_finished: bool,
+           provenance: dict) -> None:
     """results.json (kept as it is when a finished run is rerun), the tracker's end-of-run
     records, and the accuracy table."""
     results_path = run_dir / RESULTS_FILE
     if resumed_finished and results_path.exists():
         accelerator.print(f"{run_dir} was already complete at step {state.step}; {RESULTS_FILE} kept")
     else:
-        results = results_document(config, plan, state, meter, run_dir)
+        results = results_document(config, plan, state, meter, run_dir, provenance=provenance)
         if accelerator.is_main_process:
             results_path.write_text(json.dumps(results, indent=2))
         tracking.finish_run(results, run_dir)

@@ -29,13 +29,15 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
-    """A YAML preset on top of demo: 48 px, batch 8, 2 epochs, no image grids, 1 worker."""
+    """A YAML preset on top of demo: 64 px, batch 8, 2 epochs, no image grids, 1 worker, and 1
+    CPU thread per rank whatever the number of ranks and cores (runs that are compared bit for
+    bit must use equal thread counts; one thread also keeps parallel tests off each other's cores)."""
     values = {
         "base": "demo",
         "data": {"root": str(shards), "image_size": 64, "batch_size": 8, "workers": 1,
                  "shuffle_block_shards": 2, "eval_batch_size": 32},
         "train": {"epochs": 2, "log_every_steps": 2, "image_log_every_steps": 0,
-                  "agree_every_steps": 2},
+                  "agree_every_steps": 2, "cpu_threads": 1},
         "schedule": {"warmup_steps": 2},
         "wandb": {"mode": "disabled"},
     }
