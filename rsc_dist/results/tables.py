@@ -112,6 +112,9 @@ class Run:
     # metric ("best"/"last", "+top5" variants) -> {target: accuracy fraction}
     acc: dict[str, dict[str, float]]
     selection: str = OLD_SELECTION  # the rule that chose acc["best"]
+    # From results.json's provenance (schema 4); None in older files.
+    world_size: int | None = None
+    threads: int | tuple[int, ...] | None = None  # CPU intra-op threads per rank
 
 
 def dataset_key(name: str) -> str:
@@ -186,7 +189,10 @@ def load_run(path: Path, rule: str | None = None) -> Run:
                 if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                     raise ResultsError(f"{path}: {label!r} must be a fraction in [0, 1]; got {value!r}")
             acc[metric + suffix] = {t: float(values[t]) for t in targets}
-    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule)
+    provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    threads = provenance.get("threads_per_rank")
+    return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule, provenance.get("world_size"),
+               tuple(threads) if isinstance(threads, list) else threads)
 
 
 def results_files(root: Path) -> list[Path]:
@@ -272,6 +278,7 @@ class Table:
     rows: dict[str, dict[str, Cell]]  # method -> column -> cell
     paper_rows: list[tuple[str, dict[str, float]]] = field(default_factory=list)
     rules: tuple[str, ...] = ()  # the selection rule(s) that chose "best" for these runs
+    note: str = ""  # printed under the table: how its runs' layouts differ (layout_note)
 
     @property
     def selection(self) -> str:
@@ -304,6 +311,8 @@ class Table:
         for label, values in self.paper_rows:
             lines.append(f"| {label} | " + " | ".join(
                 f"{values[c]:.2f}" if c in values else "-" for c in self.columns) + " |")
+        if self.note:
+            lines += ["", self.note]
         return "\n".join(lines) + "\n"
 
     def records(self) -> list[dict]:
@@ -324,6 +333,23 @@ class Table:
                                 "source": "paper",
                                 "method": label, "column": c, "mean": values[c], "std": "", "n": ""})
         return out
+
+
+def layout_note(runs: list[Run]) -> str:
+    """"Runs differ in world size 1 (3 runs), 2 (3 runs); ..." when the runs of one table were
+    computed on other numbers of ranks or CPU threads per rank (the same algorithm; on CPUs the
+    thread count changes float rounding), "" when they agree. Files before schema 4 say neither."""
+    parts = []
+    for label, attribute in (("world size", "world_size"), ("CPU threads per rank", "threads")):
+        counts: dict = {}
+        for run in runs:
+            value = getattr(run, attribute)
+            counts[value] = counts.get(value, 0) + 1
+        if len(counts) > 1:
+            shown = sorted(counts.items(), key=lambda item: (item[0] is None, str(item[0])))
+            parts.append(f"{label} " + ", ".join(f"{'unknown' if value is None else value} ({n} run(s))"
+                                                 for value, n in shown))
+    return ("Runs differ in " + "; ".join(parts) + " (results.json provenance).") if parts else ""
 
 
 def _ordered_targets(dataset: str, targets: set[str]) -> list[str]:
@@ -370,7 +396,7 @@ def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False, top5: bo
                         row = {c: lower[c.lower()] for c in targets + ["Avg"] if c.lower() in lower}
                         paper_rows.append((label + (f" ({arch})" if len(archs) > 1 else ""), row))
             rules = tuple(sorted({r.selection for r in ds_runs}))
-            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows, rules))
+            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows, rules, layout_note(ds_runs)))
     return tables
 
 
