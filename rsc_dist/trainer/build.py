@@ -46,6 +46,7 @@ def make_accelerator(config: Config, run_dir: Path | None) -> Accelerator:
                               "deepspeed is not installed: bash launch/venv.sh (the default install "
                               "includes it), or launch without a DeepSpeed config") from None
         use_this_environments_ninja()
+        use_this_environments_extension_cache()
     precision = None if config.train.mixed_precision == "auto" else config.train.mixed_precision
     group = {"timeout": datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)}
     if use_deepspeed and not torch.cuda.is_available():
@@ -111,6 +112,24 @@ def use_this_environments_ninja(env=os.environ) -> None:
         return
     rest = [d for d in env.get("PATH", "").split(os.pathsep) if d and d != ninja.BIN_DIR]
     env["PATH"] = os.pathsep.join([ninja.BIN_DIR, *rest])
+
+
+def use_this_environments_extension_cache(env=os.environ) -> Path | None:
+    """Keep DeepSpeed's JIT-built ops (on CPU ranks its shared-memory comm op, about 45 s to
+    build) in this environment's own folder, ``<virtual environment>/torch_extensions``; the
+    folder set, or None where nothing was changed.
+
+    torch builds them under ~/.cache/torch_extensions/pyXY_cuZZ/NAME by default, one folder per
+    op for every environment of the user: a second checkout's .venv (its own torch and DeepSpeed
+    paths, so other build commands) took the other's build for stale and rebuilt it, and each
+    switch back rebuilt again. TORCH_EXTENSIONS_DIR set by the user is kept; outside a virtual
+    environment, or in one that cannot be written, torch's default stays.
+    """
+    if env.get("TORCH_EXTENSIONS_DIR") or sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return None
+    folder = Path(sys.prefix) / "torch_extensions"
+    env["TORCH_EXTENSIONS_DIR"] = str(folder)
+    return folder
 
 
 def check_device_requests(config: Config, env=os.environ) -> None:
