@@ -437,12 +437,35 @@ def _worker_init(worker_id: int) -> None:
     # process is gone.
     for sig in HELD_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _release_fork_server()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the loader's own parent watchdog remains
         pass
     if os.getppid() == 1:  # the server died before prctl took effect: nobody is left to kill us
         os._exit(1)
+
+
+def _release_fork_server() -> None:
+    """Close this worker's copy of the pipe whose other end keeps the fork server alive.
+
+    multiprocessing gives every process the server starts that pipe's write end (so that it
+    could start processes of its own), and the server runs until every copy is closed. A
+    worker holding it would keep the server alive after the training process died (kill -9),
+    and the server keeps the worker alive (torch's worker watchdog watches its parent, the
+    server): both would run forever. Without the copy, the server exits with the training
+    process and its workers die with the server (PR_SET_PDEATHSIG below).
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
 
 
 def _kill_loader_workers() -> None:
