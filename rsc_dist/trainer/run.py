@@ -32,9 +32,13 @@ def run(config: Config, resume: str = "auto") -> int:
     # processes comes from the launcher's environment (make_accelerator checks the group has it).
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = config.resolved_output_dir(world_size).resolve()
-    accelerator = build.make_accelerator(config, run_dir)
-    with checkpoints.lock_run(accelerator, run_dir):  # one trainer per run folder
-        return _run(config, resume, run_dir, accelerator)
+    threads = torch.get_num_threads()
+    try:
+        accelerator = build.make_accelerator(config, run_dir)  # sets this rank's CPU threads
+        with checkpoints.lock_run(accelerator, run_dir):  # one trainer per run folder
+            return _run(config, resume, run_dir, accelerator)
+    finally:  # a caller in the same process (a test, a notebook) keeps its own count
+        torch.set_num_threads(threads)
 
 
 def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
@@ -64,9 +68,10 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
                               provenance=provenance.provenance_record(ranks, state.segments, threads_rule))
     # On the CPU the intra-op thread count changes how kernels split their float sums, so runs
     # with other counts part ways: the start line says how many and why (build.cpu_threads).
-    threads = f" x {torch.get_num_threads()} thread(s) ({threads_rule})" if accelerator.device.type == "cpu" else ""
+    threads = f" x {torch.get_num_threads()} thread(s)" if accelerator.device.type == "cpu" else ""
+    why = f" ({threads_rule})" if accelerator.device.type == "cpu" else ""
     accelerator.print(
-        f"run folder {run_dir}\n{accelerator.num_processes} process(es){threads} on {accelerator.device}, "
+        f"run folder {run_dir}\n{accelerator.num_processes} process(es){threads} on {accelerator.device}{why}, "
         f"sources {list(plan.sources)}, targets {list(plan.targets)}; {plan.steps_per_epoch} steps/epoch, "
         f"{plan.total_steps} steps, global batch {plan.global_batch} samples "
         f"({plan.global_forward_batch} images per step)")
