@@ -51,6 +51,16 @@ def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
     return path
 
 
+def refusing_deepspeed(env: dict | None = None) -> dict:
+    """``env`` (default: this process's) with tests/support/no_deepspeed first on PYTHONPATH: every
+    process of a run started with it fails on importing DeepSpeed, printing where from (a run
+    that did not ask for DeepSpeed must never import it)."""
+    env = dict(os.environ if env is None else env)
+    guard = str(REPO / "tests" / "support" / "no_deepspeed")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [guard, env.get("PYTHONPATH")]))
+    return env
+
+
 def python_path(root: Path = REPO) -> str:
     """PYTHONPATH for a subprocess: the checkout first, then what the test run has (the tests'
     folder, whose support.toy_methods every process registers: tests/conftest.py)."""
