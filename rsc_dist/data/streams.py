@@ -403,21 +403,23 @@ def worker_context():
     return multiprocessing.get_context(WORKER_START_METHOD)
 
 
-def start_worker_server(preload: tuple[str, ...] = ()) -> None:
-    """Start the fork server the loader workers come from (once per process; later calls do
-    nothing), importing this module, ``preload`` and every rsc_dist module this process has
-    imported, so that a worker starts without importing anything.
+def start_worker_server() -> None:
+    """Start the fork server the loader workers come from (later calls do nothing while it runs),
+    importing every rsc_dist module this process has imported and the main module, so that a
+    worker starts without importing anything.
 
     The trainer calls it during setup, so that the imports overlap the model's construction;
-    ``make_loader`` calls it otherwise. The server is an ordinary child process: it exits when
+    ``make_loader`` calls it otherwise. The server is a child of this process: it exits when
     this process does (it watches a pipe), and each worker is killed with it (_worker_init).
+    As with multiprocessing's spawn, each worker imports the main module again: a script that
+    calls ``rsc_dist.train.main()`` needs the ``if __name__ == "__main__":`` guard.
     """
     from multiprocessing import forkserver, resource_tracker
 
     loaded = sorted(name for name in sys.modules if name == "rsc_dist" or name.startswith("rsc_dist."))
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     main_module = [main_spec.name] if main_spec is not None and main_spec.name != "__main__" else []
-    forkserver.set_forkserver_preload(list(dict.fromkeys([__name__, *preload, *loaded, *main_module])))
+    forkserver.set_forkserver_preload(list(dict.fromkeys([__name__, *loaded, *main_module])))
     # The resource tracker is started first, on its own: starting it unblocks SIGINT and SIGTERM
     # in this process (multiprocessing.resource_tracker), which would undo the mask below.
     resource_tracker.ensure_running()
