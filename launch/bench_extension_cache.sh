@@ -38,9 +38,9 @@ loaded = shm.build_shm_op() is not None
 print(json.dumps({"env": sys.prefix, "mode": mode, "folder": os.environ["TORCH_EXTENSIONS_DIR"],
                   "seconds": round(time.perf_counter() - start, 1), "loaded": loaded}), flush=True)
 '
-for step in "A before" "B before" "A before" "A after" "B after" "A after" "B after"; do
-  set -- $step
-  PYTHONPATH=$root OMP_NUM_THREADS=1 "$scratch/env$1/bin/python" -c "$measure" "$2" "$scratch/shared" 2>/dev/null \
-    | grep '^{'
+for step in A:before B:before A:before A:after B:after A:after B:after; do
+  env_name=${step%%:*} mode=${step##*:}
+  PYTHONPATH=$root OMP_NUM_THREADS=1 "$scratch/env$env_name/bin/python" -c "$measure" "$mode" "$scratch/shared" \
+    2>/dev/null | grep '^{'
 done
 echo "environments and builds left in $scratch" >&2
