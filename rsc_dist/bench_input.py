@@ -6,6 +6,7 @@
         --workers 16 --steps 50                           # on a GPU node
     python -m rsc_dist.bench_input --loader-only          # the loader alone
     python -m rsc_dist.bench_input --augment-only         # aten ops and CPU time of the augmentation
+    python -m rsc_dist.bench_input --loader-start 5       # loader start-up: fork, fork server, spawn
 
 Three rates with the trainer's own code (``TrainStream``, ``prepare_batch``, ``train_step``):
 the loader alone (with --decode device: bytes and parameters only, the decode happens in the
@@ -14,6 +15,12 @@ step), training steps fed from the shards, and the same steps on one batch alrea
 With ``--decode device`` it also reports the device path's aten ops per batch (decode +
 augmentation, counted by a dispatch mode), the host time the training thread spends issuing
 them per batch, and the JPEG decoder that ran.
+
+``--loader-start N`` times N starts of the training loader per way of starting its workers,
+interleaved: forked from this process (the old loader), from the fork server (the trainer's,
+``make_loader``; the server's own start, once per process, is reported apart) and spawned (a
+fresh interpreter per worker): the seconds from ``iter(loader)`` to the first batch and to the
+end of ``--steps`` batches (median over the starts).
 
 ``--augment-only`` measures the augmentation alone on synthetic ImageNet-like images (about
 500 x 375, mixed orientations, default jitter, 224 px, one CPU thread as in a loader worker),
@@ -50,6 +57,51 @@ def loader_rate(stream, workers: int, steps: int) -> float:
         images += batch["label"].shape[0]
     del first
     return images / (time.perf_counter() - start)
+
+
+def loader_start_costs(stream, workers: int, starts: int, steps: int) -> list[dict]:
+    """Median seconds to the first batch and to ``steps`` batches per start method (docstring)."""
+    import multiprocessing
+    import statistics
+
+    from torch.utils.data import DataLoader
+
+    from rsc_dist.data import streams
+
+    def loader(method: str):
+        if method == "forkserver":
+            return make_loader(stream, workers, pin_memory=False)
+        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=streams._worker_init,
+                          multiprocessing_context=multiprocessing.get_context(method),
+                          generator=torch.Generator().manual_seed(0), prefetch_factor=4)
+
+    def one_start(method: str) -> tuple[float, float]:
+        stream.set_position(0, 0)
+        begin = time.perf_counter()
+        batches = iter(loader(method))
+        next(batches)
+        first = time.perf_counter() - begin
+        for _, _batch in zip(range(steps - 1), batches):
+            pass
+        del batches
+        return first, time.perf_counter() - begin
+
+    begin = time.perf_counter()
+    streams.start_worker_server()  # returns at once; the server imports while the first loader waits
+    server_start = time.perf_counter() - begin + one_start("forkserver")[0]
+    methods = ("fork", "forkserver", "spawn")
+    timings = {method: [] for method in methods}
+    for _ in range(starts):
+        for method in methods:
+            timings[method].append(one_start(method))
+    rows = [{"workers from": "this process (fork; the old loader)", "method": "fork"},
+            {"workers from": "the fork server (the trainer's loader)", "method": "forkserver"},
+            {"workers from": "a fresh interpreter each (spawn)", "method": "spawn"}]
+    for row in rows:
+        firsts, wholes = zip(*timings[row["method"]])
+        row.update(first=statistics.median(firsts), whole=statistics.median(wholes))
+    rows[1]["server start"] = server_start
+    return rows
 
 
 class CountOps(TorchDispatchMode):
@@ -161,6 +213,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--loader-only", action="store_true", help="measure the loader alone")
     parser.add_argument("--augment-only", action="store_true",
                         help="aten ops and CPU time of the augmentation alone (synthetic images, batches 32 and 256)")
+    parser.add_argument("--loader-start", type=int, metavar="N",
+                        help="time N loader starts per start method (fork, fork server, spawn), interleaved")
     args, overrides = parser.parse_known_args(argv)
     if args.augment_only:
         rows = augment_costs()
@@ -179,6 +233,17 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), world_size=1)
     stream = plan.train_stream(0, accelerator.device.type)
+    if args.loader_start:
+        rows = loader_start_costs(stream, config.data.workers, args.loader_start, args.steps)
+        print(f"loader start-up: {config.data.workers} worker(s), {plan.local_batch} samples per batch, "
+              f"{config.data.image_size}px, median of {args.loader_start} starts each (interleaved), "
+              f"cpu ({torch.get_num_threads()} threads)")
+        print(f"| workers start from | first batch, s | {args.steps} batches, s |\n|---|---|---|")
+        for row in rows:
+            print(f"| {row['workers from']} | {row['first']:.2f} | {row['whole']:.2f} |")
+        print(f"the fork server's own start (once per process, during the trainer's setup): "
+              f"{rows[1]['server start']:.2f} s including its first loader's first batch")
+        return {"loader_start": rows}
     rates = {"loader only": loader_rate(stream, config.data.workers, args.steps)}
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else (
         f"cpu ({torch.get_num_threads()} threads)")

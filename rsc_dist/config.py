@@ -82,7 +82,8 @@ Config.__doc__ = "The run configuration (rsc_dist.config): common sections and e
 
 # Settings that do not change which weights a run reaches (where it writes, how it logs, how
 # fast it goes, how often it looks): excluded from the trajectory fingerprint, so they may
-# change when a run is resumed. Keys are dotted; a section name excludes the whole section.
+# change when a run is resumed. (model.compile and train.cpu_threads change float rounding,
+# not the algorithm, as another number of ranks does; results.json records the threads.) Keys are dotted; a section name excludes the whole section.
 # The two batch-size settings are excluded because what matters is the global batch they
 # resolve to with the number of processes: the fingerprint hashes that (resolved_batch), and
 # checkpoints check it (plan.data_order). train.selection stays in: it decides which weights
@@ -93,7 +94,7 @@ NOT_TRAJECTORY = (
     "data.eval_batch_size", "model.compile", "model.channels_last", "train.eval_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
     "train.image_log_every_steps", "train.agree_every_steps", "train.stop_at_step", "train.tracker",
-    "wandb", "run.protocol",
+    "train.cpu_threads", "wandb", "run.protocol",
 )
 # Settings added after runs were made, {key: the value that reproduces those runs}: at that
 # value a setting is left out of the trajectory settings, so the runs' fingerprints (their

@@ -45,12 +45,13 @@ from rsc_dist.config import flatten, load_config, save_config, to_dict
 from rsc_dist.core import selection
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, RESULTS_FILE, RESULTS_SCHEMA_VERSION
 from rsc_dist.core.errors import UsageError
-from rsc_dist.trainer.plan import DataPlan, data_root
 from rsc_dist.data.streams import error_line
+from rsc_dist.observe import provenance
 from rsc_dist.sweep.state import RECORD_FILE
 from rsc_dist.trainer import build, checkpoints
 from rsc_dist.trainer.averaged import source_batches
 from rsc_dist.trainer.evaluation import evaluate, evaluation_autocast, summarize_evaluation
+from rsc_dist.trainer.plan import DataPlan, data_root
 
 KINDS = ("uniform", "greedy")
 SOUPS_DIR = "soups"
@@ -211,8 +212,10 @@ def make_soup(kind: str, found: list[Ingredient], evaluator: SoupEvaluator, rule
 
 
 def soup_document(kind: str, found: list[Ingredient], evaluation: dict, record: dict, seed: int, rule: str,
-                  init: str, config) -> dict:
-    """The soup's results.json (rsc_dist/core/contracts.py, RESULTS_LAYOUT)."""
+                  init: str, config, made_by: dict) -> dict:
+    """The soup's results.json (rsc_dist/core/contracts.py, RESULTS_LAYOUT). ``made_by``: the
+    provenance of this command (no training segments: a soup is averaged, not trained); the
+    protocol, holdout and batch are the first ingredient's, which every ingredient shares."""
     lead = found[0].results
     fingerprint = hashlib.sha256(json.dumps([kind, rule, sorted(i.results.get("fingerprint", i.name) for i in found)])
                                  .encode()).hexdigest()[:16]
@@ -222,10 +225,12 @@ def soup_document(kind: str, found: list[Ingredient], evaluation: dict, record: 
         "schema_version": RESULTS_SCHEMA_VERSION, "config": shared, "fingerprint": fingerprint,
         "algorithm": lead["algorithm"], "dataset": lead["dataset"], "arch": lead.get("arch", config.model.arch),
         "seed": seed, "targets": lead["targets"], "sources": lead["sources"], "selection": rule,
+        "protocol": lead.get("protocol") or "custom", "holdout": lead.get("holdout"),
+        "world_size": int(lead.get("world_size") or 1), "global_batch": int(lead.get("global_batch") or 0),
         "best": evaluation, "last": evaluation, "best_checkpoint": checkpoints.BEST_RELATIVE,
         "steps": max(int(i.results.get("steps") or 0) for i in found), "throughput_img_s": 0.0,
         "history": [evaluation], "forced_resumes": [], "init_fingerprint": init, "averaged": None,
-        "variant": f"{kind} soup of {len(found)} runs", "soup": record,
+        "variant": f"{kind} soup of {len(found)} runs", "soup": record, "provenance": made_by,
     }
 
 
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         for (method, target, seed), members in groups(runs, args.across_seeds).items():
             init = check_same_start(members, documents)
             planned.append((method, target, seed, members, init))
-        accelerator = None
+        accelerator, made_by = None, None
         for method, target, seed, members, init in planned:
             found = ingredients(members, documents, rule)
             targets = "+".join(documents[found[0].name]["targets"])
@@ -306,9 +311,13 @@ def main(argv: list[str] | None = None) -> int:
                 config = soup_config(found[0], folder, f"{method}-{targets}-{name}")
                 accelerator = accelerator or build.make_accelerator(config, run_dir=None)
                 evaluator = evaluator or SoupEvaluator(config, accelerator)
+                if made_by is None:  # this command's layout; evaluation's sums do not depend on it
+                    made_by = provenance.provenance_record(provenance.gather_rank_facts(accelerator), [],
+                                                           "torch's default (python -m rsc_dist.soup)",
+                                                           provenance.now())
                 evaluation, record, network = make_soup(kind, found, evaluator, rule)
                 soup_seed = seed if seed is not None else min(m["seed"] for m in members)
-                write_soup(folder, soup_document(kind, found, evaluation, record, soup_seed, rule, init, config),
+                write_soup(folder, soup_document(kind, found, evaluation, record, soup_seed, rule, init, config, made_by),
                            network, config, accelerator)
                 if accelerator.is_main_process:
                     accuracy = selection.target_mean(evaluation)

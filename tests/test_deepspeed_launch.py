@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -64,10 +65,29 @@ def test_deepspeed_ops_are_built_by_this_environments_ninja(tmp_path):
     assert shutil.which("ninja", path=env["PATH"]) == os.path.join(ninja.BIN_DIR, "ninja")
 
 
+def test_deepspeed_ops_are_cached_per_environment(monkeypatch, tmp_path):
+    """Each virtual environment keeps its own builds (<venv>/torch_extensions): two checkouts'
+    environments sharing ~/.cache/torch_extensions rebuilt each other's op at every switch. A
+    folder the user chose is kept; outside a virtual environment torch's default stays."""
+    venv = tmp_path / "checkout" / ".venv"
+    venv.mkdir(parents=True)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    env = {}
+    assert build.use_this_environments_extension_cache(env) == venv / "torch_extensions"
+    assert env == {"TORCH_EXTENSIONS_DIR": str(venv / "torch_extensions")}
+    chosen = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    assert build.use_this_environments_extension_cache(chosen) is None and chosen == {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)  # the system's Python
+    bare = {}
+    assert build.use_this_environments_extension_cache(bare) is None and bare == {}
+
+
 @pytest.mark.parametrize("deepspeed", [True, False])
 def test_make_accelerator_puts_this_environments_ninja_first_only_for_deepspeed(no_cuda, monkeypatch, deepspeed):
-    """The helper above is called where it matters: before the Accelerator (whose DeepSpeed process
-    group builds the op) is made, and a run without DeepSpeed keeps its PATH."""
+    """The helpers above are called where it matters: before the Accelerator (whose DeepSpeed
+    process group builds the op) is made, and a run without DeepSpeed keeps its PATH and its
+    extension folder."""
     ninja = pytest.importorskip("ninja")
 
     class Built(Exception):
@@ -79,11 +99,15 @@ def test_make_accelerator_puts_this_environments_ninja_first_only_for_deepspeed(
     monkeypatch.setattr(build, "Accelerator", stop_before_the_process_group)
     monkeypatch.setitem(sys.modules, "deepspeed", ModuleType("deepspeed"))  # importable, cheaply
     monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     if deepspeed:
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(Built):
         build.make_accelerator(_config(), None)
     assert os.environ["PATH"] == (os.pathsep.join([ninja.BIN_DIR, "/usr/bin"]) if deepspeed else "/usr/bin")
+    in_venv = sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK)
+    expected = str(Path(sys.prefix) / "torch_extensions") if deepspeed and in_venv else None
+    assert os.environ.get("TORCH_EXTENSIONS_DIR") == expected
 
 
 @pytest.mark.parametrize("env, overrides, message", [

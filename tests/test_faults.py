@@ -2,19 +2,13 @@
 fault named on the last line; resuming with changed settings is refused (or forced)."""
 
 import json
-import os
 import shutil
-import signal
-import time
 
 import pytest
-from torch.utils.data import DataLoader, IterableDataset
 
 from data_prep.manifest import load_manifest
 from rsc_dist import train
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
-from rsc_dist.data import streams as data
-from rsc_dist.trainer.stopping import start_loader
 from support.data_prep_samples import corrupt_first_image
 from support.trainer_fixtures import explain, launch, tiny_config
 
@@ -97,24 +91,3 @@ def test_a_checkpoint_of_the_old_sample_order_is_refused_clearly(tmp_path, tiny_
     capsys.readouterr()
     assert train.main(run) == 2
     assert "order version 1" in capsys.readouterr().err
-
-
-class _Numbers(IterableDataset):
-    def __iter__(self):
-        yield from range(4)
-
-
-def _slow_worker_start(worker_id):
-    time.sleep(2)  # widens the window between torch's worker signal handlers and ours
-    data._worker_init(worker_id)
-
-
-def test_a_sigterm_while_loader_workers_start_does_not_kill_them():
-    """A job's SIGTERM reaches the loader workers too; one that arrives while a worker is being
-    started (every epoch and evaluation forks new ones) must not kill it before it ignores the
-    signal: the rank would crash instead of saving. (Without start_loader the worker
-    below dies: "DataLoader worker exited unexpectedly".)"""
-    loader = DataLoader(_Numbers(), batch_size=None, num_workers=1, worker_init_fn=_slow_worker_start)
-    batches = start_loader(loader)
-    os.kill(batches._workers[0].pid, signal.SIGTERM)
-    assert list(batches) == [0, 1, 2, 3]

@@ -13,9 +13,11 @@ from accelerate import Accelerator
 from rsc_dist import config as config_module
 from rsc_dist.config import load_config
 from rsc_dist.core import contracts
-from rsc_dist.observe.identity import REPO_ROOT, git_commit, remember_run_id, run_tags, tracker_name, wandb_run_id
+from rsc_dist.observe.identity import remember_run_id, run_tags, tracker_name, wandb_run_id
 from rsc_dist.observe.masks import mask_caption
 from rsc_dist.observe.metrics import TABLE_COLUMNS, TABLE_KEY, evaluation_metrics, per_domain_rows
+from rsc_dist.observe import provenance
+from rsc_dist.observe.provenance import REPO_ROOT, git_commit
 from rsc_dist.observe.report import results_document
 from rsc_dist.observe.tracking import Tracking, start_tracking
 from support.wandb_records import read_table, summarize
@@ -28,6 +30,14 @@ def fake_plan(targets=("sketch",)):
         manifest=types.SimpleNamespace(classes=CLASSES, dataset="demo", num_classes=len(CLASSES)),
         sources=("cartoon", "photo"), targets=targets, steps_per_epoch=4, total_steps=8,
         global_batch=16, global_forward_batch=16, world_size=1, holdout=None)
+
+
+def fake_provenance(world_size=1):
+    """A run's provenance on ``world_size`` CPU ranks of one host, started once."""
+    ranks = [{"host": "node0", "device": "cpu: Test CPU", "device_type": "cpu", "threads": 2,
+              "local_ranks": world_size}] * world_size
+    return provenance.provenance_record(ranks, [provenance.new_segment(0, ranks)], "train.cpu_threads",
+                                        provenance.now())
 
 
 def make_config(monkeypatch, tracker="wandb", log_model="off", overrides=()):
@@ -90,7 +100,8 @@ def simulate_run(monkeypatch, tmp_path, tracker="wandb", log_model="off", best_w
         save_file({"w": torch.zeros(2)}, str(best / "model.safetensors"))
         (best / "optimizer.bin").write_bytes(b"not a model")
     state = types.SimpleNamespace(best=first, last=second, step=8, history=[first, second], forced_resumes=[])
-    results = results_document(config, plan, state, types.SimpleNamespace(throughput=12.5), run_dir)
+    results = results_document(config, plan, state, types.SimpleNamespace(throughput=12.5), run_dir,
+                               provenance=fake_provenance())
     (run_dir / "results.json").write_text(json.dumps(results))
     tracking.finish_run(results, run_dir)
     accelerator.end_training()
@@ -238,7 +249,8 @@ def test_results_document_follows_the_contract(monkeypatch, tmp_path):
     config = make_config(monkeypatch)
     first = evaluation(4, 0.6, 0.5)
     state = types.SimpleNamespace(best=first, last=first, step=4, history=[first], forced_resumes=[])
-    doc = results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))
+    doc = results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0),
+                           provenance=fake_provenance())
     assert doc["schema_version"] == contracts.RESULTS_SCHEMA_VERSION == 4 and doc["best_checkpoint"] is None
     assert (doc["protocol"], doc["holdout"], doc["world_size"], doc["global_batch"]) == ("custom", None, 1, 16)
     assert doc["fingerprint"] == config_module.trajectory_fingerprint(config, 1)
@@ -246,7 +258,8 @@ def test_results_document_follows_the_contract(monkeypatch, tmp_path):
     assert contracts.layout_problems(json.loads(json.dumps(doc))) == []
     # Nothing chosen (a rule that could score no evaluation): best is null, still the layout.
     state.best = {}
-    assert results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0))["best"] is None
+    assert results_document(config, fake_plan(), state, types.SimpleNamespace(throughput=1.0),
+                           provenance=fake_provenance())["best"] is None
 
 
 def test_per_domain_table_has_n_on_every_row():

@@ -207,6 +207,32 @@ def test_schema_versions_1_to_4_read_newer_refused(tmp_path):
         assert str(v2) in str(err.value)
 
 
+def test_a_table_says_when_its_runs_differ_in_world_size_or_threads(tmp_path):
+    """The same setting run on 1 and 2 ranks (or with other CPU thread counts: other float
+    rounding) shares a row; a line of the table's description says how the runs differ (schema
+    4's provenance; older files count as unknown)."""
+    paths = [write_run(tmp_path, "rsc", "sketch", seed, 0.8, 0.7) for seed in range(3)]
+    for path, (world_size, threads) in zip(paths[:2], ((1, 2), (2, 1))):
+        data = json.loads(path.read_text())
+        data.update(schema_version=4, provenance={"world_size": world_size, "threads_per_rank": threads})
+        path.write_text(json.dumps(data))
+    (best,) = [t for t in results.build_tables(results.find_runs(tmp_path)) if t.metric == "best"]
+    assert list(best.rows) == ["RSC"] and best.rows["RSC"]["sketch"].n == 3
+    assert best.note == ("Runs differ in world size 1 (1 run(s)), 2 (1 run(s)), unknown (1 run(s)); CPU threads "
+                         "per rank 1 (1 run(s)), 2 (1 run(s)), unknown (1 run(s)) (results.json provenance).")
+    assert f"{best.note}  \n" in best.markdown()
+    paths[2].unlink()  # the two schema-4 runs: equal world sizes now, threads still differ
+    data = json.loads(paths[1].read_text())
+    data["provenance"]["world_size"] = 1
+    paths[1].write_text(json.dumps(data))
+    (best,) = [t for t in results.build_tables(results.find_runs(tmp_path)) if t.metric == "best"]
+    assert best.note == "Runs differ in CPU threads per rank 1 (1 run(s)), 2 (1 run(s)) (results.json provenance)."
+    data["provenance"]["threads_per_rank"] = 2
+    paths[1].write_text(json.dumps(data))
+    (best,) = [t for t in results.build_tables(results.find_runs(tmp_path)) if t.metric == "best"]
+    assert best.note == "" and "Runs differ" not in best.markdown()
+
+
 def test_invalid_json_and_empty_folder(tmp_path):
     with pytest.raises(results.ResultsError, match="no results.json under"):
         results.find_runs(tmp_path)

@@ -32,7 +32,9 @@ def setup(tmp_path: Path, fail: str = "") -> tuple[Path, Path, dict]:
     wrapper.write_text(
         "import json, os, sys\n"
         f"with open({str(tmp_path / 'env.jsonl')!r}, 'a') as f:\n"
-        "    f.write(json.dumps({k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')}) + '\\n')\n"
+        "    seen = {k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')}\n"
+        "    seen['threads_arg'] = [a for a in sys.argv if a.startswith('--train.cpu_threads')]\n"
+        "    f.write(json.dumps(seen) + '\\n')\n"
         "args = sys.argv[1:] + ['--fake.steps=' + os.environ.get('FAKE_STEPS', '6'),\n"
         "                       '--fake.step_time=' + os.environ.get('FAKE_STEP_TIME', '0.05'), '--fake.ckpt_every=2']\n"
         f"if {fail!r} and '--run.name=sw-{fail}' in args:\n"
@@ -97,7 +99,8 @@ def test_a_failed_run_does_not_stop_the_others_and_rerunning_retries_only_it(tmp
     # CPU runs: no GPU, the cores divided between the 2 runs at a time.
     threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
     seen = [json.loads(line) for line in (tmp_path / "env.jsonl").read_text().splitlines()]
-    assert seen == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads}] * 4
+    assert seen == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads,
+                     "threads_arg": [f"--train.cpu_threads={threads}"]}] * 4
 
     # Fixed (the crash no longer happens): a rerun starts only that run, which resumes.
     fixed = tmp_path / "trainer_ok.py"
@@ -192,7 +195,9 @@ def test_slots_split_cpus_or_give_one_gpu_each(monkeypatch):
     slots = make_slots("cpu", 3)
     assert [s.env() for s in slots] == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2",
                                          "MKL_NUM_THREADS": "2"}] * 3
+    assert [s.trainer_args() for s in slots] == [["--train.cpu_threads=2"]] * 3
     assert [s.env() for s in make_slots("0,2,5", None)] == [{"CUDA_VISIBLE_DEVICES": g} for g in ("0", "2", "5")]
+    assert [s.trainer_args() for s in make_slots("0,2,5", None)] == [[]] * 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4")
     assert [s.gpu for s in make_slots("auto", 1)] == ["3"]
     with pytest.raises(SweepError, match="--parallel 3 needs 3 GPUs"):

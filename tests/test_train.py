@@ -17,7 +17,8 @@ from rsc_dist.observe.metrics import TABLE_KEY
 from rsc_dist.results import cli as results_cli
 from rsc_dist.results import tables as results_module
 from rsc_dist.trainer.checkpoints import MODEL_FILE
-from support.trainer_fixtures import explain, launch, launch_command, sigterm_the_job, tiny_config
+from rsc_dist.observe.provenance import git_commit
+from support.trainer_fixtures import explain, launch, launch_command, refusing_deepspeed, sigterm_the_job, tiny_config
 from support.wandb_records import read_table, summarize
 
 pytestmark = pytest.mark.slow
@@ -33,10 +34,13 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
                          train={"epochs": 1, "image_log_every_steps": 2, "log_every_steps": 2})
     run_dir = tmp_path / "run"
     result = launch(["--config", str(config), "--output_dir", str(run_dir)], processes=2,
-                    env={"WANDB_API_KEY": "", "WANDB_MODE": ""})
+                    env=refusing_deepspeed({"WANDB_API_KEY": "", "WANDB_MODE": ""}))
     assert result.returncode == 0, explain(result)
     assert "starting 2 CPU ranks" in result.stderr
-    assert re.search(r"^2 process\(es\) x \d+ thread\(s\) on cpu", result.stdout, flags=re.M), result.stdout
+    assert re.search(r"^2 process\(es\) x 1 thread\(s\) on cpu \(train.cpu_threads\)", result.stdout,
+                     flags=re.M), result.stdout
+    # Evaluation, best/, checkpoints, W&B and the report never import DeepSpeed (or print its warning).
+    assert "deepspeed" not in (result.stdout + result.stderr).lower(), explain(result)
 
     results = json.loads((run_dir / RESULTS_FILE).read_text())
     manifest = load_manifest(tiny_shards)
@@ -51,6 +55,14 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
         results["history"], "source_val_pooled")
     assert set(last["target_acc"]) == {"sketch"} and 0 <= last["target_acc"]["sketch"] <= 1
     assert results["algorithm"] == "rsc" and results["throughput_img_s"] > 0
+    provenance = results["provenance"]  # what computed the run
+    assert (provenance["world_size"], provenance["local_ranks"], provenance["nodes"]) == (2, 2, 1)
+    assert (provenance["threads_per_rank"], provenance["threads_rule"]) == (1, "train.cpu_threads")
+    assert provenance["device_type"] == "cpu" and sum(provenance["devices"].values()) == 2
+    assert provenance["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert provenance["commit"] == git_commit() and provenance["ended"] >= provenance["started"]
+    assert [(s["start_step"], s["end_step"], s["world_size"]) for s in provenance["segments"]] == \
+        [(0, results["steps"], 2)]
 
     wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(wandb_files) == 1, "exactly one W&B run (main process only)"
@@ -59,6 +71,7 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
                 "perf/data_wait_fraction", "val/acc", "target/acc_sketch", "rsc/masks/path"):
         assert key in logged["history_keys"], key
     assert {"rsc", "data", "optim", "algorithm"} <= set(logged["config"])
+    assert json.loads(logged["config"]["provenance"])["world_size"] == 2
     assert logged["run"]["name"] == "rsc-sketch-seed0" and logged["run"]["group"] == "demo"
     assert list(wandb_files[0].parent.glob("files/media/images/rsc/masks_*.png"))
     # n on every row of the per-domain table, equal to the manifest's counts.
@@ -187,10 +200,13 @@ def test_last_step_is_evaluated_and_saved_off_cadence(tmp_path, tiny_shards):
 
 
 def test_a_stop_requested_at_the_last_step_finishes_the_run(tmp_path, tiny_shards):
-    config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 2, "stop_at_step": 2})
+    config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 2, "stop_at_step": 2, "log_every_steps": 10})
     assert train.main(["--config", str(config), "--output_dir", str(tmp_path / "run")]) == 0
-    assert json.loads((tmp_path / "run" / RESULTS_FILE).read_text())["last"]["step"] == 2
+    results = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
+    assert results["last"]["step"] == 2
     assert not (tmp_path / "run" / PREEMPTED_MARKER).exists()
+    # A run shorter than train.log_every_steps still reports its training throughput.
+    assert results["throughput_img_s"] > 0
 
 
 def test_rerunning_a_finished_run_keeps_its_results(tmp_path, tiny_shards, capsys):

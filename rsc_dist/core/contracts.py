@@ -21,8 +21,8 @@ type and meaning); tests/test_contracts.py checks a trainer-written file against
 rsc_dist.results reads versions 1 to 4. Every evaluation (``best``, ``last`` and each entry of
 ``history``) is an EVALUATION_RECORD, which keeps per-domain accuracies AND sample counts, so
 any selection rule (rsc_dist/core/selection.py) can be applied after the fact. Accuracies are
-fractions in [0, 1]. Version 4 added the keys marked "(v4)" below; version 3 files lack
-them. Version 2 had no val_acc_mean/val_n/target_n/selection keys and a "num_samples" map
+fractions in [0, 1]. Version 4 added the keys marked "(v4)" below (``provenance``: what computed
+the run, PROVENANCE_RECORD, with its SEGMENT_RECORDs); version 3 files lack them. Version 2 had no val_acc_mean/val_n/target_n/selection keys and a "num_samples" map
 instead; version 1 had no "schema_version" key.
 """
 
@@ -47,9 +47,9 @@ BEST_RELATIVE = f"{CHECKPOINTS_DIR}/{BEST_DIR}"  # what results.json records as 
 BEST_AVERAGED_DIR = "best_averaged"  # the averaged model's chosen weights (train.averaging)
 BEST_AVERAGED_RELATIVE = f"{CHECKPOINTS_DIR}/{BEST_AVERAGED_DIR}"  # results.json's averaged.best_checkpoint
 
-# Types: int, float, str, dict, list, "null" (JSON null), "{str: float}" / "{str: int}" (a map from
-# domain names), "list[str]", "evaluation" (an EVALUATION_RECORD), "list[evaluation]", "averaged"
-# (an AVERAGED_RECORD); "a|b" = either.
+# Types: int, float, str, bool, dict, list, "null" (JSON null), "{str: T}" (a map from names, e.g.
+# domains, to T), "list[str]", "evaluation" (an EVALUATION_RECORD), "averaged" (an
+# AVERAGED_RECORD), "segment", "provenance", and "list[R]" of such records; "a|b" = either.
 EVALUATION_RECORD = {
     "step": ("int", "training steps done when evaluated"),
     "val_acc": ("float|null", "pooled source validation: correct / total over all source val samples"),
@@ -86,6 +86,43 @@ AVERAGED_RECORD = {
     "note": ("str|null", "(v4) why there is no averaged model (swad: no loss valley was found)"),
 }
 
+# A stretch of a run between a start (or resume) and the last checkpoint it saved (the run's end
+# for the last one); the segments of a run tile its steps. "null" values: a checkpoint written
+# before segments were recorded (its steps 0..end_step, layout unknown).
+SEGMENT_RECORD = {
+    "start_step": ("int", "(v4) the step this start resumed from (0: a fresh start)"),
+    "end_step": ("int", "(v4) the step of its last checkpoint (the last segment: the run's last step)"),
+    "world_size": ("int|null", "(v4) ranks"),
+    "threads_per_rank": ("int|list|null", "(v4) CPU intra-op threads of each rank (one number when equal)"),
+    "device_type": ("str|null", "(v4) cpu | cuda"),
+    "hosts": ("list[str]|null", "(v4) the hosts its ranks ran on"),
+    "commit": ("str|null", "(v4) the code's git commit"),
+    "started": ("str|null", "(v4) ISO 8601 time of the start"),
+    "ended": ("str|null", "(v4) ISO 8601 time of its last checkpoint (or of the run's end)"),
+}
+
+# What computed the run (rsc_dist/observe/provenance.py); the W&B run config carries the same.
+PROVENANCE_RECORD = {
+    "world_size": ("int", "(v4) ranks of the start that finished the run"),
+    "local_ranks": ("int", "(v4) ranks on the first rank's node"),
+    "nodes": ("int", "(v4) hosts the ranks ran on"),
+    "hosts": ("list[str]", "(v4) their names"),
+    "device_type": ("str", "(v4) cpu | cuda"),
+    "devices": ("{str: int}", "(v4) device name (a GPU's, or 'cpu: ' and the CPU's model) -> ranks on it"),
+    "threads_per_rank": ("int|list", "(v4) CPU intra-op threads of each rank (one number when equal; "
+                                     "it changes a CPU run's float rounding)"),
+    "threads_rule": ("str", "(v4) where that count came from: train.cpu_threads or cores / ranks per node"),
+    "versions": ("{str: str|null}", "(v4) python, torch, torchvision, accelerate, deepspeed, webdataset, timm, "
+                                    "numpy, wandb (null: not installed) and cuda (torch's; null: a CPU build)"),
+    "commit": ("str|null", "(v4) git commit of the code (null outside a git checkout)"),
+    "dirty": ("bool|null", "(v4) the checkout had local changes: a changed tracked file or an untracked "
+                           "file under rsc_dist/, data_prep/ or launch/"),
+    "started": ("str|null", "(v4) ISO 8601 start of the first segment (null: not recorded)"),
+    "ended": ("str", "(v4) ISO 8601 time results.json was written"),
+    "segments": ("list[segment]", "(v4) every start of the run in order (SEGMENT_RECORD); one unless it "
+                                  "was stopped and resumed, possibly on another number of ranks"),
+}
+
 RESULTS_LAYOUT = {
     "schema_version": ("int", "RESULTS_SCHEMA_VERSION"),
     "config": ("dict", "the resolved config (nested)"),
@@ -117,6 +154,8 @@ RESULTS_LAYOUT = {
                             "tables label its rows METHOD + VARIANT"),
     "soup": ("dict|null", "(v4) how a soup was made (rsc_dist.soup): kind, rule, ingredients with their "
                           "scores and whether each was kept; null for a trained run"),
+    "provenance": ("provenance", "(v4) ranks, threads, devices, versions, code, times, segments "
+                                 "(PROVENANCE_RECORD)"),
 }
 
 
@@ -132,8 +171,19 @@ def layout_problems(document: dict, layout: dict = RESULTS_LAYOUT, where: str = 
     return problems
 
 
+def _alternatives(kind: str) -> list[str]:
+    """"a|b|{str: c|d}" -> ["a", "b", "{str: c|d}"]: split at the "|"s outside braces."""
+    options, depth, start = [], 0, 0
+    for i, char in enumerate(kind):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "|" and depth == 0:
+            options.append(kind[start:i])
+            start = i + 1
+    return options + [kind[start:]]
+
+
 def _type_problems(value, kind: str, where: str) -> list[str]:
-    options = kind.split("|")
+    options = _alternatives(kind)
     found = []
     for option in options:
         found = _one_type_problems(value, option, where)
@@ -147,24 +197,24 @@ def _one_type_problems(value, kind: str, where: str) -> list[str]:
         return isinstance(v, allowed) and not isinstance(v, bool)
 
     simple = {"int": lambda v: number(v, int), "float": lambda v: number(v, (int, float)),
-              "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict),
-              "list": lambda v: isinstance(v, list), "null": lambda v: v is None}
+              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+              "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
+              "null": lambda v: v is None}
+    records = {"evaluation": EVALUATION_RECORD, "averaged": AVERAGED_RECORD, "segment": SEGMENT_RECORD,
+               "provenance": PROVENANCE_RECORD}
     if kind in simple:
         return [] if simple[kind](value) else [f"{where}: expected {kind}, got {value!r:.80}"]
     if kind == "list[str]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return [] if ok else [f"{where}: expected a list of strings, got {value!r:.80}"]
-    if kind in ("{str: float}", "{str: int}"):
-        inner = kind[6:-1]
+    if kind.startswith("{str: ") and kind.endswith("}"):
         if not isinstance(value, dict):
             return [f"{where}: expected {kind}, got {value!r:.80}"]
-        return [p for k, v in value.items() for p in _one_type_problems(v, inner, f"{where}.{k}")]
-    if kind == "evaluation":
-        return layout_problems(value, EVALUATION_RECORD, f"{where}.")
-    if kind == "averaged":
-        return layout_problems(value, AVERAGED_RECORD, f"{where}.")
-    if kind == "list[evaluation]":
+        return [p for k, v in value.items() for p in _type_problems(v, kind[6:-1], f"{where}.{k}")]
+    if kind in records:
+        return layout_problems(value, records[kind], f"{where}.")
+    if kind.startswith("list[") and kind[5:-1] in records:
         if not isinstance(value, list):
             return [f"{where}: expected a list, got {value!r:.80}"]
-        return [p for i, v in enumerate(value) for p in layout_problems(v, EVALUATION_RECORD, f"{where}[{i}].")]
+        return [p for i, v in enumerate(value) for p in layout_problems(v, records[kind[5:-1]], f"{where}[{i}].")]
     raise ValueError(f"unknown layout type {kind!r} at {where}")

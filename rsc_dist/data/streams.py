@@ -23,6 +23,7 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 from collections import OrderedDict
 from typing import Iterator
 
@@ -258,8 +259,13 @@ class TrainStream(IterableDataset):
         self._orders = None
         self._reader = None
 
+    def __getstate__(self) -> dict:
+        # What a worker receives (pickled: workers start from the fork server). The reader's
+        # file descriptors belong to this process; the orders are rebuilt from the shards.
+        return {**self.__dict__, "_reader": None, "_orders": None}
+
     def set_position(self, epoch: int, start_step: int = 0) -> None:
-        """Call before iterating (workers are forked at iteration and copy this)."""
+        """Call before iterating (the workers started at iteration receive a copy of this)."""
         self.epoch, self.start_step = epoch, start_step
 
     def orders(self) -> list[GroupOrder]:
@@ -394,9 +400,53 @@ def _read_sequential(urls) -> Iterator[dict]:
 # ---------------------------------------------------------------------------------------------
 # Loaders
 
+# Loader workers start from a fork server, never by forking the training process. A training
+# process has threads (W&B's, tqdm's monitor, a C++ thread entering Python through the GIL API):
+# a worker forked while one of them held CPython's runtime lock (HEAD_LOCK: taken to create or
+# delete a thread state) inherits it locked and blocks forever in PyOS_AfterFork_Child
+# (CPython gh-112275, fixed only from 3.11.10 on; tests/test_loader_start.py reproduces it).
+# The server is started with fork+exec (no Python runs in the child before exec) and forks
+# workers from its own single thread. Measured start-up costs: BENCHMARKS.md, "Loader workers".
+WORKER_START_METHOD = "forkserver"
+# Signals a job sends to every process of the group. Blocked in the fork server (and so in every
+# worker it forks, from the first instruction); a worker ignores them for good in _worker_init.
+# The training process handles them and stops its workers itself.
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 _PR_SET_PDEATHSIG = 1
 _REAPER_INSTALLED = False
+
+
+def worker_context():
+    """The multiprocessing context every loader of a run starts its workers in."""
+    return multiprocessing.get_context(WORKER_START_METHOD)
+
+
+def start_worker_server() -> None:
+    """Start the fork server the loader workers come from (later calls do nothing while it runs),
+    importing every rsc_dist module this process has imported and the main module, so that a
+    worker starts without importing anything.
+
+    The trainer calls it during setup, so that the imports overlap the model's construction;
+    ``make_loader`` calls it otherwise. The server is a child of this process: it exits when
+    this process does (it watches a pipe), and each worker is killed with it (_worker_init).
+    As with multiprocessing's spawn, each worker imports the main module again: a script that
+    calls ``rsc_dist.train.main()`` needs the ``if __name__ == "__main__":`` guard.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    loaded = sorted(name for name in sys.modules if name == "rsc_dist" or name.startswith("rsc_dist."))
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    main_module = [main_spec.name] if main_spec is not None and main_spec.name != "__main__" else []
+    forkserver.set_forkserver_preload(list(dict.fromkeys([__name__, *loaded, *main_module])))
+    # The resource tracker is started first, on its own: starting it unblocks SIGINT and SIGTERM
+    # in this process (multiprocessing.resource_tracker), which would undo the mask below.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        forkserver.ensure_running()  # the server inherits the blocked mask through exec
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -404,13 +454,39 @@ def _worker_init(worker_id: int) -> None:
     # the step the ranks are about to agree on. The training process handles the signal and
     # shuts its workers down itself. So that an ignored SIGTERM can never keep a worker alive
     # after its training process is gone (crash, os._exit, kill -9), the kernel kills the
-    # worker when its parent dies.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    # worker when its parent, the fork server, dies: the server exits as soon as the training
+    # process is gone.
+    for sig in HELD_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _release_fork_server()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the loader's own parent watchdog remains
         pass
+    if os.getppid() == 1:  # the server died before prctl took effect: nobody is left to kill us
+        os._exit(1)
+
+
+def _release_fork_server() -> None:
+    """Close this worker's copy of the pipe whose other end keeps the fork server alive.
+
+    multiprocessing gives every process the server starts that pipe's write end (so that it
+    could start processes of its own), and the server runs until every copy is closed. A
+    worker holding it would keep the server alive after the training process died (kill -9),
+    and the server keeps the worker alive (torch's worker watchdog watches its parent, the
+    server): both would run forever. Without the copy, the server exits with the training
+    process and its workers die with the server (PR_SET_PDEATHSIG below).
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
 
 
 def _kill_loader_workers() -> None:
@@ -427,15 +503,20 @@ def _kill_loader_workers() -> None:
 
 
 def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
+    """A loader of ``dataset`` (batches as the dataset yields them), its workers started from the
+    fork server (start_worker_server) for every iteration."""
     global _REAPER_INSTALLED
-    if workers > 0 and not _REAPER_INSTALLED:
-        atexit.register(_kill_loader_workers)
-        _REAPER_INSTALLED = True
+    if workers > 0:
+        start_worker_server()
+        if not _REAPER_INSTALLED:
+            atexit.register(_kill_loader_workers)
+            _REAPER_INSTALLED = True
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         worker_init_fn=_worker_init if workers > 0 else None,
+        multiprocessing_context=worker_context() if workers > 0 else None,
         # Its own generator: drawing worker seeds from the global RNG would shift the training
         # RNG (dropout) after a mid-epoch resume. Worker randomness is seeded per sample anyway.
         generator=torch.Generator().manual_seed(0),

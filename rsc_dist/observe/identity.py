@@ -1,6 +1,6 @@
 """Which tracker a run logs to (W&B, TensorBoard or none) and who its W&B run is: mode, run id
 kept across requeues and resumes, name, tags and the run config (resolved config, git commit,
-fingerprint, derived sizes)."""
+fingerprint, derived sizes, provenance)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import hashlib
 import json
 import netrc
 import os
-import subprocess
-from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 from rsc_dist.config import Config, flatten, to_dict, trajectory_fingerprint
+from rsc_dist.observe.provenance import git_commit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_ID_FILE = Path("wandb") / "run_id"  # in the run folder: the W&B run id a start used
 
 
@@ -86,18 +84,6 @@ def remember_run_id(run_dir: Path, run_id: str) -> None:
         pass
 
 
-@lru_cache(maxsize=None)
-def git_commit(repo: Path = REPO_ROOT) -> str | None:
-    """HEAD of the checkout the code runs from; None outside git (never raises)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and len(commit) >= 7 else None
-
-
 def dataset_name(config: Config, plan) -> str:
     return config.data.dataset or plan.manifest.dataset
 
@@ -115,10 +101,13 @@ def run_tags(config: Config, plan) -> list[str]:
     return seen
 
 
-def run_config(config: Config, plan, accelerator) -> dict:
-    """The W&B run config: the resolved config, the git commit, the fingerprint, derived sizes."""
+def run_config(config: Config, plan, accelerator, provenance: dict | None = None) -> dict:
+    """The W&B run config: the resolved config, the git commit, the fingerprint, derived sizes and
+    the run's provenance (rsc_dist.observe.provenance: as results.json records it, so far)."""
     values = to_dict(config)
     values["git_commit"] = git_commit()
+    if provenance is not None:
+        values["provenance"] = provenance
     values["fingerprint"] = trajectory_fingerprint(config, accelerator.num_processes)
     values["derived"] = {"world_size": accelerator.num_processes, "steps_per_epoch": plan.steps_per_epoch,
                          "total_steps": plan.total_steps, "sources": list(plan.sources),

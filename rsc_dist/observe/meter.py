@@ -65,6 +65,18 @@ class Meter:
         self.window_start = time.perf_counter()
         return values
 
+    def close(self) -> None:
+        """Fold the steps since the last flush into the run's totals, so that ``throughput`` also
+        counts a run (or its last stretch) shorter than train.log_every_steps. One all-reduce:
+        every rank calls it, at the end of its loop."""
+        samples = int(self.accelerator.reduce(self.sums[2:3].clone(), reduction="sum").item())
+        if samples:
+            self.train_seconds += time.perf_counter() - self.window_start - self.excluded_seconds
+            self.train_samples += samples
+        self.sums.zero_()
+        self.wait_seconds = self.excluded_seconds = 0.0
+        self.window_start = time.perf_counter()
+
     def exclude(self, seconds: float) -> None:
         """Keep evaluation and checkpoint time out of the training rate."""
         self.excluded_seconds += seconds

@@ -11,9 +11,10 @@ from rsc_dist.observe.meter import Meter
 
 
 def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | None = None, *,
-                     averaged: dict | None = None, init_fingerprint: str | None = None) -> dict:
+                     provenance: dict, averaged: dict | None = None, init_fingerprint: str | None = None) -> dict:
     """RUN/results.json (layout: rsc_dist/core/contracts.py, RESULTS_LAYOUT); run_dir decides
-    best_checkpoint; ``averaged``: the averaged model's block (rsc_dist.trainer.averaged)."""
+    best_checkpoint; ``provenance``: rsc_dist.observe.provenance.provenance_record; ``averaged``:
+    the averaged model's block (rsc_dist.trainer.averaged)."""
     best_checkpoint = None
     if run_dir is not None and (Path(run_dir) / BEST_RELATIVE).is_dir():
         best_checkpoint = BEST_RELATIVE
@@ -43,6 +44,7 @@ def results_document(config: Config, plan, state, meter: Meter, run_dir: Path | 
         "averaged": averaged,
         "variant": None,
         "soup": None,
+        "provenance": provenance,
     }
 
 

@@ -161,6 +161,8 @@ class Tracking:
         run.log({TABLE_KEY: table, STEP_KEY: step}, step=step)
         for key, value in summary.items():
             run.summary[key] = value
+        if results.get("provenance"):  # the run's end and every segment, as results.json has them
+            run.config.update({"provenance": results["provenance"]}, allow_val_change=True)
         if run_dir is not None and (run_dir / RESULTS_FILE).is_file():
             run.save(str(run_dir / RESULTS_FILE), base_path=str(run_dir), policy="now")
         if self.config is not None and self.config.wandb.log_model == "best" and run_dir is not None:
@@ -174,9 +176,10 @@ class Tracking:
                 run.log_artifact(artifact, aliases=aliases)
 
 
-def start_tracking(accelerator, config: Config, run_dir: Path, plan) -> Tracking:
+def start_tracking(accelerator, config: Config, run_dir: Path, plan, provenance: dict | None = None) -> Tracking:
     """Start the tracker the Accelerator was made with (log_with=tracker_name(config),
-    project_dir=run_dir). Call on every rank."""
+    project_dir=run_dir), its run config carrying ``provenance`` (rsc_dist.observe.provenance).
+    Call on every rank."""
     run_dir = Path(run_dir)
     kind = tracker_name(config)
     made_with = sorted(str(getattr(t, "value", t)) for t in getattr(accelerator, "log_with", None) or [])
@@ -187,7 +190,7 @@ def start_tracking(accelerator, config: Config, run_dir: Path, plan) -> Tracking
                         steps_per_epoch=plan.steps_per_epoch)
     if kind is None:
         return tracking
-    values = run_config(config, plan, accelerator)
+    values = run_config(config, plan, accelerator, provenance)
     if kind == "tensorboard":
         accelerator.init_trackers("tensorboard", config=tensorboard_hparams(values))
         return tracking

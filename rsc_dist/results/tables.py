@@ -107,6 +107,9 @@ class Run:
     protocol: str = UNRECORDED_PROTOCOL  # run.protocol (schema 4)
     global_batch: int | None = None  # samples per step over all processes (schema 4)
     variant: str = ""  # not the run's own trained model: "SWAD", "uniform soup of 5 runs" (its row: METHOD + VARIANT)
+    # From results.json's provenance (schema 4); None in older files.
+    world_size: int | None = None
+    threads: int | tuple[int, ...] | None = None  # CPU intra-op threads per rank
 
 
 def read_document(path: Path) -> dict:
@@ -190,10 +193,12 @@ def parse_run(path: Path, data: dict, rule: str | None = None) -> Run:
     variant = data.get("variant") or ""
     if not isinstance(variant, str):
         raise ResultsError(f"{path}: 'variant' must be a string; got {variant!r}")
+    provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    threads = provenance.get("threads_per_rank")
     return Run(Path(path), dataset, str(arch), algorithm, seed, config, acc, rule,
                str(data.get("protocol") or UNRECORDED_PROTOCOL),
                global_batch if isinstance(global_batch, int) and not isinstance(global_batch, bool) else None,
-               variant)
+               variant, provenance.get("world_size"), tuple(threads) if isinstance(threads, list) else threads)
 
 
 def results_files(root: Path) -> list[Path]:
@@ -317,6 +322,7 @@ class Table:
     rules: tuple[str, ...] = ()  # the selection rule(s) that chose "best" for these runs
     error: str = "std"  # the cells' spread (render.ERRORS)
     protocols: tuple[str, ...] = ()  # the runs' recorded run.protocol values
+    note: str = ""  # printed under the table: how its runs' layouts differ (layout_note)
 
     @property
     def selection(self) -> str:
@@ -346,7 +352,7 @@ class Table:
         about = [f"Protocol: {', '.join(self.protocols) or UNRECORDED_PROTOCOL}. Selection: "
                  f"{'; '.join(selection.LABELS.get(r, r) for r in rules)}.",
                  f"Cells: mean ± {render.ERRORS[self.error]} over seeds; (n) = seeds, one run each; Avg: mean of the "
-                 "columns, its spread over the seeds' averages."]
+                 "columns, its spread over the seeds' averages."] + ([self.note] if self.note else [])
         return render.Table(self.title, about, self.columns, self.rows, self.paper_rows,
                             csv_fields={"table": "runs", "dataset": self.dataset, "metric": self.metric,
                                         "protocol": ", ".join(self.protocols), "selection": self.selection,
@@ -359,6 +365,23 @@ class Table:
     def records(self) -> list[dict]:
         """Tidy rows: one per (method, column), ours and the paper's."""
         return render.csv_rows(self.rendered())
+
+
+def layout_note(runs: list[Run]) -> str:
+    """"Runs differ in world size 1 (3 runs), 2 (3 runs); ..." when the runs of one table were
+    computed on other numbers of ranks or CPU threads per rank (the same algorithm; on CPUs the
+    thread count changes float rounding), "" when they agree. Files before schema 4 say neither."""
+    parts = []
+    for label, attribute in (("world size", "world_size"), ("CPU threads per rank", "threads")):
+        counts: dict = {}
+        for run in runs:
+            value = getattr(run, attribute)
+            counts[value] = counts.get(value, 0) + 1
+        if len(counts) > 1:
+            shown = sorted(counts.items(), key=lambda item: (item[0] is None, str(item[0])))
+            parts.append(f"{label} " + ", ".join(f"{'unknown' if value is None else value} ({n} run(s))"
+                                                 for value, n in shown))
+    return ("Runs differ in " + "; ".join(parts) + " (results.json provenance).") if parts else ""
 
 
 def _ordered_targets(dataset: str, targets: set[str]) -> list[str]:
@@ -400,7 +423,8 @@ def build_tables(runs: list[Run], metrics=METRICS, paper: bool = False, top5: bo
             paper_rows = reference_rows(dataset, archs, targets, top5=metric.endswith("+top5")) if paper else []
             rules = tuple(sorted({r.selection for r in ds_runs}))
             protocols = tuple(sorted({r.protocol for r in ds_runs}))
-            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows, rules, error, protocols))
+            tables.append(Table(dataset, metric, targets + ["Avg"], rows, paper_rows, rules, error, protocols,
+                                layout_note(ds_runs)))
     return tables
 
 

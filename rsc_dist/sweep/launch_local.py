@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rsc_dist.core.contracts import EXIT_OK, EXIT_PREEMPTED, PREEMPTED_MARKER, RESULTS_FILE
+from rsc_dist.core.cpus import cpu_cores, threads_per_process
 from rsc_dist.sweep.spec import RunSpec, Sweep, SweepError
 from rsc_dist.sweep.state import DONE, check_finished_runs, write_record
 
@@ -55,6 +56,11 @@ class Slot:
         threads = str(self.threads)
         return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
+    def trainer_args(self) -> list[str]:
+        """The trainer's own setting for the same share: it reads no OMP_NUM_THREADS (accelerate
+        launch sets that variable itself), so a CPU run is told its thread count explicitly."""
+        return [] if self.gpus else [f"--train.cpu_threads={self.threads}"]
+
     def describe(self) -> str:
         if self.gpus:
             return f"GPU{'s' if len(self.gpus) > 1 else ''} {','.join(self.gpus)}"
@@ -72,13 +78,6 @@ def visible_gpus() -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [str(i) for i, line in enumerate(l for l in listing.splitlines() if l.startswith("GPU "))]
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def make_slots(devices: str, parallel: int | None, per_run: int = 1) -> list[Slot]:
@@ -106,7 +105,7 @@ def make_slots(devices: str, parallel: int | None, per_run: int = 1) -> list[Slo
                              + (" or fewer --gpus-per-run" if fits == 0 else "") + " or --devices cpu")
         return [Slot(tuple(gpus[i * per_run:(i + 1) * per_run]), None, per_run) for i in range(parallel)]
     parallel = parallel or 1
-    threads = max(1, cpu_cores() // (parallel * per_run))
+    threads = threads_per_process(cpu_cores(), parallel * per_run)
     return [Slot((), threads, per_run) for _ in range(parallel)]
 
 
@@ -196,7 +195,8 @@ class LocalSweep:
     # --- runs ---------------------------------------------------------------------------------
 
     def start(self, run: RunSpec, slot: Slot) -> None:
-        command = [*launch_command(slot, self.python), *run.trainer_args(self.sweep.preset, self.out)]
+        command = [*launch_command(slot, self.python), *run.trainer_args(self.sweep.preset, self.out),
+                   *slot.trainer_args()]
         log_path = self.out / "logs" / f"{run.name}.log"
         log = open(log_path, "a")
         log.write(f"\n=== {time.strftime('%F %T')} start on {slot.describe()}: {' '.join(command)}\n")

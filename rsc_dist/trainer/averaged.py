@@ -29,7 +29,6 @@ from rsc_dist.data.streams import DevicePrefetch, make_loader
 from rsc_dist.trainer import build, checkpoints
 from rsc_dist.trainer.evaluation import evaluate, evaluation_autocast, summarize_evaluation
 from rsc_dist.trainer.step import prepare_batch
-from rsc_dist.trainer.stopping import start_loader
 
 
 def check_averaging_data(config: Config, plan) -> None:
@@ -54,7 +53,7 @@ def source_batches(config: Config, plan, accelerator, count: int):
     while produced < count:
         stream.set_position(epoch, 0)
         loader = make_loader(stream, config.data.workers, device.type == "cuda")
-        for batch in DevicePrefetch(start_loader(loader), device):
+        for batch in DevicePrefetch(iter(loader), device):
             yield prepare_batch(config, batch, device).images
             produced += 1
             if produced == count:

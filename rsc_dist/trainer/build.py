@@ -17,6 +17,7 @@ from rsc_dist import methods
 from rsc_dist.averaging.averager import Averager
 from rsc_dist.averaging.fragments import Fragments
 from rsc_dist.config import Config, ConfigError
+from rsc_dist.core.cpus import cpu_cores, threads_per_process
 from rsc_dist.models.build import build_model
 from rsc_dist.models.weights import weights_fingerprint
 from rsc_dist.observe.identity import tracker_name
@@ -48,6 +49,7 @@ def make_accelerator(config: Config, run_dir: Path | None) -> Accelerator:
                               "deepspeed is not installed: bash launch/venv.sh (the default install "
                               "includes it), or launch without a DeepSpeed config") from None
         use_this_environments_ninja()
+        use_this_environments_extension_cache()
     precision = None if config.train.mixed_precision == "auto" else config.train.mixed_precision
     group = {"timeout": datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)}
     if use_deepspeed and not torch.cuda.is_available():
@@ -73,7 +75,25 @@ def make_accelerator(config: Config, run_dir: Path | None) -> Accelerator:
     if accelerator.num_processes != expected:
         raise ConfigError(f"the launcher started {expected} ranks (WORLD_SIZE) but they formed a group of "
                           f"{accelerator.num_processes}; nothing was run: start with accelerate launch or torchrun")
+    if accelerator.device.type == "cpu":
+        # After the Accelerator, which may set its own count (MULTI_CPU without OMP_NUM_THREADS).
+        torch.set_num_threads(cpu_threads(config)[0])
     return accelerator
+
+
+def cpu_threads(config: Config, env=os.environ) -> tuple[int, str]:
+    """(intra-op threads of this rank on a CPU device, why that many).
+
+    train.cpu_threads when set; otherwise the cores this process may use divided by the ranks on
+    its node (LOCAL_WORLD_SIZE, which torchrun and rsc_dist.trainer.cpu_launch set; 1 when
+    absent), the rule the sweep's local launcher divides cores by. OMP_NUM_THREADS cannot be
+    read as the user's choice: accelerate launch sets it to 1 unless its own CPU mode is on.
+    """
+    if config.train.cpu_threads:
+        return config.train.cpu_threads, "train.cpu_threads"
+    local_ranks = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    cores = cpu_cores()
+    return threads_per_process(cores, local_ranks), f"{cores} core(s) / {local_ranks} rank(s) on this node"
 
 
 def use_this_environments_ninja(env=os.environ) -> None:
@@ -95,6 +115,24 @@ def use_this_environments_ninja(env=os.environ) -> None:
         return
     rest = [d for d in env.get("PATH", "").split(os.pathsep) if d and d != ninja.BIN_DIR]
     env["PATH"] = os.pathsep.join([ninja.BIN_DIR, *rest])
+
+
+def use_this_environments_extension_cache(env=os.environ) -> Path | None:
+    """Keep DeepSpeed's JIT-built ops (on CPU ranks its shared-memory comm op, about 45 s to
+    build) in this environment's own folder, ``<virtual environment>/torch_extensions``; the
+    folder set, or None where nothing was changed.
+
+    torch builds them under ~/.cache/torch_extensions/pyXY_cuZZ/NAME by default, one folder per
+    op for every environment of the user: a second checkout's .venv (its own torch and DeepSpeed
+    paths, so other build commands) took the other's build for stale and rebuilt it, and each
+    switch back rebuilt again. TORCH_EXTENSIONS_DIR set by the user is kept; outside a virtual
+    environment, or in one that cannot be written, torch's default stays.
+    """
+    if env.get("TORCH_EXTENSIONS_DIR") or sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return None
+    folder = Path(sys.prefix) / "torch_extensions"
+    env["TORCH_EXTENSIONS_DIR"] = str(folder)
+    return folder
 
 
 def check_device_requests(config: Config, env=os.environ) -> None:

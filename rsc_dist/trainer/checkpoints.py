@@ -41,12 +41,9 @@ from rsc_dist.core.contracts import (BEST_AVERAGED_DIR, BEST_AVERAGED_RELATIVE, 
                                      CHECKPOINTS_DIR, CONFIG_FILE, PREEMPTED_MARKER)
 from rsc_dist.core.errors import UsageError
 from rsc_dist.trainer import zero_elastic
+from rsc_dist.trainer.unwrap import whole_state_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
-# save_best writes the new best/ here, then swaps it in with two renames; a crash between
-# them leaves the previous best/ under OLD_BEST_DIR (put back by _recover_best and evaluate).
-NEW_BEST_DIR = f".tmp_{BEST_DIR}"
-OLD_BEST_DIR = f".old_{BEST_DIR}"
 LOCK_FILE = ".lock"
 MODEL_FILE = "model.safetensors"
 EVALUATION_FILE = "evaluation.json"
@@ -448,7 +445,7 @@ def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: 
     root = Path(run_dir) / CHECKPOINTS_DIR
     final, temporary, previous = root / folder, root / f".tmp_{folder}", root / f".old_{folder}"
     if state_dict is None:
-        state_dict = accelerator.get_state_dict(model)
+        state_dict = whole_state_dict(accelerator, model)
     failure = None
     if accelerator.is_main_process:
         try:
@@ -461,7 +458,7 @@ def save_best(accelerator, model, run_dir: Path, evaluation: dict, config_dict: 
             (temporary / BEST_CONFIG_FILE).write_text(yaml.safe_dump(config_dict, sort_keys=False))
             _fsync_dir_files(temporary)
             # Two renames (a folder cannot be renamed over a non-empty one); a crash between
-            # them leaves OLD_BEST_DIR, which _recover_best (and rsc_dist.evaluate) put back.
+            # them leaves .old_FOLDER, which _recover_best (and rsc_dist.evaluate) put back.
             if final.exists():
                 shutil.rmtree(previous, ignore_errors=True)
                 final.rename(previous)

@@ -116,7 +116,8 @@ def run_cpu_ranks(num_ranks: int, script: str, args: list[str]) -> int:
     base = dict(os.environ)
     base.update(WORLD_SIZE=str(num_ranks), LOCAL_WORLD_SIZE=str(num_ranks), RSC_DIST_CPU_RANK="1",
                 ACCELERATE_USE_CPU="true")
-    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_ranks)))
+    # Each rank sets its own intra-op thread count (rsc_dist.trainer.build.cpu_threads) from
+    # LOCAL_WORLD_SIZE; OMP_NUM_THREADS (accelerate launch's 1) is left as it is.
     print(f"rsc_dist: no CUDA; starting {num_ranks} CPU ranks over gloo "
           f"({base['MASTER_ADDR']}:{base['MASTER_PORT']})", file=sys.stderr, flush=True)
     children = []

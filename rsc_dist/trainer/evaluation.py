@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from rsc_dist.config import Config
 from rsc_dist.core import selection
 from rsc_dist.data.streams import normalize_on_device
-from rsc_dist.trainer.stopping import start_loader
+from rsc_dist.trainer.unwrap import plain_module
 
 
 COUNT_ROWS = ("top1", "top5", "n", "loss_sum")
@@ -26,7 +26,7 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
     ``loaders`` maps a role ("val" or "target") to a loader of that role's samples. The
     unwrapped module is used: evaluation runs no backward, so DDP's hooks are not involved.
     """
-    module = accelerator.unwrap_model(model)
+    module = plain_module(accelerator, model)
     if accelerator.num_processes > 1:
         # DDP broadcasts rank 0's BatchNorm statistics before each forward, then every rank
         # updates its copy with its own batch: evaluate rank 0's (the checkpointed) model.
@@ -37,7 +37,7 @@ def evaluate(accelerator, model, loaders: dict, config: Config, num_domains: int
     device = accelerator.device
     counts = {role: torch.zeros(len(COUNT_ROWS), num_domains, device=device, dtype=torch.float64) for role in loaders}
     for role, loader in loaders.items():
-        for batch in start_loader(loader):
+        for batch in loader:
             images = normalize_on_device(batch["image"].to(device, non_blocking=True),
                                          config.data.mean, config.data.std,
                                          channels_last=config.model.channels_last)

@@ -23,7 +23,7 @@ from rsc_dist.trainer.evaluation import evaluate, summarize_evaluation
 from rsc_dist.trainer.plan import DataPlan
 from rsc_dist.trainer.state import TrainState
 from rsc_dist.trainer.step import Trainables, train_on_batch
-from rsc_dist.trainer.stopping import StopFlags, start_loader
+from rsc_dist.trainer.stopping import StopFlags
 
 
 @dataclass
@@ -57,7 +57,7 @@ def train(run: Run) -> tuple[int, Meter]:
         loader = make_loader(stream, config.data.workers, pin)
         meter.start_wait()
         # Device-path batches: batch i+1's decode + augmentation are issued before step i runs.
-        for batch in DevicePrefetch(start_loader(loader), accelerator.device):
+        for batch in DevicePrefetch(loader, accelerator.device):
             meter.end_wait()
             step = state.step
             if batch["step"] != step - epoch * plan.steps_per_epoch:  # a broken stream, not user error
@@ -81,6 +81,7 @@ def train(run: Run) -> tuple[int, Meter]:
                 break
             meter.start_wait()
         del loader
+    meter.close()
     progress.close()
     return exit_code, meter
 
@@ -122,6 +123,7 @@ def _between_steps(run: Run, meter: Meter, eval_loaders: dict) -> int:
         stops_here = averaged.at_evaluation(run, evaluation, eval_loaders)
     last_step = last_step or stops_here
     if checkpoint_now or signalled or stops_here:
+        state.reach(state.step)  # the segment's end as this checkpoint records it
         checkpoints.save_checkpoint(accelerator, run.run_dir, state.step, config.train.keep_checkpoints)
     meter.exclude(time.perf_counter() - pause_start)
     # A stop that arrives with the last step done has nothing left to save for: the run ends as

@@ -16,6 +16,8 @@ from rsc_dist.config import EARLIER_DEFAULTS, Config, flatten, save_config, to_d
 from rsc_dist.core import protocols, selection
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_OK, PREEMPTED_MARKER, RESULTS_FILE
 from rsc_dist.core.errors import ConfigError
+from rsc_dist.data.streams import start_worker_server
+from rsc_dist.observe import provenance
 from rsc_dist.observe.report import format_accuracy_table, results_document
 from rsc_dist.observe.tracking import start_tracking
 from rsc_dist.trainer import averaged, build, checkpoints, loop
@@ -30,9 +32,13 @@ def run(config: Config, resume: str = "auto") -> int:
     # processes comes from the launcher's environment (make_accelerator checks the group has it).
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = config.resolved_output_dir(world_size).resolve()
-    accelerator = build.make_accelerator(config, run_dir)
-    with checkpoints.lock_run(accelerator, run_dir):  # one trainer per run folder
-        return _run(config, resume, run_dir, accelerator)
+    threads = torch.get_num_threads()
+    try:
+        accelerator = build.make_accelerator(config, run_dir)  # sets this rank's CPU threads
+        with checkpoints.lock_run(accelerator, run_dir):  # one trainer per run folder
+            return _run(config, resume, run_dir, accelerator)
+    finally:  # a caller in the same process (a test, a notebook) keeps its own count
+        torch.set_num_threads(threads)
 
 
 def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
@@ -45,6 +51,8 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), accelerator.num_processes)
     check_selection_data(config, plan)
     averaged.check_averaging_data(config, plan)
+    if config.data.workers > 0:
+        start_worker_server()  # its imports overlap the model's construction
 
     trainables = build.training_objects(config, plan, accelerator)
     state = TrainState(data_order=plan.data_order(), settings=trajectory_settings(config))
@@ -52,17 +60,22 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
     accelerator.register_for_checkpointing(trainables.scheduler, state,
                                            *([trainables.averaging] if trainables.averaging is not None else []))
     resume_from(accelerator, state, run_dir, resume)
+    ranks = provenance.gather_rank_facts(accelerator)
+    state.segments.append(provenance.new_segment(state.step, ranks))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run continues a preempted one
 
-    tracking = start_tracking(accelerator, config, run_dir, plan)
+    threads_rule = build.cpu_threads(config)[1] if accelerator.device.type == "cpu" else "torch's default (GPU run)"
+    tracking = start_tracking(accelerator, config, run_dir, plan,
+                              provenance=provenance.provenance_record(ranks, state.segments, threads_rule))
     # On the CPU the intra-op thread count changes how kernels split their float sums, so runs
-    # with other counts (plain python: all cores; accelerate launch: OMP_NUM_THREADS=1) part ways.
+    # with other counts part ways: the start line says how many and why (build.cpu_threads).
     threads = f" x {torch.get_num_threads()} thread(s)" if accelerator.device.type == "cpu" else ""
+    why = f" ({threads_rule})" if accelerator.device.type == "cpu" else ""
     accelerator.print(
-        f"run folder {run_dir}\n{accelerator.num_processes} process(es){threads} on {accelerator.device}, "
+        f"run folder {run_dir}\n{accelerator.num_processes} process(es){threads} on {accelerator.device}{why}, "
         f"sources {list(plan.sources)}, targets {list(plan.targets)}; {plan.steps_per_epoch} steps/epoch, "
         f"{plan.total_steps} steps, global batch {plan.global_batch} samples "
         f"({plan.global_forward_batch} images per step)"
@@ -75,7 +88,9 @@ def _run(config: Config, resume: str, run_dir: Path, accelerator) -> int:
         resumed_finished = state.step == first_step
         if not (resumed_finished and (run_dir / RESULTS_FILE).exists()):
             averaged.finish(the_run, plan.eval_loaders(accelerator.process_index, accelerator.device.type == "cuda"))
+        state.reach(state.step)
         report(accelerator, config, plan, state, meter, tracking, run_dir, resumed_finished=resumed_finished,
+               provenance=provenance.provenance_record(ranks, state.segments, threads_rule, provenance.now()),
                trainables=trainables)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -150,7 +165,7 @@ def resume_differences(state: TrainState, expected: dict) -> list[str]:
 
 
 def report(accelerator, config, plan, state, meter, tracking, run_dir: Path, resumed_finished: bool,
-           trainables=None) -> None:
+           provenance: dict, trainables=None) -> None:
     """results.json (kept as it is when a finished run is rerun), the tracker's end-of-run
     records, and the accuracy table (with the averaged model's, under train.averaging)."""
     results_path = run_dir / RESULTS_FILE
@@ -160,7 +175,7 @@ def report(accelerator, config, plan, state, meter, tracking, run_dir: Path, res
         accelerator.print(f"{run_dir} was already complete at step {state.step}; {RESULTS_FILE} kept")
         block = json.loads(results_path.read_text()).get("averaged")  # SWAD's final evaluation is there
     else:
-        results = results_document(config, plan, state, meter, run_dir, averaged=block,
+        results = results_document(config, plan, state, meter, run_dir, provenance=provenance, averaged=block,
                                    init_fingerprint=trainables.init_fingerprint if trainables is not None else None)
         if accelerator.is_main_process:
             results_path.write_text(json.dumps(results, indent=2))

@@ -57,6 +57,10 @@ class TrainConfig:
         10, "ranks agree on stop signals and non-finite loss this often", check="positive")
     stop_at_step: int | None = setting(None, "act as if preempted after this step (tests resume paths)")
     tracker: Literal["wandb", "tensorboard", "none"] = setting("wandb", "where metrics go besides the console")
+    cpu_threads: int | None = setting(
+        None, "intra-op CPU threads per rank on a CPU device; default: the cores this process may use "
+        "divided by the ranks on its node (OMP_NUM_THREADS is not read: accelerate launch sets it to 1). "
+        "Runs with other counts round float sums differently", check="positive")
     selection: Literal["source_val_pooled", "source_val_mean", "last"] = setting(
         "source_val_pooled", "which evaluation is best (checkpoints/best/): source_val_pooled = correct/total "
         "over all source val samples (released code); source_val_mean = mean of the per-source val "

@@ -1,5 +1,5 @@
-"""Stopping: signals and non-finite losses, agreed on by all ranks at a step boundary; loader
-workers started with the stop signals held back."""
+"""Stopping: signals and non-finite losses, agreed on by all ranks at a step boundary. (Loader
+workers never see the stop signals: rsc_dist.data.streams.HELD_SIGNALS.)"""
 
 from __future__ import annotations
 
@@ -40,20 +40,3 @@ class StopFlags:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         stop, nonfinite = flags.tolist()
         return stop > 0, nonfinite > 0
-
-
-def start_loader(loader):
-    """``iter(loader)`` with the stop signals held back while it forks its workers.
-
-    A job's SIGTERM reaches every process, loader workers included. torch gives a new worker a
-    handler that dies on SIGTERM before the worker's init function can set it to ignored; a
-    worker killed in that window would end its rank with "DataLoader worker exited unexpectedly"
-    instead of a checkpoint, and workers are forked at every epoch start and evaluation.
-    Forked workers inherit the blocked mask and keep it (they ignore these signals anyway);
-    in this process a signal that arrived meanwhile is delivered when the mask is restored.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopFlags.SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

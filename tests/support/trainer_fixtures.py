@@ -29,13 +29,15 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
-    """A YAML preset on top of demo: 48 px, batch 8, 2 epochs, no image grids, 1 worker."""
+    """A YAML preset on top of demo: 64 px, batch 8, 2 epochs, no image grids, 1 worker, and 1
+    CPU thread per rank whatever the number of ranks and cores (runs that are compared bit for
+    bit must use equal thread counts; one thread also keeps parallel tests off each other's cores)."""
     values = {
         "base": "demo",
         "data": {"root": str(shards), "image_size": 64, "batch_size": 8, "workers": 1,
                  "shuffle_block_shards": 2, "eval_batch_size": 32},
         "train": {"epochs": 2, "log_every_steps": 2, "image_log_every_steps": 0,
-                  "agree_every_steps": 2},
+                  "agree_every_steps": 2, "cpu_threads": 1},
         "schedule": {"warmup_steps": 2},
         "wandb": {"mode": "disabled"},
     }
@@ -47,6 +49,16 @@ def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+def refusing_deepspeed(env: dict | None = None) -> dict:
+    """``env`` (default: this process's) with tests/support/no_deepspeed first on PYTHONPATH: every
+    process of a run started with it fails on importing DeepSpeed, printing where from (a run
+    that did not ask for DeepSpeed must never import it)."""
+    env = dict(os.environ if env is None else env)
+    guard = str(REPO / "tests" / "support" / "no_deepspeed")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [guard, env.get("PYTHONPATH")]))
+    return env
 
 
 def python_path(root: Path = REPO) -> str:
