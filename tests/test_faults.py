@@ -3,6 +3,7 @@ fault named on the last line; resuming with changed settings is refused (or forc
 
 import json
 import shutil
+import time
 
 import pytest
 

@@ -127,7 +127,9 @@ def run_weights(pretrained: str | os.PathLike | None) -> dict | None:
         location = path
     state = read_state(location)
     state = {key.removeprefix("module."): value for key, value in state.items()}
-    if not any(key.startswith(RUN_LAYOUT) for key in state):
+    # A run's weights have both prefixes; torchvision's files may have features.* alone
+    # (ConvNeXt, AlexNet), timm's head.* alone (its classifier).
+    if not all(any(key.startswith(prefix) for key in state) for prefix in RUN_LAYOUT):
         if location is path:
             return None  # a torchvision-layout file
         raise ConfigError(f"model.pretrained={pretrained}: {location} holds no features.*/head.* weights")

@@ -283,6 +283,8 @@ def method_labels(runs: list[Run]) -> dict[Path, str]:
             if key not in settings[r.path] or key == "train.averaging" and r.variant:
                 continue  # another method's setting; an averaged row's variant names its averaging
             value = settings[r.path][key]
+            if value is None and r.variant:
+                continue  # a soup's setting its ingredients differ in: it has no one value
             short = key.split(".", 1)[-1] if key in ("model.arch", "rsc.mode") else key
             parts.append(f"{short}={_label_value(value)}")
         variant = f" + {r.variant}" if r.variant else ""
