@@ -99,7 +99,7 @@ def test_plain_models_of_runs_with_and_without_averaging_are_told_apart(tmp_path
     document["config"]["train"]["averaging"] = "ema"
     (tmp_path / "ema" / RESULTS_FILE).write_text(json.dumps(document))
     rows = results.build_tables(results.find_runs(tmp_path), metrics=("best",))[0].rows
-    assert sorted(rows) == ["ERM (train.averaging=ema)", "ERM (train.averaging=none)", "ERM + EMA"]
+    assert sorted(rows) == ["ERM", "ERM (train.averaging=ema)", "ERM + EMA"]
 
 
 def test_a_soup_is_labelled_with_its_kind_and_size(tmp_path):

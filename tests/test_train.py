@@ -37,7 +37,7 @@ def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
                     env=refusing_deepspeed({"WANDB_API_KEY": "", "WANDB_MODE": ""}))
     assert result.returncode == 0, explain(result)
     assert "starting 2 CPU ranks" in result.stderr
-    assert re.search(r"^2 process\(es\) x 1 thread\(s\) on cpu \(train.cpu_threads\)", result.stdout,
+    assert re.search(r"^2 process\(es\) x 1 thread\(s\) on cpu(:\d+)? \(train.cpu_threads\)", result.stdout,
                      flags=re.M), result.stdout
     # Evaluation, best/, checkpoints, W&B and the report never import DeepSpeed (or print its warning).
     assert "deepspeed" not in (result.stdout + result.stderr).lower(), explain(result)

@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rsc_dist import methods
 from rsc_dist.config import EARLIER_DEFAULTS, flatten, trajectory_items
 from rsc_dist.core import selection
 from rsc_dist.core.contracts import RESULTS_FILE, RESULTS_SCHEMA_VERSION
@@ -270,12 +271,24 @@ def row_settings(run: Run) -> dict:
     return items
 
 
+_ABSENT = object()
+
+
 def method_labels(runs: list[Run]) -> dict[Path, str]:
     """Algorithm, plus `key=value` for each trajectory setting whose value differs between runs."""
     settings = {r.path: row_settings(r) for r in runs}
     keys = sorted({k for items in settings.values() for k in items})
-    # A key varies when the runs that have it disagree (a method's own settings: its runs only).
-    varying = [k for k in keys if len({settings[r.path][k] for r in runs if k in settings[r.path]}) > 1]
+    # A key varies when the runs that have it disagree (a method's own settings: its runs only),
+    # or, outside the methods' sections, when some runs have it and others not (an averaging
+    # kind's settings are trajectory settings of its runs only: train.averaging=ema against none).
+    own = set(methods.sections())
+
+    def values(key):
+        if key.split(".", 1)[0] in own:
+            return {settings[r.path][key] for r in runs if key in settings[r.path]}
+        return {settings[r.path].get(key, _ABSENT) for r in runs}
+
+    varying = [k for k in keys if len(values(k)) > 1]
     labels = {}
     for r in runs:
         parts = []

@@ -168,7 +168,8 @@ def main() -> int:
         results = {
             "config": {"preset": flags["config"], "algorithm": algorithm,
                        "run": {"seed": seed}, "data": {"target": [target]},
-                       "model": {"arch": "resnet18"}, "overrides": over},
+                       "model": {"arch": "resnet18"}},
+            "fake_overrides": over,  # beside the config: tables split rows on the config's settings
             "algorithm": algorithm, "dataset": "fake", "arch": "resnet18",
             "targets": [target], "seed": seed,
             "best": {"step": steps // 2, "val_acc": acc("bv"), "target_acc": {target: acc("bt")}},

@@ -57,7 +57,9 @@ def refusing_deepspeed(env: dict | None = None) -> dict:
     that did not ask for DeepSpeed must never import it)."""
     env = dict(os.environ if env is None else env)
     guard = str(REPO / "tests" / "support" / "no_deepspeed")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [guard, env.get("PYTHONPATH")]))
+    # Extra variables given alone keep this process's PYTHONPATH behind the guard (the tests'
+    # folder: every process registers the toy methods from it).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [guard, env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))]))
     return env
 
 
