@@ -158,7 +158,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(cluster
         ev = events(pre_dir)
         (stop,) = [e for e in ev if e["event"] == "stop"]
         begins = [e for e in ev if e["event"] == "start"]
-        assert stop["signal"] == "SIGUSR1" and stop["ranks_flagged"] == 2  # every rank got it
+        assert stop["signal"] == "SIGUSR1" and stop["ranks_signalled"] == 2  # every rank got it
         assert [b["step"] for b in begins] == [0, stop["step"]] and 0 < stop["step"] < 40
         assert [b["world_size"] for b in begins] == [2, 2]
         assert f"--run.name=pre-{pre}" in begins[0]["argv"] and begins[0]["argv"] == begins[1]["argv"]

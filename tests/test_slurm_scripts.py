@@ -110,7 +110,7 @@ def test_node_launch_forwards_usr1_to_the_ranks_and_reports_75(tmp_path):
     assert proc.returncode == 75, log[-3000:]
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     stop = [e for e in lines if e["event"] == "stop"]
-    assert len(stop) == 1 and stop[0]["signal"] == "SIGUSR1" and stop[0]["ranks_flagged"] == 2
+    assert len(stop) == 1 and stop[0]["signal"] == "SIGUSR1" and stop[0]["ranks_signalled"] == 2
     assert 0 < stop[0]["step"] < 400
     assert (out / "checkpoints" / f"checkpoint_{stop[0]['step']:08d}" / "state.json").exists()
     assert "forwarding to the trainer ranks" in log

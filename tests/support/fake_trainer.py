@@ -19,7 +19,8 @@ Knobs (dotted overrides, like the real trainer's): --fake.steps (30), --fake.ste
 --fake.ckpt_every (10), --fake.fail_at_step (-1: never; else exit 1 there, a crash),
 --fake.stop_at_step (-1: never; else stop there as if signalled, like train.stop_at_step).
 Rank 0 appends what happened to DIR/fake_events.jsonl (start / checkpoint / stop / finish) so
-tests can see where a run resumed and what it was started with.
+tests can see where a run resumed and what it was started with; a stop records how many ranks
+had the flag at the boundary (ranks_flagged) and how many got the signal at all (ranks_signalled).
 """
 
 from __future__ import annotations
@@ -140,7 +141,16 @@ def main() -> int:
             if rank == 0:
                 save_checkpoint(out, step, weight)
                 (out / "preempted.json").write_text(json.dumps({"step": step, "reason": stop["signal"]}))
-            event(event="stop", step=step, signal=stop["signal"], ranks_flagged=n_flagged)
+            # A signal forwarded rank by rank (node_launch.sh's pkill) can reach one rank after the
+            # others agreed to stop at this boundary; the stop is right either way. So that tests
+            # can still tell whether the signal reached every rank, a rank without the flag waits
+            # a little for it, and the ranks count again.
+            deadline = time.monotonic() + 10
+            while 0 < n_flagged < world and not stop["signal"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (n_signalled,) = all_reduce([1.0 if stop["signal"] else 0.0], "SUM")
+            event(event="stop", step=step, signal=stop["signal"], ranks_flagged=n_flagged,
+                  ranks_signalled=n_signalled)
             if dist is not None:
                 dist.barrier()  # nobody leaves before the checkpoint is complete
                 dist.destroy_process_group()
