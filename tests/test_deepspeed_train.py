@@ -21,7 +21,8 @@ import torch
 
 from rsc_dist.core.contracts import PREEMPTED_MARKER
 from support.deepspeed import ACCELERATE_CONFIGS, consolidated_weights, launch_with_config
-from support.trainer_fixtures import REPO, explain, launch_command, python_path, sigterm_the_job, tiny_config
+from support.trainer_fixtures import (REPO, WITH_WORKER, explain, launch_command, python_path, sigterm_the_job,
+                                      tiny_config)
 
 pytest.importorskip("deepspeed")
 
@@ -124,7 +125,7 @@ def test_sigterm_to_a_zero3_job_saves_and_resumes(tmp_path, tiny_shards):
     """As SLURM or Kubernetes stop a job: SIGTERM to the launcher's whole process group (torchrun
     forwards it too). The ranks agree, save DeepSpeed's checkpoint, write the marker and exit;
     the run then resumes from that checkpoint."""
-    config = tiny_config(tmp_path, tiny_shards, train={"epochs": 30, "agree_every_steps": 1})
+    config = tiny_config(tmp_path, tiny_shards, data=WITH_WORKER, train={"epochs": 30, "agree_every_steps": 1})
     run = tmp_path / "run"
     command = launch_command(["--config", str(config), "--output_dir", str(run)], processes=2, config_file=ZERO3)
     _stopped, saved = sigterm_the_job(command, run)

@@ -32,7 +32,7 @@ def _weights(run_dir):
 def elastic_config(tmp_path_factory, tiny_shards):
     tmp = tmp_path_factory.mktemp("elastic")
     config = tiny_config(tmp, tiny_shards, model={"freeze_bn": True},
-                         data={"global_batch_size": 16, "batch_size": 999, "workers": 1},
+                         data={"global_batch_size": 16, "batch_size": 999},
                          optim={"lr": 0.002}, rsc={"p_batch": 0.5},
                          train={"max_steps": 2 * K, "checkpoint_every_steps": K, "agree_every_steps": 1,
                                 "eval_every_steps": 2 * K, "tracker": "tensorboard", "log_every_steps": 1})

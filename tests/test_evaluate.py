@@ -14,7 +14,7 @@ from rsc_dist import evaluate, train
 from rsc_dist.config import load_config, save_config
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
 from rsc_dist.trainer import checkpoints
-from support.trainer_fixtures import REPO, explain, tiny_config
+from support.trainer_fixtures import REPO, WITH_WORKER, explain, tiny_config
 
 
 def _error(capsys) -> str:
@@ -94,7 +94,7 @@ def test_the_trainers_device_checks_apply(tmp_path, tiny_shards, capsys, monkeyp
 def trained_run(tmp_path_factory, tiny_shards):
     """A tiny run evaluated at steps 2, 4 and 6, a checkpoint at each."""
     tmp_path = tmp_path_factory.mktemp("evaluate")
-    config = tiny_config(tmp_path, tiny_shards, train={"max_steps": 6, "eval_every_steps": 2,
+    config = tiny_config(tmp_path, tiny_shards, data=WITH_WORKER, train={"max_steps": 6, "eval_every_steps": 2,
                                                         "checkpoint_every_steps": 2, "keep_checkpoints": 3})
     run_dir = tmp_path / "run"
     assert train.main(["--config", str(config), "--output_dir", str(run_dir)]) == 0

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from support.netns import NetnsUnavailable, network_namespaces
 from support.slurm_cluster import FINAL_STATES, ClusterUnavailable, SlurmCluster, SlurmNode, apt_install
-from support.trainer_fixtures import tiny_config
+from support.trainer_fixtures import WITH_WORKER, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def net():
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, tiny_shards) -> Path:  # noqa: F811
-    return tiny_config(tmp_path_factory.mktemp("multinode_config"), tiny_shards, train=TRAIN_SECTION)
+    return tiny_config(tmp_path_factory.mktemp("multinode_config"), tiny_shards, data=WITH_WORKER, train=TRAIN_SECTION)
 
 
 @pytest.fixture(scope="module")

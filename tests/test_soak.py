@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 
 from rsc_dist.core.contracts import CHECKPOINTS_DIR, RESULTS_FILE
 from rsc_dist.trainer import checkpoints
-from support.trainer_fixtures import REPO, explain, launch, launch_command, refusing_deepspeed, tiny_config
+from support.trainer_fixtures import (REPO, WITH_WORKER, explain, launch, launch_command, refusing_deepspeed,
+                                      tiny_config)
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +154,7 @@ def _final_state(run_dir: Path) -> tuple[dict, dict, dict]:
 
 def test_random_sigkills_of_a_two_rank_run_end_as_an_uninterrupted_run(tmp_path, tiny_shards):
     steps = EVERY * (2 * KILLS + 1)  # each start saves 1 or 2 checkpoints before its kill: room for all
-    config = tiny_config(tmp_path, tiny_shards, data={"image_size": 32},
+    config = tiny_config(tmp_path, tiny_shards, data={"image_size": 32, **WITH_WORKER},
                          train={"max_steps": steps, "eval_every_steps": EVERY, "checkpoint_every_steps": EVERY,
                                 "keep_checkpoints": 3, "agree_every_steps": 1})
     whole = launch(["--config", str(config), "--output_dir", str(tmp_path / "whole")], processes=2, timeout=900,

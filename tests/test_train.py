@@ -18,7 +18,8 @@ from rsc_dist.results import cli as results_cli
 from rsc_dist.results import tables as results_module
 from rsc_dist.trainer.checkpoints import MODEL_FILE
 from rsc_dist.observe.provenance import git_commit
-from support.trainer_fixtures import explain, launch, launch_command, refusing_deepspeed, sigterm_the_job, tiny_config
+from support.trainer_fixtures import (WITH_WORKER, explain, launch, launch_command, refusing_deepspeed, sigterm_the_job,
+                                      tiny_config)
 from support.wandb_records import read_table, summarize
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def _final_weights(run_dir: Path) -> dict:
 
 
 def test_two_ranks_end_to_end_with_offline_wandb(tmp_path, tiny_shards):
-    config = tiny_config(tmp_path, tiny_shards, wandb={"mode": "offline"},
+    config = tiny_config(tmp_path, tiny_shards, wandb={"mode": "offline"}, data=WITH_WORKER,
                          train={"epochs": 1, "image_log_every_steps": 2, "log_every_steps": 2})
     run_dir = tmp_path / "run"
     result = launch(["--config", str(config), "--output_dir", str(run_dir)], processes=2,
@@ -117,7 +118,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, tiny_shards, processes,
 
 
 def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_shards):
-    config = tiny_config(tmp_path, tiny_shards, train={"epochs": 30, "agree_every_steps": 1})
+    config = tiny_config(tmp_path, tiny_shards, data=WITH_WORKER, train={"epochs": 30, "agree_every_steps": 1})
     run_dir = tmp_path / "run"
     stopped, saved = sigterm_the_job(launch_command(["--config", str(config), "--output_dir", str(run_dir)],
                                                     processes=2), run_dir)

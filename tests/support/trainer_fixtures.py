@@ -29,12 +29,18 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
-    """A YAML preset on top of demo: 64 px, batch 8, 2 epochs, no image grids, 1 worker, and 1
-    CPU thread per rank whatever the number of ranks and cores (runs that are compared bit for
-    bit must use equal thread counts; one thread also keeps parallel tests off each other's cores)."""
+    """A YAML preset on top of demo: 64 px, batch 8, 2 epochs, no image grids, and 1 CPU thread
+    per rank whatever the number of ranks and cores (runs that are compared bit for bit must use
+    equal thread counts; one thread also keeps parallel tests off each other's cores).
+
+    Loading happens in the training process (data.workers 0): a loader worker's fork server
+    imports torch and torchvision once per rank, 7-9 s of a tiny run on 2 cores, and the order of
+    the global batches does not depend on the number of workers (tests/test_data_stream.py).
+    Tests about processes (signals, kills, a W&B run's threads, data errors raised in a worker,
+    evaluation split over workers) ask for a worker themselves: WITH_WORKER."""
     values = {
         "base": "demo",
-        "data": {"root": str(shards), "image_size": 64, "batch_size": 8, "workers": 1,
+        "data": {"root": str(shards), "image_size": 64, "batch_size": 8, "workers": 0,
                  "shuffle_block_shards": 2, "eval_batch_size": 32},
         "train": {"epochs": 2, "log_every_steps": 2, "image_log_every_steps": 0,
                   "agree_every_steps": 2, "cpu_threads": 1},
@@ -49,6 +55,10 @@ def tiny_config(tmp_path: Path, shards: Path, **sections) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+# data.* of a test about processes: loader workers started from the fork server, as users run.
+WITH_WORKER = {"workers": 1}
 
 
 def refusing_deepspeed(env: dict | None = None) -> dict:
