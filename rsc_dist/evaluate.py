@@ -31,6 +31,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch rsc_dist/evaluate.py` runs this as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before the imports below, which a process that only starts ranks never needs
+    from rsc_dist.trainer.cpu_launch import exit_if_this_process_starts_the_ranks
+
+    exit_if_this_process_starts_the_ranks(str(Path(__file__).resolve()), "rsc_dist.evaluate")
 
 from rsc_dist.config import Config, load_config
 from rsc_dist.core.contracts import CONFIG_FILE, EXIT_CONFIG, EXIT_OK

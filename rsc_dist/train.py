@@ -22,6 +22,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch rsc_dist/train.py` runs this as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before the imports below, which a process that only starts ranks never needs
+    from rsc_dist.trainer.cpu_launch import exit_if_this_process_starts_the_ranks
+
+    exit_if_this_process_starts_the_ranks(str(Path(__file__).resolve()), "rsc_dist.train")
 
 
 from rsc_dist import methods
