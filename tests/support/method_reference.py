@@ -79,15 +79,19 @@ class PlainAccelerator:
 
 
 class RecordingRunner(Runner):
-    """The trainer's Runner, keeping each step's gradients as the optimizer is about to use them."""
+    """The trainer's Runner on a plain network (every reference test's, here and in
+    support.reference_updates); keeps, for each optimizer step, the gradients of the parameters
+    it steps ({parameter name: gradient}) as the optimizer is about to use them."""
 
-    def __init__(self, *args, record: dict, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record = record
+    def __init__(self, network: Network, optimizer, step: int):
+        super().__init__(PlainAccelerator(), network, optimizer, network, step)
+        self.updates: list[dict] = []
+        self._names = {id(p): name for name, p in network.named_parameters()}
 
     def optimizer_step(self, groups=None):
-        self.record["grads"].append({name: p.grad.detach().clone() for name, p in self.network.named_parameters()
-                                     if p.grad is not None})
+        stepped = [g for g in self.optimizer.param_groups if groups is None or g["name"] in groups]
+        self.updates.append({self._names[id(p)]: p.grad.detach().clone() for g in stepped for p in g["params"]
+                             if p.grad is not None})
         super().optimizer_step(groups)
 
 
@@ -107,8 +111,9 @@ def train_method(name: str, overrides: dict, layout: str, *, lr: float = 0.05) -
     record = {"loss": [], "metrics": [], "grads": []}
     for step in range(STEPS):
         batch = step_data(layout, step).batch
-        runner = RecordingRunner(PlainAccelerator(), network, optimizer, network, step, record=record)
+        runner = RecordingRunner(network, optimizer, step)
         out = method.train_step(runner, batch, method.draws(step, 100, batch.sample_ids))
+        record["grads"].extend(runner.updates)
         record["loss"].append(out.loss.detach())
         record["metrics"].append({k: v.detach() for k, v in out.metrics.items()})
     record["state"] = {k: v.detach().clone() for k, v in network.state_dict().items()}

@@ -1,7 +1,8 @@
 """What the single-process reference tests of the DomainBed methods share (tests/test_methods_mixup.py,
 _dann.py, _sagnet.py): a tiny network, fixed per-domain batches laid out as a step's global batch,
-and a way to drive a method's own ``train_step`` through the trainer's ``Runner`` without
-Accelerate, recording the gradient of each update before its optimizer step.
+and a method's own ``train_step`` driven through the trainer's ``Runner`` without Accelerate
+(support.method_reference.RecordingRunner, shared with the per-domain methods' tests), recording
+the gradient of each update before its optimizer step.
 
 The references themselves (DomainBed's updates written out with separate torch optimizers)
 live in each test file: only the plumbing is shared.
@@ -9,7 +10,6 @@ live in each test file: only the plumbing is shared.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -20,7 +20,7 @@ from rsc_dist.models.heads import PooledLinearHead
 from rsc_dist.models.network import Network
 from rsc_dist.trainer.optim import build_optimizer
 from rsc_dist.trainer.settings import OptimConfig
-from rsc_dist.trainer.step import Runner
+from support.method_reference import RecordingRunner
 
 CHANNELS, SIZE = 8, 6  # the features' channels (the pooled vector's size) and the images' side
 
@@ -54,32 +54,6 @@ def step_batch(minibatches: list[dict], shuffle_seed: int = 0) -> tuple[StepBatc
                       pixels=torch.zeros(0), sample_ids=torch.cat([m["ids"] for m in minibatches])[rows],
                       domains=domains[rows], order=torch.arange(n)[rows])
     return batch, rows
-
-
-class _PlainAccelerator:
-    """The two things the Runner asks of Accelerate, for one process in fp32."""
-
-    def autocast(self):
-        return contextlib.nullcontext()
-
-    def backward(self, loss):
-        loss.backward()
-
-
-class RecordingRunner(Runner):
-    """The trainer's Runner on a plain network; keeps, for each optimizer step, the gradients of
-    the parameters it steps ({parameter name: gradient}) and the loss of the update."""
-
-    def __init__(self, network: Network, optimizer, step: int):
-        super().__init__(_PlainAccelerator(), network, optimizer, network, step)
-        self.updates: list[dict] = []
-        self._names = {id(p): name for name, p in network.named_parameters()}
-
-    def optimizer_step(self, groups=None):
-        stepped = [g for g in self.optimizer.param_groups if groups is None or g["name"] in groups]
-        self.updates.append({self._names[id(p)]: p.grad.detach().clone() for g in stepped for p in g["params"]
-                             if p.grad is not None})
-        super().optimizer_step(groups)
 
 
 def method_network(method, num_classes: int, lr: float, weight_decay: float):
