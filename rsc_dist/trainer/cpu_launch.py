@@ -114,8 +114,8 @@ def start_ranks_if_needed(script: str, argv: list[str] | None, prog: str) -> int
 def exit_if_this_process_starts_the_ranks(script: str, prog: str) -> None:
     """For a command run as a script, called before its own imports: on a CPU-only machine the
     process ``accelerate launch --num_processes N`` starts only starts the N ranks and waits for
-    them, so it exits here (with their exit code) without importing the trainer (about 3 s of
-    a 2-core machine's time at every launch, spent while the ranks import the same)."""
+    them, so it exits here (with their exit code) without importing the trainer, which would
+    delay the ranks' start by about 3 s on a 2-core machine (BENCHMARKS.md, "Start-up of a tiny run")."""
     started = start_ranks_if_needed(script, None, prog)
     if started is not None:
         sys.exit(started)
