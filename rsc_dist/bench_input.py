@@ -7,6 +7,7 @@
     python -m rsc_dist.bench_input --loader-only          # the loader alone
     python -m rsc_dist.bench_input --augment-only         # aten ops and CPU time of the augmentation
     python -m rsc_dist.bench_input --loader-start 5       # loader start-up: fork, fork server, spawn
+    python -m rsc_dist.bench_input --loader-start 25 --start-methods spawn   # one start method alone
 
 Three rates with the trainer's own code (``TrainStream``, ``prepare_batch``, ``train_step``):
 the loader alone (with --decode device: bytes and parameters only, the decode happens in the
@@ -20,7 +21,9 @@ them per batch, and the JPEG decoder that ran.
 interleaved: forked from this process (the old loader), from the fork server (the trainer's,
 ``make_loader``; the server's own start, once per process, is reported apart) and spawned (a
 fresh interpreter per worker): the seconds from ``iter(loader)`` to the first batch and to the
-end of ``--steps`` batches (median over the starts).
+end of ``--steps`` batches (median over the starts). ``--start-methods`` keeps some of the three
+(comma-separated: fork, forkserver, spawn), each then alone in its process: a message a worker
+prints as the loader is deleted mid-stream is then known to come from that start method.
 
 ``--augment-only`` measures the augmentation alone on synthetic ImageNet-like images (about
 500 x 375, mixed orientations, default jitter, 224 px, one CPU thread as in a loader worker),
@@ -59,7 +62,10 @@ def loader_rate(stream, workers: int, steps: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def loader_start_costs(stream, workers: int, starts: int, steps: int) -> list[dict]:
+START_METHODS = ("fork", "forkserver", "spawn")
+
+
+def loader_start_costs(stream, workers: int, starts: int, steps: int, methods=START_METHODS) -> list[dict]:
     """Median seconds to the first batch and to ``steps`` batches per start method (docstring)."""
     import multiprocessing
     import statistics
@@ -86,10 +92,10 @@ def loader_start_costs(stream, workers: int, starts: int, steps: int) -> list[di
         del batches
         return first, time.perf_counter() - begin
 
-    begin = time.perf_counter()
-    streams.start_worker_server()  # returns at once; the server imports while the first loader waits
-    server_start = time.perf_counter() - begin + one_start("forkserver")[0]
-    methods = ("fork", "forkserver", "spawn")
+    if "forkserver" in methods:
+        begin = time.perf_counter()
+        streams.start_worker_server()  # returns at once; the server imports while the first loader waits
+        server_start = time.perf_counter() - begin + one_start("forkserver")[0]
     timings = {method: [] for method in methods}
     for _ in range(starts):
         for method in methods:
@@ -97,11 +103,22 @@ def loader_start_costs(stream, workers: int, starts: int, steps: int) -> list[di
     rows = [{"workers from": "this process (fork; the old loader)", "method": "fork"},
             {"workers from": "the fork server (the trainer's loader)", "method": "forkserver"},
             {"workers from": "a fresh interpreter each (spawn)", "method": "spawn"}]
+    rows = [row for row in rows if row["method"] in methods]
     for row in rows:
         firsts, wholes = zip(*timings[row["method"]])
         row.update(first=statistics.median(firsts), whole=statistics.median(wholes))
-    rows[1]["server start"] = server_start
+        if row["method"] == "forkserver":
+            row["server start"] = server_start
     return rows
+
+
+def start_methods(text: str) -> tuple[str, ...]:
+    """--start-methods: a comma-separated subset of START_METHODS, in that order."""
+    asked = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in asked if name not in START_METHODS]
+    if unknown or not asked:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {', '.join(START_METHODS)}")
+    return tuple(name for name in START_METHODS if name in asked)
 
 
 class CountOps(TorchDispatchMode):
@@ -215,7 +232,11 @@ def main(argv=None) -> dict:
                         help="aten ops and CPU time of the augmentation alone (synthetic images, batches 32 and 256)")
     parser.add_argument("--loader-start", type=int, metavar="N",
                         help="time N loader starts per start method (fork, fork server, spawn), interleaved")
+    parser.add_argument("--start-methods", type=start_methods, default=START_METHODS, metavar="M[,M]",
+                        help="with --loader-start: only these of fork, forkserver, spawn (default: all three)")
     args, overrides = parser.parse_known_args(argv)
+    if args.start_methods != START_METHODS and not args.loader_start:
+        parser.error("--start-methods applies to --loader-start N only")
     if args.augment_only:
         rows = augment_costs()
         print("augmentation alone, ~500x375 -> 224 px, default jitter, 1 CPU thread")
@@ -234,15 +255,17 @@ def main(argv=None) -> dict:
     plan = DataPlan(config, data_root(config, accelerator.main_process_first), world_size=1)
     stream = plan.train_stream(0, accelerator.device.type)
     if args.loader_start:
-        rows = loader_start_costs(stream, config.data.workers, args.loader_start, args.steps)
+        rows = loader_start_costs(stream, config.data.workers, args.loader_start, args.steps, args.start_methods)
         print(f"loader start-up: {config.data.workers} worker(s), {plan.local_batch} samples per batch, "
               f"{config.data.image_size}px, median of {args.loader_start} starts each (interleaved), "
               f"cpu ({torch.get_num_threads()} threads)")
         print(f"| workers start from | first batch, s | {args.steps} batches, s |\n|---|---|---|")
         for row in rows:
             print(f"| {row['workers from']} | {row['first']:.2f} | {row['whole']:.2f} |")
-        print(f"the fork server's own start (once per process, during the trainer's setup): "
-              f"{rows[1]['server start']:.2f} s including its first loader's first batch")
+        for row in rows:
+            if "server start" in row:
+                print(f"the fork server's own start (once per process, during the trainer's setup): "
+                      f"{row['server start']:.2f} s including its first loader's first batch")
         return {"loader_start": rows}
     rates = {"loader only": loader_rate(stream, config.data.workers, args.steps)}
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else (

@@ -47,6 +47,22 @@ def test_input_benchmark_runs_on_shards(capsys, tiny_shards):
     assert "fed fraction" in capsys.readouterr().out
 
 
+def test_loader_start_times_only_the_start_methods_asked_for(capsys, tiny_shards):
+    from rsc_dist import bench_input
+
+    out = bench_input.main(["--shards", str(tiny_shards), "--steps", "2", "--workers", "1", "--loader-start", "1",
+                            "--start-methods", "forkserver,fork", "--data.batch_size=4", "--data.image_size=32"])
+    assert [row["method"] for row in out["loader_start"]] == ["fork", "forkserver"]
+    assert all(row["whole"] >= row["first"] > 0 for row in out["loader_start"])
+    assert "server start" in out["loader_start"][1] and "(spawn)" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        bench_input.main(["--loader-start", "1", "--start-methods", "fork,clone"])
+    assert stopped.value.code == 2 and "'fork,clone': expected some of fork, forkserver, spawn" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        bench_input.main(["--start-methods", "spawn"])
+    assert stopped.value.code == 2 and "--start-methods applies to --loader-start N only" in capsys.readouterr().err
+
+
 def test_method_benchmark_times_any_registered_method(capsys, tmp_path):
     """A method with state and an optimizer reset (IRM) and one with its own parameters and a
     second update per step (the tests' toy_adversary) run their train_step through the Runner
